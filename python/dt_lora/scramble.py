@@ -1,0 +1,370 @@
+"""Scrambled Grid: cut images into a grid of tiles and shuffle the tiles.
+
+A typed wrapper over the native kernels in `dt_lora._native`. Every image gets
+its own random stream keyed by `(seed, offset + index)`, so results do not
+depend on batch splitting or thread count: scrambling images 0..9 in one call
+equals scrambling 0..3 with `offset=0` and 4..9 with `offset=4`.
+
+A plan says, for each output tile position `p` (row-major over the grid), which
+source tile is shown there (`tiles`) and how it is transformed (`transforms`):
+bit 0 flips horizontally, bit 1 vertically, bit 2 transposes (square tiles
+only), applied to the source tile in the order vertical, horizontal, transpose.
+
+Inputs are torch CPU tensors or numpy arrays; outputs are of the same kind.
+torch is never imported by this module: a tensor's presence implies it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
+
+import numpy as np
+
+from dt_lora import _native
+
+Grid = int | tuple[int, int]
+ArrayT = TypeVar("ArrayT")  # np.ndarray or torch.Tensor
+
+_LAYOUTS = ("NCHW", "NHWC")
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_MAX_U64 = 2**64 - 1
+
+
+class GridPlan(NamedTuple):
+    """Per-image tile plan, arrays of shape (N, rows, cols)."""
+
+    tiles: Any
+    """int64: index of the source tile shown at each output tile position."""
+    transforms: Any
+    """uint8: transform code of each output tile (0 = none)."""
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _parse_grid(grid: Grid) -> tuple[int, int]:
+    if isinstance(grid, (int, np.integer)) and not isinstance(grid, bool):
+        rows = cols = int(grid)
+    elif (
+        isinstance(grid, (tuple, list))
+        and len(grid) == 2
+        and all(isinstance(g, (int, np.integer)) and not isinstance(g, bool) for g in grid)
+    ):
+        rows, cols = int(grid[0]), int(grid[1])
+    else:
+        raise TypeError(f"grid must be an int or a (rows, cols) pair of ints, got {grid!r}")
+    if rows < 1 or cols < 1:
+        raise ValueError(f"grid must be at least 1x1, got {rows}x{cols}")
+    return rows, cols
+
+
+def _tile_shape(height: int, width: int, rows: int, cols: int, what: str = "image") -> tuple[int, int]:
+    if rows > height or cols > width:
+        raise ValueError(f"grid {rows}x{cols} is larger than the {height}x{width} {what}")
+    if height % rows or width % cols:
+        raise ValueError(
+            f"{what} height x width {height}x{width} is not divisible by the grid {rows}x{cols}; "
+            "crop or resize it first"
+        )
+    return height // rows, width // cols
+
+
+def _check_u64(name: str, value: int) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not 0 <= int(value) <= _MAX_U64:
+        raise ValueError(f"{name} must be in [0, 2**64), got {value}")
+    return int(value)
+
+
+def _torch_module(x: object) -> Any | None:
+    """torch, if `x` is a torch tensor (then torch is already imported)."""
+    torch = sys.modules.get("torch")
+    return torch if torch is not None and isinstance(x, torch.Tensor) else None
+
+
+def _check_array(x: object, name: str) -> Any | None:
+    """Check kind, device, rank and contiguity; return torch or None."""
+    torch = _torch_module(x)
+    if torch is None and not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    if torch is not None and x.device.type != "cpu":
+        raise ValueError(f"{name} is on {x.device}; the scramble kernels run on CPU: move it with .cpu() first")
+    if x.ndim not in (3, 4):
+        raise ValueError(f"{name} must be 3-D (one image) or 4-D (a batch), got shape {tuple(x.shape)}")
+    if x.ndim == 4 and x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch, shape {tuple(x.shape)}")
+    contiguous = x.is_contiguous() if torch is not None else x.flags.c_contiguous
+    if not contiguous:
+        raise ValueError(
+            f"{name} with shape {tuple(x.shape)} is not C-contiguous in memory; make it contiguous "
+            "(.contiguous() / np.ascontiguousarray) or, for channels-last data, pass the NHWC view "
+            "with layout='NHWC'"
+        )
+    return torch
+
+
+def _bits_view(x: Any, torch: Any | None, name: str) -> tuple[np.ndarray, Callable[..., None]]:
+    """A numpy view of `x`'s raw bits and the native kernel for that width."""
+    if torch is not None:
+        int_views = {
+            torch.uint8: torch.uint8,
+            torch.float16: torch.int16,
+            torch.bfloat16: torch.int16,
+            torch.float32: torch.int32,
+        }
+        if x.dtype not in int_views:
+            raise TypeError(
+                f"{name} has unsupported dtype {x.dtype}; use uint8, float16, bfloat16 or float32"
+            )
+        x = x.detach().view(int_views[x.dtype]).numpy()
+    elif x.dtype not in (np.uint8, np.float16, np.float32):
+        raise TypeError(f"{name} has unsupported dtype {x.dtype}; use uint8, float16 or float32")
+    kernels = {
+        1: (np.uint8, _native.scramble_u8),
+        2: (np.uint16, _native.scramble_u16),
+        4: (np.uint32, _native.scramble_u32),
+    }
+    bits, kernel = kernels[x.dtype.itemsize]
+    return x.view(bits), kernel
+
+
+def _layout_is_channels_last(layout: str) -> bool:
+    if layout not in _LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; use 'NCHW' or 'NHWC'")
+    return layout == "NHWC"
+
+
+def _native_plan(
+    n: int, rows: int, cols: int, tile_hw: tuple[int, int], seed: int, offset: int, derange: bool, flips: bool
+) -> GridPlan:
+    if not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"number of images must be a non-negative int, got {n!r}")
+    seed = _check_u64("seed", seed)
+    offset = _check_u64("offset", offset)
+    tiles, transforms = _native.grid_plan(
+        int(n), rows, cols, tile_hw[0] == tile_hw[1], seed, offset, bool(derange), bool(flips)
+    )
+    return GridPlan(tiles, transforms)
+
+
+def _plan_like(plan: GridPlan, torch: Any | None) -> GridPlan:
+    if torch is None:
+        return plan
+    return GridPlan(torch.from_numpy(plan.tiles), torch.from_numpy(plan.transforms))
+
+
+# ---------------------------------------------------------------- public API
+
+
+def grid_plan(
+    n: int,
+    grid: Grid,
+    image_hw: tuple[int, int],
+    seed: int,
+    *,
+    derange: bool = True,
+    flips: bool = False,
+    offset: int = 0,
+) -> GridPlan:
+    """The plans `scramble_grid` would use for `n` images of size `image_hw`.
+
+    Returns numpy arrays. `image_hw` matters only for divisibility checks and
+    for whether tiles are square (transposes are drawn only then).
+    """
+    rows, cols = _parse_grid(grid)
+    tile_hw = _tile_shape(int(image_hw[0]), int(image_hw[1]), rows, cols)
+    return _native_plan(n, rows, cols, tile_hw, seed, offset, derange, flips)
+
+
+def scramble_grid(
+    x: ArrayT,
+    grid: Grid,
+    seed: int,
+    *,
+    layout: str = "NCHW",
+    derange: bool = True,
+    flips: bool = False,
+    return_perm: bool = False,
+    offset: int = 0,
+) -> ArrayT | tuple[ArrayT, GridPlan]:
+    """Scramble images into a shuffled grid of tiles, bit-exactly.
+
+    Args:
+        x: torch CPU tensor or numpy array, dtype uint8, float16, bfloat16
+            (torch only) or float32; one image (3-D) or a batch (4-D),
+            C-contiguous.
+        grid: tiles per side, or (rows, cols). Height and width must be
+            divisible by it; nothing is cropped.
+        seed: run seed in [0, 2**64).
+        layout: "NCHW" (CHW for one image) or "NHWC" (HWC).
+        derange: no tile stays in place (when the grid has > 1 tile).
+        flips: also flip (and, for square tiles, transpose) each tile.
+        return_perm: also return the `GridPlan` used, shape (N, rows, cols)
+            (N = 1 for one image), as arrays of x's kind.
+        offset: index of x's first image in the whole run.
+
+    Returns:
+        The scrambled images, same kind, dtype, shape and layout as x
+        (and the plan if `return_perm`).
+    """
+    torch = _check_array(x, "x")
+    bits, kernel = _bits_view(x, torch, "x")
+    channels_last = _layout_is_channels_last(layout)
+    rows, cols = _parse_grid(grid)
+    batch = bits if bits.ndim == 4 else bits[None]
+    height, width = batch.shape[1:3] if channels_last else batch.shape[2:4]
+    tile_hw = _tile_shape(height, width, rows, cols)
+    plan = _native_plan(batch.shape[0], rows, cols, tile_hw, seed, offset, derange, flips)
+
+    if torch is not None:
+        out = torch.empty(tuple(x.shape), dtype=x.dtype)
+        out_bits, _ = _bits_view(out, torch, "out")
+    else:
+        out = np.empty(x.shape, dtype=x.dtype)
+        out_bits = out.view(bits.dtype)
+    kernel(batch, out_bits if out_bits.ndim == 4 else out_bits[None], channels_last, plan.tiles, plan.transforms)
+    return (out, _plan_like(plan, torch)) if return_perm else out
+
+
+def _float_dtype_name(dtype: Any) -> str:
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(dtype, torch.dtype):
+        name = str(dtype).removeprefix("torch.")
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = repr(dtype)
+    if name not in ("float32", "float16"):
+        raise TypeError(f"dtype must be float32 or float16, got {dtype!r}")
+    return name
+
+
+def prepare_images(
+    images: ArrayT,
+    grid: Grid,
+    seed: int,
+    *,
+    dtype: Any = "float32",
+    derange: bool = True,
+    flips: bool = False,
+    return_perm: bool = False,
+    offset: int = 0,
+) -> ArrayT | tuple[ArrayT, GridPlan]:
+    """Decoded uint8 NHWC images -> scrambled NCHW values in [-1, 1], fused.
+
+    Equals scrambling with `scramble_grid(images, ..., layout="NHWC")` and then
+    mapping each byte v to `v * 2 / 255 - 1` (computed in float64, rounded to
+    float32, then to float16 if asked) and moving channels first; done in a
+    single pass over memory. `images` is (N, H, W, C) or one (H, W, C) image;
+    the result is (N, C, H, W) or (C, H, W) of `dtype` (float32 or float16,
+    numpy or torch spelling), of the same kind (torch/numpy) as `images`.
+    """
+    torch = _check_array(images, "images")
+    if images.dtype != (torch.uint8 if torch is not None else np.uint8):
+        raise TypeError(f"images must be uint8 (decoded pixels), got dtype {images.dtype}")
+    dtype_name = _float_dtype_name(dtype)
+    rows, cols = _parse_grid(grid)
+    src = images.numpy() if torch is not None else images
+    batch = src if src.ndim == 4 else src[None]
+    n, height, width, channels = batch.shape
+    tile_hw = _tile_shape(height, width, rows, cols)
+    plan = _native_plan(n, rows, cols, tile_hw, seed, offset, derange, flips)
+
+    out_shape = (n, channels, height, width) if src.ndim == 4 else (channels, height, width)
+    if torch is not None:
+        out = torch.empty(out_shape, dtype=getattr(torch, dtype_name))
+        out_np = out.numpy() if dtype_name == "float32" else out.view(torch.int16).numpy()
+    else:
+        out = np.empty(out_shape, dtype=dtype_name)
+        out_np = out
+    if dtype_name == "float32":
+        kernel, out_view = _native.prepare_f32, out_np
+    else:
+        kernel, out_view = _native.prepare_f16, out_np.view(np.uint16)
+    kernel(batch, out_view if out_view.ndim == 4 else out_view[None], plan.tiles, plan.transforms)
+    return (out, _plan_like(plan, torch)) if return_perm else out
+
+
+# ---------------------------------------------------------------- folders
+
+
+def list_images(folder: Path) -> list[Path]:
+    """PNG/JPEG files in `folder`, sorted by name (the run's image order)."""
+    return sorted(
+        (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES),
+        key=lambda p: p.name,
+    )
+
+
+def scramble_folder(
+    in_dir: str | Path,
+    out_dir: str | Path,
+    grid: Grid,
+    seed: int,
+    *,
+    derange: bool = True,
+    flips: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[Path]:
+    """Scramble every PNG/JPEG in `in_dir` into a PNG of the same stem in `out_dir`.
+
+    Image i of the name-sorted listing uses stream `offset = i`, so the output
+    is reproducible. Everything is checked before anything is written: missing
+    folder, no images, name clashes, existing outputs (unless `overwrite`),
+    sizes not divisible by the grid. Each file is written atomically.
+    Returns the written paths.
+    """
+    from PIL import Image, UnidentifiedImageError
+    from tqdm import tqdm
+
+    from dt_lora.io import atomic_write
+
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    if not in_dir.is_dir():
+        raise FileNotFoundError(f"input folder {in_dir} does not exist or is not a folder")
+    sources = list_images(in_dir)
+    if not sources:
+        raise ValueError(f"no PNG or JPEG images found in {in_dir}")
+    rows, cols = _parse_grid(grid)
+
+    targets: dict[Path, Path] = {}
+    for src in sources:
+        target = out_dir / f"{src.stem}.png"
+        if target in targets:
+            raise ValueError(f"{targets[target].name} and {src.name} would both be written to {target.name}")
+        if target.resolve() == src.resolve():
+            raise ValueError(f"output {target} would overwrite its own input; use another OUT_DIR")
+        targets[target] = src
+    if not overwrite:
+        existing = [t for t in targets if t.exists()]
+        if existing:
+            raise FileExistsError(
+                f"{len(existing)} output file(s) already exist in {out_dir}, e.g. {existing[0].name}; "
+                "pass --overwrite (overwrite=True) to replace them"
+            )
+    for src in sources:
+        try:
+            with Image.open(src) as im:
+                width, height = im.size
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ValueError(f"cannot read image {src}: {exc}") from exc
+        _tile_shape(height, width, rows, cols, what=f"image {src.name}")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for index, (target, src) in enumerate(tqdm(targets.items(), desc="scramble", unit="img", disable=not progress)):
+        with Image.open(src) as im:
+            if im.mode not in ("L", "LA", "RGB", "RGBA"):
+                im = im.convert("RGBA" if "A" in im.getbands() or "transparency" in im.info else "RGB")
+            pixels = np.asarray(im)
+        hwc = pixels[..., None] if pixels.ndim == 2 else np.ascontiguousarray(pixels)
+        scrambled = scramble_grid(hwc, (rows, cols), seed, layout="NHWC", derange=derange, flips=flips, offset=index)
+        image = Image.fromarray(scrambled[..., 0] if pixels.ndim == 2 else scrambled)
+        with atomic_write(target) as f:
+            image.save(f, format="PNG")
+    return list(targets)
