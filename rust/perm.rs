@@ -30,7 +30,8 @@ pub struct PlanSpec {
     pub square_tiles: bool,
     /// No tile stays in place (when the grid has more than one tile).
     pub derange: bool,
-    /// Draw a transform code per output tile; otherwise all codes are 0.
+    /// Draw a transform code per output tile (grids of more than one tile);
+    /// otherwise all codes are 0.
     pub flips: bool,
 }
 
@@ -40,8 +41,9 @@ impl PlanSpec {
     }
 
     /// Number of distinct transform codes that may be drawn (1, 4 or 8).
+    /// A 1x1 grid is always the identity, so it gets no transforms either.
     pub fn transform_kinds(&self) -> u8 {
-        match (self.flips, self.square_tiles) {
+        match (self.flips && self.tiles_per_image() > 1, self.square_tiles) {
             (false, _) => 1,
             (true, false) => 4,
             (true, true) => 8,
@@ -229,7 +231,7 @@ mod tests {
 
     #[test]
     fn single_tile_is_identity() {
-        let (tiles, transforms) = batch_plan(&spec(1, 1, true, false), 10, 0, 0).unwrap();
+        let (tiles, transforms) = batch_plan(&spec(1, 1, true, true), 10, 0, 0).unwrap();
         assert!(tiles.iter().all(|&t| t == 0));
         assert!(transforms.iter().all(|&t| t == 0));
     }

@@ -1,0 +1,144 @@
+"""Tests for the dt-lora command line (in-process and as a subprocess)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import dt_lora
+from dt_lora.cli import main
+from dt_lora.io import atomic_write
+from dt_lora.scramble import scramble_grid
+from reference import image_tiles
+
+SAMPLES = Path(__file__).parent / "data" / "samples"
+
+
+def read(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dt_lora", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def in_dir(tmp_path: Path) -> Path:
+    """The committed samples plus a grayscale PNG, an RGBA PNG and a JPEG."""
+    folder = tmp_path / "in"
+    shutil.copytree(SAMPLES, folder)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (32, 48), dtype=np.uint8)).save(folder / "gray.png")
+    Image.fromarray(rng.integers(0, 256, (32, 32, 4), dtype=np.uint8)).save(folder / "rgba.png")
+    Image.fromarray(rng.integers(0, 256, (64, 32, 3), dtype=np.uint8)).save(folder / "photo.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_scramble_folder(in_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out_dir = tmp_path / "out"
+    assert main(["scramble", str(in_dir), str(out_dir), "--grid", "4", "--seed", "0"]) == 0
+    sources = sorted(p for p in in_dir.iterdir() if p.suffix in (".png", ".jpg"))
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(f"{p.stem}.png" for p in sources)
+    for index, src in enumerate(sources):
+        before, after = read(src), read(out_dir / f"{src.stem}.png")
+        assert after.shape == before.shape and after.dtype == np.uint8
+        assert not np.array_equal(before, after), src.name
+        assert sorted(image_tiles(after, 4, 4)) == sorted(image_tiles(before, 4, 4)), src.name
+        # Image i of the name-sorted folder is image i of the run.
+        hwc = before if before.ndim == 3 else before[..., None]
+        expected = scramble_grid(np.ascontiguousarray(hwc), 4, 0, layout="NHWC", offset=index)
+        np.testing.assert_array_equal(after, expected.reshape(after.shape))
+    assert "wrote 8 scrambled image(s)" in capsys.readouterr().out
+
+
+def test_reproducible_and_seeded(in_dir: Path, tmp_path: Path) -> None:
+    for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+        assert main(["scramble", str(in_dir), str(tmp_path / name), "--seed", seed, "--grid", "2x4", "--flips"]) == 0
+    house = [read(tmp_path / name / "house.png") for name in "abc"]
+    np.testing.assert_array_equal(house[0], house[1])
+    assert not np.array_equal(house[0], house[2])
+
+
+def test_no_derange_and_grid_one(in_dir: Path, tmp_path: Path) -> None:
+    assert main(["scramble", str(in_dir), str(tmp_path / "o"), "--grid", "1", "--no-derange", "--flips"]) == 0
+    np.testing.assert_array_equal(read(tmp_path / "o" / "tree.png"), read(in_dir / "tree.png"))
+
+
+def test_refuses_to_overwrite(in_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out_dir = tmp_path / "out"
+    assert main(["scramble", str(in_dir), str(out_dir)]) == 0
+    first = read(out_dir / "boat.png")
+    capsys.readouterr()
+    assert main(["scramble", str(in_dir), str(out_dir), "--seed", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "already exist" in err and "--overwrite" in err and "Traceback" not in err
+    np.testing.assert_array_equal(read(out_dir / "boat.png"), first)
+    assert main(["scramble", str(in_dir), str(out_dir), "--seed", "9", "--overwrite"]) == 0
+    assert not np.array_equal(read(out_dir / "boat.png"), first)
+    assert not [p for p in out_dir.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+@pytest.mark.parametrize(
+    "setup, fragments",
+    [
+        ("missing", ["does not exist"]),
+        ("empty", ["no PNG or JPEG"]),
+        ("bad_size", ["odd.png", "30x32", "not divisible"]),
+        ("corrupt", ["cannot read image", "broken.png"]),
+    ],
+)
+def test_bad_input_exits_2(setup: str, fragments: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    in_dir = tmp_path / "in"
+    if setup != "missing":
+        in_dir.mkdir()
+    if setup == "bad_size":
+        Image.new("RGB", (32, 32)).save(in_dir / "fine.png")
+        Image.new("RGB", (32, 30)).save(in_dir / "odd.png")
+    if setup == "corrupt":
+        (in_dir / "broken.png").write_bytes(b"not a png")
+    assert main(["scramble", str(in_dir), str(tmp_path / "out"), "--grid", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dt-lora scramble: error:") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_bad_arguments_are_usage_errors(in_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["scramble", str(in_dir), str(tmp_path / "o"), "--grid", "x"])
+    assert info.value.code == 2
+
+
+def test_version_and_help_subprocess(tmp_path: Path) -> None:
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"dt-lora {dt_lora.__version__}"
+    top = run_cli("--help")
+    assert top.returncode == 0 and "scramble" in top.stdout
+    sub = run_cli("scramble", "--help")
+    assert sub.returncode == 0
+    for option in ("IN_DIR", "OUT_DIR", "--grid", "--seed", "--flips", "--no-derange", "--overwrite"):
+        assert option in sub.stdout
+    missing = run_cli("scramble", str(tmp_path / "nope"), str(tmp_path / "out"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_atomic_write_leaves_old_file_on_error(tmp_path: Path) -> None:
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_write(target) as f:
+        f.write(b"partial")
+        raise RuntimeError("boom")
+    assert target.read_bytes() == b"old"
+    assert list(tmp_path.iterdir()) == [target]
+    with atomic_write(target, "w") as f:
+        f.write("new")
+    assert target.read_text() == "new"
