@@ -29,8 +29,8 @@ mod python {
     use std::panic::{AssertUnwindSafe, catch_unwind};
 
     use numpy::{
-        PyArray1, PyArray3, PyArrayMethods, PyReadonlyArray3, PyReadonlyArrayDyn, PyReadwriteArrayDyn,
-        PyUntypedArrayMethods,
+        PyArray1, PyArray3, PyArrayMethods, PyReadonlyArray3, PyReadonlyArrayDyn,
+        PyReadwriteArrayDyn, PyUntypedArrayMethods,
     };
     use pyo3::exceptions::{PyRuntimeError, PyValueError};
     use pyo3::prelude::*;
@@ -47,9 +47,14 @@ mod python {
 
     /// Run `work` without the GIL. A panic (a bug: inputs are validated
     /// first) becomes a `RuntimeError` instead of crossing into Python.
-    fn run_detached<R: Send>(py: Python<'_>, work: impl FnOnce() -> Result<R, GridError> + Send) -> PyResult<R> {
+    fn run_detached<R: Send>(
+        py: Python<'_>,
+        work: impl FnOnce() -> Result<R, GridError> + Send,
+    ) -> PyResult<R> {
         py.detach(|| catch_unwind(AssertUnwindSafe(work)))
-            .map_err(|_| PyRuntimeError::new_err("dt_lora._native: internal error (panic) in native kernel"))?
+            .map_err(|_| {
+                PyRuntimeError::new_err("dt_lora._native: internal error (panic) in native kernel")
+            })?
             .map_err(PyErr::from)
     }
 
@@ -65,11 +70,20 @@ mod python {
             .map_err(|_| PyValueError::new_err(format!("{name} must be 4-D, got shape {shape:?}")))
     }
 
-    /// Plan arrays as the kernels want them: (grid, tiles as u32, codes).
+    /// A plan as the kernels want it.
+    struct KernelPlan {
+        grid: (usize, usize),
+        tiles: Vec<u32>,
+        codes: Vec<u8>,
+    }
+
+    /// `(tiles int64 (n, rows, cols), transforms uint8 (n, rows, cols))`.
+    type PlanArrays<'py> = (Bound<'py, PyArray3<i64>>, Bound<'py, PyArray3<u8>>);
+
     fn plan_from_arrays(
         tiles: &PyReadonlyArray3<'_, i64>,
         transforms: &PyReadonlyArray3<'_, u8>,
-    ) -> PyResult<((usize, usize), Vec<u32>, Vec<u8>)> {
+    ) -> PyResult<KernelPlan> {
         let shape = tiles.shape();
         if transforms.shape() != shape {
             return Err(PyValueError::new_err(format!(
@@ -85,7 +99,11 @@ mod python {
             .map(|&t| u32::try_from(t).unwrap_or(u32::MAX))
             .collect();
         let codes = contiguous(transforms.as_slice(), "plan transforms")?.to_vec();
-        Ok((grid, tiles_u32, codes))
+        Ok(KernelPlan {
+            grid,
+            tiles: tiles_u32,
+            codes,
+        })
     }
 
     /// `grid_plan(n, rows, cols, square_tiles, seed, offset, derange, flips)`
@@ -102,8 +120,14 @@ mod python {
         offset: u64,
         derange: bool,
         flips: bool,
-    ) -> PyResult<(Bound<'py, PyArray3<i64>>, Bound<'py, PyArray3<u8>>)> {
-        let spec = PlanSpec { rows, cols, square_tiles, derange, flips };
+    ) -> PyResult<PlanArrays<'py>> {
+        let spec = PlanSpec {
+            rows,
+            cols,
+            square_tiles,
+            derange,
+            flips,
+        };
         let (tiles, codes) = run_detached(py, || perm::batch_plan(&spec, n, seed, offset))?;
         let tiles: Vec<i64> = tiles.into_iter().map(i64::from).collect();
         let tiles = PyArray1::from_vec(py, tiles).reshape([n, rows, cols])?;
@@ -134,12 +158,14 @@ mod python {
             let [n, c, h, w] = shape;
             (Layout::Nchw, Dims { n, c, h, w })
         };
-        let (grid, tiles, codes) = plan_from_arrays(&tiles, &transforms)?;
+        let plan = plan_from_arrays(&tiles, &transforms)?;
         let src = contiguous(src.as_slice(), "input")?;
         let out = out
             .as_slice_mut()
             .map_err(|_| PyValueError::new_err("output must be a C-contiguous array"))?;
-        run_detached(py, || grid::scramble(src, out, dims, layout, grid, &tiles, &codes))
+        run_detached(py, || {
+            grid::scramble(src, out, dims, layout, plan.grid, &plan.tiles, &plan.codes)
+        })
     }
 
     /// `scramble_<bits>(src, out, channels_last, tiles, transforms)`: write
@@ -196,12 +222,22 @@ mod python {
                 [n, c, h, w]
             )));
         }
-        let (grid, tiles, codes) = plan_from_arrays(&tiles, &transforms)?;
+        let plan = plan_from_arrays(&tiles, &transforms)?;
         let src = contiguous(src.as_slice(), "input")?;
         let out = out
             .as_slice_mut()
             .map_err(|_| PyValueError::new_err("output must be a C-contiguous array"))?;
-        run_detached(py, || grid::prepare(src, out, Dims { n, c, h, w }, grid, &tiles, &codes, lut))
+        run_detached(py, || {
+            grid::prepare(
+                src,
+                out,
+                Dims { n, c, h, w },
+                plan.grid,
+                &plan.tiles,
+                &plan.codes,
+                lut,
+            )
+        })
     }
 
     /// `prepare_f32(src_u8_nhwc, out_f32_nchw, tiles, transforms)`: fused

@@ -60,7 +60,12 @@ impl PlanSpec {
         self.rows
             .checked_mul(self.cols)
             .filter(|&t| t <= u32::MAX as usize)
-            .ok_or_else(|| GridError::new(format!("grid {}x{} has too many tiles", self.rows, self.cols)))?;
+            .ok_or_else(|| {
+                GridError::new(format!(
+                    "grid {}x{} has too many tiles",
+                    self.rows, self.cols
+                ))
+            })?;
         Ok(())
     }
 }
@@ -86,7 +91,12 @@ pub fn image_rng(seed: u64, stream: u64) -> ChaCha8Rng {
 
 /// Fill one image's plan. `tiles[p]` is the source tile shown at output
 /// position `p` (row-major); `transforms[p]` its transform code.
-fn fill_image_plan(spec: &PlanSpec, rng: &mut ChaCha8Rng, tiles: &mut [u32], transforms: &mut [u8]) {
+fn fill_image_plan(
+    spec: &PlanSpec,
+    rng: &mut ChaCha8Rng,
+    tiles: &mut [u32],
+    transforms: &mut [u8],
+) {
     let n = tiles.len();
     loop {
         for (p, t) in tiles.iter_mut().enumerate() {
@@ -106,17 +116,28 @@ fn fill_image_plan(spec: &PlanSpec, rng: &mut ChaCha8Rng, tiles: &mut [u32], tra
     let kinds = spec.transform_kinds();
     for code in transforms.iter_mut() {
         // `kinds` is a power of two, so masking is unbiased.
-        *code = if kinds > 1 { (rng.next_u64() as u8) & (kinds - 1) } else { 0 };
+        *code = if kinds > 1 {
+            (rng.next_u64() as u8) & (kinds - 1)
+        } else {
+            0
+        };
     }
 }
 
 /// Plans for `n` images whose first one has index `offset` in the run.
 /// Returns `(tiles, transforms)`, each `n * rows * cols` long, image-major.
-pub fn batch_plan(spec: &PlanSpec, n: usize, seed: u64, offset: u64) -> Result<(Vec<u32>, Vec<u8>), GridError> {
+pub fn batch_plan(
+    spec: &PlanSpec,
+    n: usize,
+    seed: u64,
+    offset: u64,
+) -> Result<(Vec<u32>, Vec<u8>), GridError> {
     spec.validate()?;
     let per_image = spec.tiles_per_image();
     if n > 0 && offset.checked_add(n as u64 - 1).is_none() {
-        return Err(GridError::new(format!("offset {offset} + batch of {n} overflows the 64-bit stream index")));
+        return Err(GridError::new(format!(
+            "offset {offset} + batch of {n} overflows the 64-bit stream index"
+        )));
     }
     let total = n
         .checked_mul(per_image)
@@ -138,7 +159,12 @@ pub fn batch_plan(spec: &PlanSpec, n: usize, seed: u64, offset: u64) -> Result<(
 
 /// Check that a plan given from outside is usable: every image's tiles are a
 /// permutation of `0..rows*cols` and every code is allowed for the tile shape.
-pub fn validate_plan(spec: &PlanSpec, n: usize, tiles: &[u32], transforms: &[u8]) -> Result<(), GridError> {
+pub fn validate_plan(
+    spec: &PlanSpec,
+    n: usize,
+    tiles: &[u32],
+    transforms: &[u8],
+) -> Result<(), GridError> {
     spec.validate()?;
     let per_image = spec.tiles_per_image();
     if tiles.len() != n * per_image || transforms.len() != n * per_image {
@@ -154,7 +180,11 @@ pub fn validate_plan(spec: &PlanSpec, n: usize, tiles: &[u32], transforms: &[u8]
     }
     let max_code = if spec.square_tiles { 7 } else { 3 };
     let mut seen = vec![false; per_image];
-    for (i, (tiles, transforms)) in tiles.chunks(per_image).zip(transforms.chunks(per_image)).enumerate() {
+    for (i, (tiles, transforms)) in tiles
+        .chunks(per_image)
+        .zip(transforms.chunks(per_image))
+        .enumerate()
+    {
         seen.fill(false);
         for &t in tiles {
             let t = t as usize;
@@ -167,7 +197,11 @@ pub fn validate_plan(spec: &PlanSpec, n: usize, tiles: &[u32], transforms: &[u8]
         if let Some(&code) = transforms.iter().find(|&&c| c > max_code) {
             return Err(GridError::new(format!(
                 "plan for image {i} has transform code {code}; at most {max_code} allowed for {} tiles",
-                if spec.square_tiles { "square" } else { "non-square" }
+                if spec.square_tiles {
+                    "square"
+                } else {
+                    "non-square"
+                }
             )));
         }
     }
@@ -179,7 +213,13 @@ mod tests {
     use super::*;
 
     fn spec(rows: usize, cols: usize, derange: bool, flips: bool) -> PlanSpec {
-        PlanSpec { rows, cols, square_tiles: true, derange, flips }
+        PlanSpec {
+            rows,
+            cols,
+            square_tiles: true,
+            derange,
+            flips,
+        }
     }
 
     fn is_permutation(tiles: &[u32]) -> bool {
@@ -217,7 +257,10 @@ mod tests {
             let (tiles, _) = batch_plan(&spec(rows, cols, true, false), 200, 3, 0).unwrap();
             for img in tiles.chunks(rows * cols) {
                 assert!(is_permutation(img));
-                assert!(img.iter().enumerate().all(|(p, &t)| t as usize != p), "{img:?}");
+                assert!(
+                    img.iter().enumerate().all(|(p, &t)| t as usize != p),
+                    "{img:?}"
+                );
             }
         }
     }
@@ -225,7 +268,9 @@ mod tests {
     #[test]
     fn without_derange_fixed_points_occur() {
         let (tiles, _) = batch_plan(&spec(2, 2, false, false), 200, 3, 0).unwrap();
-        let any_fixed = tiles.chunks(4).any(|img| img.iter().enumerate().any(|(p, &t)| t as usize == p));
+        let any_fixed = tiles
+            .chunks(4)
+            .any(|img| img.iter().enumerate().any(|(p, &t)| t as usize == p));
         assert!(any_fixed);
     }
 
@@ -265,9 +310,15 @@ mod tests {
         let square = spec(4, 4, true, true);
         let (_, codes) = batch_plan(&square, 50, 0, 0).unwrap();
         assert!(codes.iter().all(|&c| c < 8));
-        assert!(codes.iter().any(|&c| c >= 4), "square tiles should get transposes");
+        assert!(
+            codes.iter().any(|&c| c >= 4),
+            "square tiles should get transposes"
+        );
 
-        let oblong = PlanSpec { square_tiles: false, ..square };
+        let oblong = PlanSpec {
+            square_tiles: false,
+            ..square
+        };
         let (_, codes) = batch_plan(&oblong, 50, 0, 0).unwrap();
         assert!(codes.iter().all(|&c| c < 4));
         assert!(codes.iter().any(|&c| c > 0));
@@ -280,7 +331,10 @@ mod tests {
         for _ in 0..60_000 {
             counts[below(&mut rng, 6) as usize] += 1;
         }
-        assert!(counts.iter().all(|&c| (9_000..11_000).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (9_000..11_000).contains(&c)),
+            "{counts:?}"
+        );
     }
 
     #[test]
@@ -295,7 +349,10 @@ mod tests {
         assert!(validate_plan(&s, 1, &[0, 1, 1, 3], &[0; 4]).is_err());
         assert!(validate_plan(&s, 1, &[0, 1, 2, 4], &[0; 4]).is_err());
         assert!(validate_plan(&s, 1, &[0, 1, 2, 3], &[0, 0, 0, 8]).is_err());
-        let oblong = PlanSpec { square_tiles: false, ..s };
+        let oblong = PlanSpec {
+            square_tiles: false,
+            ..s
+        };
         assert!(validate_plan(&oblong, 1, &[0, 1, 2, 3], &[0, 0, 0, 4]).is_err());
     }
 }

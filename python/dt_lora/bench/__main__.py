@@ -1,0 +1,27 @@
+"""`python -m dt_lora.bench scramble [--batch 64 --size 512 --grid 8 --repeats 5]`"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from dt_lora.bench import scramble
+
+# name -> module with add_arguments(parser) and run(args) -> int
+BENCHMARKS = {"scramble": scramble}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dt_lora.bench", description="dt-lora benchmarks")
+    subparsers = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    for name, module in BENCHMARKS.items():
+        sub = subparsers.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
