@@ -255,8 +255,11 @@ pub fn unit_range_f16_lut() -> [u16; 256] {
 }
 
 /// Fused data prep: uint8 NHWC images -> scrambled planar (NCHW) values via
-/// `lut`, in one pass. Each task produces one tile row of every channel of an
-/// image, so each source pixel is read once.
+/// `lut`, in one pass over memory. Each task takes one tile row of an image:
+/// it scrambles the source bytes into a small scratch band (tile by tile, the
+/// prefetch-friendly read order; the band stays in L2), then de-interleaves
+/// the band through `lut` into the channel planes with purely sequential
+/// writes, which dominate the traffic (4 or 2 output bytes per input byte).
 pub fn prepare<O: Copy + Send + Sync>(
     src: &[u8],
     out: &mut [O],
@@ -290,97 +293,39 @@ pub fn prepare<O: Copy + Send + Sync>(
                 .into_par_iter()
                 .enumerate()
                 .for_each(|(ty, mut channel_bands)| {
-                    prepare_band(&map, src_image, ty, &mut channel_bands, tiles, codes, lut);
+                    let mut scrambled = vec![0u8; map.tile_h * w * c];
+                    map.scramble_band(src_image, ty, &mut scrambled, tiles, codes);
+                    deinterleave(&scrambled, &mut channel_bands, lut);
                 });
         });
     Ok(())
 }
 
-/// Fill output tile row `ty` of every channel, row by row. Unlike
-/// `TileMap::scramble_band`, this stays row-major: output (4 bytes per input
-/// byte) dominates the traffic here, and sequential writes measured faster
-/// than any blocked order.
-fn prepare_band<O: Copy>(
-    map: &TileMap,
-    src_image: &[u8],
-    ty: usize,
-    channel_bands: &mut [&mut [O]],
-    tiles: &[u32],
-    codes: &[u8],
-    lut: &[O; 256],
-) {
-    for iy in 0..map.tile_h {
-        for tx in 0..map.cols {
-            let src_tile = tiles[ty * map.cols + tx] as usize;
-            let code = codes[ty * map.cols + tx];
-            let x0 = iy * map.w + tx * map.tile_w;
-            prepare_segment(map, src_image, src_tile, code, iy, channel_bands, x0, lut);
-        }
-    }
-}
-
-/// Row `iy` of an output tile, all channels, written at `x0..x0 + tile_w`
-/// of each channel's band.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn prepare_segment<O: Copy>(
-    map: &TileMap,
-    src_image: &[u8],
-    src_tile: usize,
-    code: u8,
-    iy: usize,
-    channel_bands: &mut [&mut [O]],
-    x0: usize,
-    lut: &[O; 256],
-) {
-    let (c, tw) = (map.px, map.tile_w);
-    if code & (TRANSPOSE | HFLIP) == 0 {
-        // Fast path: the tile row's source pixels are contiguous.
-        let start = map.source_offset(src_tile, code, iy, 0);
-        let src_row = &src_image[start..start + tw * c];
-        let span = x0..x0 + tw;
-        match &mut *channel_bands {
-            [r] => convert_pixels::<O, 1>(src_row, [&mut r[span]], lut),
-            [r, g, b] => convert_pixels::<O, 3>(
-                src_row,
-                [&mut r[span.clone()], &mut g[span.clone()], &mut b[span]],
-                lut,
-            ),
-            [r, g, b, a] => convert_pixels::<O, 4>(
-                src_row,
-                [
-                    &mut r[span.clone()],
-                    &mut g[span.clone()],
-                    &mut b[span.clone()],
-                    &mut a[span],
-                ],
-                lut,
-            ),
-            bands => {
-                for (ch, band) in bands.iter_mut().enumerate() {
-                    for (d, &v) in band[span.clone()]
-                        .iter_mut()
-                        .zip(src_row[ch..].iter().step_by(c))
-                    {
-                        *d = lut[v as usize];
-                    }
+/// Interleaved `C`-channel bytes -> `C` planes of the same pixel count,
+/// through `lut`.
+fn deinterleave<O: Copy>(interleaved: &[u8], planes: &mut [&mut [O]], lut: &[O; 256]) {
+    match planes {
+        [a] => convert_pixels::<O, 1>(interleaved, [a], lut),
+        [a, b, c] => convert_pixels::<O, 3>(interleaved, [a, b, c], lut),
+        [a, b, c, d] => convert_pixels::<O, 4>(interleaved, [a, b, c, d], lut),
+        planes => {
+            let c = planes.len();
+            for (ch, plane) in planes.iter_mut().enumerate() {
+                for (d, &v) in plane.iter_mut().zip(interleaved[ch..].iter().step_by(c)) {
+                    *d = lut[v as usize];
                 }
             }
         }
-    } else {
-        for j in 0..tw {
-            let start = map.source_offset(src_tile, code, iy, j);
-            for (ch, band) in channel_bands.iter_mut().enumerate() {
-                band[x0 + j] = lut[src_image[start + ch] as usize];
-            }
-        }
     }
 }
 
-/// De-interleave `C`-channel pixels into `C` planar rows through `lut`.
-/// A compile-time `C` lets the loop run without bounds checks.
+/// `deinterleave` for a compile-time channel count, so the loop runs
+/// without bounds checks.
 #[inline(always)]
 fn convert_pixels<O: Copy, const C: usize>(src: &[u8], dst: [&mut [O]; C], lut: &[O; 256]) {
+    let pixels = src.len() / C;
+    // Equal-length slices let the compiler drop the per-element bounds checks.
+    let dst = dst.map(|plane| &mut plane[..pixels]);
     for (j, pixel) in src.chunks_exact(C).enumerate() {
         for ch in 0..C {
             dst[ch][j] = lut[pixel[ch] as usize];
@@ -518,14 +463,29 @@ mod tests {
         // 2048 u32 = 8 KiB per row: 2-row blocks inside 4-row tiles (NCHW);
         // NHWC rows of 3 channels exceed a block alone.
         for layout in [Layout::Nchw, Layout::Nhwc] {
-            let dims = Dims { n: 2, c: 3, h: 8, w: 2048 };
+            let dims = Dims {
+                n: 2,
+                c: 3,
+                h: 8,
+                w: 2048,
+            };
             let grid = (2, 4);
-            let spec = PlanSpec { rows: 2, cols: 4, square_tiles: false, derange: true, flips: true };
+            let spec = PlanSpec {
+                rows: 2,
+                cols: 4,
+                square_tiles: false,
+                derange: true,
+                flips: true,
+            };
             let (tiles, codes) = batch_plan(&spec, dims.n, 3, 0).unwrap();
             let src = iota(dims.element_count().unwrap());
             let mut out = vec![0; src.len()];
             scramble(&src, &mut out, dims, layout, grid, &tiles, &codes).unwrap();
-            assert_eq!(out, reference(&src, dims, layout, grid, &tiles, &codes), "{layout:?}");
+            assert_eq!(
+                out,
+                reference(&src, dims, layout, grid, &tiles, &codes),
+                "{layout:?}"
+            );
         }
     }
 
