@@ -1,9 +1,10 @@
 //! Scrambled-Grid kernels: move tiles of an image batch according to a plan.
 //!
 //! Output tile `p` (row-major) shows source tile `tiles[p]`, transformed by
-//! `transforms[p]` (see `perm::{HFLIP, VFLIP, TRANSPOSE}`). Work is split over
-//! output rows with rayon, so every output element is written exactly once
-//! and each thread writes a contiguous slice.
+//! `transforms[p]` (see `perm::{HFLIP, VFLIP, TRANSPOSE}`). Work is split with
+//! rayon over output tile rows ("bands": `tile_h` rows of one plane), so
+//! every output element is written exactly once, by one task, and results do
+//! not depend on the thread count.
 
 use rayon::prelude::*;
 
