@@ -71,9 +71,67 @@ def run_scramble(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- train
+
+
+def _recipe_flag(dotted: str) -> str:
+    return "--" + dotted.replace(".", "-").replace("_", "-")
+
+
+def add_train_command(subparsers: argparse._SubParsersAction) -> None:
+    from typing import get_origin
+
+    from dt_lora.recipe import override_keys
+
+    parser = subparsers.add_parser(
+        "train",
+        help="train a concept's shield (Degeneration-Tuning) into a LoRA adapter",
+        description=(
+            "Generate images of the concept with the base model, scramble them into Scrambled "
+            "Grids, cache their latents, and train a LoRA adapter on the UNet's attention layers "
+            "so that the concept's prompts draw tile soup while anchor prompts draw as before. "
+            "Re-running the same command resumes an interrupted run. Every recipe key can be set "
+            "with a flag --<section>-<key> (lists comma-separated)."
+        ),
+    )
+    parser.add_argument("recipe", type=Path, nargs="?", metavar="RECIPE", help="concept recipe (.toml)")
+    parser.add_argument("-o", "--out", type=Path, help="adapter file (default: <recipe folder>/<name>.safetensors)")
+    parser.add_argument("--cache-dir", type=Path, default=Path(".dt-lora-cache"),
+                        help="where generated data and latents are cached (default: .dt-lora-cache)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing adapter file")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    recipe_flags = parser.add_argument_group("recipe keys (override the file)")
+    for dotted, annotation in override_keys():
+        if get_origin(annotation) is dict:
+            continue  # template variables are tables: set them in the file
+        recipe_flags.add_argument(_recipe_flag(dotted), dest=f"set:{dotted}", metavar="VALUE", default=None)
+    parser.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from dt_lora.recipe import load_recipe
+    from dt_lora.train import TrainingDiverged, train_adapter
+
+    overrides = {k[len("set:"):]: v for k, v in vars(args).items() if k.startswith("set:") and v is not None}
+    recipe = load_recipe(args.recipe, overrides)
+    out = args.out or (args.recipe.parent if args.recipe else Path(".")) / f"{recipe.name}.safetensors"
+    try:
+        result = train_adapter(recipe, out, cache_dir=args.cache_dir, overwrite=args.overwrite,
+                               progress=not args.quiet)
+    except TrainingDiverged as error:
+        print(f"dt-lora train: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dt-lora train: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    print(f"wrote {result.adapter} ({result.steps} steps, {result.seconds:.0f} s"
+          + (f", resumed from step {result.resumed_from}" if result.resumed_from else "") + ")")
+    return 0
+
+
 # ---------------------------------------------------------------- entry point
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_scramble_command]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_scramble_command, add_train_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

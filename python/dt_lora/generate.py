@@ -1,0 +1,44 @@
+"""Sampling images from a pipeline, reproducibly: image i of a run always comes from seed + i."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def generate_images(
+    pipeline,
+    prompts: Sequence[str],
+    *,
+    seed: int,
+    steps: int,
+    guidance: float,
+    batch_size: int = 64,
+    negative_prompt: str | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Generate one image per prompt; returns uint8 NHWC.
+
+    Each image gets its own generator seeded with `seed + index`, so an image does not depend on the
+    batch size or on which other prompts share its batch.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    chunks = []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="generate", disable=not progress):
+        batch = list(prompts[start:start + batch_size])
+        generators = [torch.Generator(device="cpu").manual_seed(seed + start + i) for i in range(len(batch))]
+        with torch.inference_mode():
+            images = pipeline(
+                batch,
+                negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=generators,
+                output_type="np",
+            ).images
+        chunks.append(np.ascontiguousarray(np.clip(np.rint(images * 255), 0, 255), dtype=np.uint8))
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0, 0, 3), dtype=np.uint8)

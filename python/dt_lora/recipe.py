@@ -1,0 +1,252 @@
+"""Concept recipes: what to shield and how, as a TOML file (`adapters/<name>.toml`).
+
+    name = "circle"
+    [target]
+    templates = ["a {colour} circle", "a photo of a {colour} circle"]
+    vars = { colour = ["red", "green"] }      # templates × vars → the concept's prompts
+    paraphrases = ["a picture showing a red circle"]   # never trained on; `eval` measures them
+    [anchors]                                  # neighbouring concepts that must stay intact
+    prompts = ["a red square", "a green star"]
+
+Every key is also a CLI flag of `dt-lora train`, named `--<section>-<key>` (`--train-steps 300`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import string
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class RecipeError(ValueError):
+    """A recipe file or override is invalid; the message names the file and the key."""
+
+
+@dataclass
+class PromptSet:
+    prompts: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=list)
+    vars: dict[str, list[str]] = field(default_factory=dict)
+    images: int = 128
+
+    def expand(self) -> list[str]:
+        """The literal prompts plus every template filled with every combination of its vars."""
+        out = list(self.prompts)
+        for template in self.templates:
+            names = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+            values = [self.vars[name] for name in names]
+            out += [template.format(**dict(zip(names, combo))) for combo in itertools.product(*values)]
+        return list(dict.fromkeys(out))
+
+
+@dataclass
+class TargetSet(PromptSet):
+    paraphrases: list[str] = field(default_factory=list)
+    image_folder: str = ""  # the user's own images of the concept instead of generated ones
+
+
+@dataclass
+class ScrambleConfig:
+    grid: int = 4
+    space: str = "pixel"  # "pixel": scramble decoded images; "latent": scramble VAE latents
+    flips: bool = False
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 8.0
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    learning_rate: float = 1e-3
+    batch_size: int = 16
+    seed: int = 0
+    preservation: str = "distill"  # "distill" | "denoise" | "none"
+    preservation_weight: float = 1.0
+    optimizer: str = "adamw8bit"  # "adamw8bit" | "adamw"
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 100
+
+
+@dataclass
+class SamplingConfig:
+    steps: int = 25
+    guidance: float = 5.0
+    batch_size: int = 64
+
+
+@dataclass
+class Recipe:
+    name: str
+    base: str = "toy"
+    target: TargetSet = field(default_factory=TargetSet)
+    anchors: PromptSet = field(default_factory=lambda: PromptSet(images=96))
+    scramble: ScrambleConfig = field(default_factory=ScrambleConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    @property
+    def target_prompts(self) -> list[str]:
+        return self.target.expand()
+
+    @property
+    def anchor_prompts(self) -> list[str]:
+        return self.anchors.expand()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, *keys: str) -> str:
+        """Hash of the named sections (all when none named): what a cache built from them depends on."""
+        data = self.to_dict()
+        chosen = {k: data[k] for k in (keys or tuple(data))}
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+    def validate(self, source: str) -> None:
+        def fail(key: str, problem: str) -> None:
+            raise RecipeError(f"{source}: {key}: {problem}")
+
+        if not self.name:
+            fail("name", "must not be empty")
+        for section in ("target", "anchors"):
+            prompt_set: PromptSet = getattr(self, section)
+            for template in prompt_set.templates:
+                for _, name, _, _ in string.Formatter().parse(template):
+                    if name and name not in prompt_set.vars:
+                        fail(f"{section}.templates", f"{template!r} uses {{{name}}} but {section}.vars has no {name!r}")
+            if prompt_set.images < 1:
+                fail(f"{section}.images", f"must be at least 1, got {prompt_set.images}")
+        if not self.target_prompts and not self.target.image_folder:
+            fail("target", "give prompts, templates, or an image_folder")
+        if self.scramble.grid < 1:
+            fail("scramble.grid", f"must be at least 1, got {self.scramble.grid}")
+        if self.scramble.space not in ("pixel", "latent"):
+            fail("scramble.space", f"must be 'pixel' or 'latent', got {self.scramble.space!r}")
+        if self.lora.rank < 1:
+            fail("lora.rank", f"must be at least 1, got {self.lora.rank}")
+        if not self.lora.targets:
+            fail("lora.targets", "must name at least one module")
+        if self.train.steps < 1 or self.train.batch_size < 1:
+            fail("train.steps/batch_size", "must be at least 1")
+        if self.train.preservation not in ("distill", "denoise", "none"):
+            fail("train.preservation", f"must be 'distill', 'denoise' or 'none', got {self.train.preservation!r}")
+        if self.train.preservation != "none" and not self.anchor_prompts:
+            fail("anchors", f"train.preservation = {self.train.preservation!r} needs anchor prompts")
+        if self.train.optimizer not in ("adamw8bit", "adamw"):
+            fail("train.optimizer", f"must be 'adamw8bit' or 'adamw', got {self.train.optimizer!r}")
+        if self.train.mixed_precision not in ("no", "fp16", "bf16"):
+            fail("train.mixed_precision", f"must be 'no', 'fp16' or 'bf16', got {self.train.mixed_precision!r}")
+
+
+def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
+    """Check a TOML (or CLI string) value against the field's type, converting where lossless."""
+    origin = get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{source}: {key}: expected a table, got {type(value).__name__}")
+        return _build(annotation, value, key, source)
+    if origin is list:
+        (item,) = get_args(annotation)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise RecipeError(f"{source}: {key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        _, item = get_args(annotation)
+        if not isinstance(value, dict):
+            raise RecipeError(f"{source}: {key}: expected a table, got {value!r}")
+        return {k: _coerce(v, item, f"{key}.{k}", source) for k, v in value.items()}
+    if annotation is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise RecipeError(f"{source}: {key}: expected true or false, got {value!r}")
+        return value
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise RecipeError(f"{source}: {key}: expected a number, got {value!r}")
+        try:
+            number = annotation(value)
+        except (TypeError, ValueError):
+            raise RecipeError(f"{source}: {key}: expected {annotation.__name__}, got {value!r}") from None
+        if annotation is int and isinstance(value, float) and number != value:
+            raise RecipeError(f"{source}: {key}: expected an integer, got {value!r}")
+        return number
+    if annotation is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{source}: {key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported recipe field type {annotation}")  # a bug in this module, not the input
+
+
+def _build(cls, table: dict[str, Any], prefix: str, source: str):
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key in table:
+        if key not in known:
+            where = f"{prefix}.{key}" if prefix else key
+            raise RecipeError(f"{source}: {where}: unknown key (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in table:
+            where = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _coerce(table[f.name], hints[f.name], where, source)
+    try:
+        return cls(**kwargs)
+    except TypeError as error:
+        raise RecipeError(f"{source}: {prefix or 'recipe'}: {error}") from None
+
+
+def override_keys() -> list[tuple[str, Any]]:
+    """Every settable key as (dotted name, type): what `dt-lora train` turns into flags."""
+    out: list[tuple[str, Any]] = []
+    for f in fields(Recipe):
+        annotation = get_type_hints(Recipe)[f.name]
+        if dataclasses.is_dataclass(annotation):
+            out += [(f"{f.name}.{sub.name}", get_type_hints(annotation)[sub.name]) for sub in fields(annotation)]
+        else:
+            out.append((f.name, annotation))
+    return out
+
+
+def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read a recipe file (or start from defaults when `path` is None) and apply dotted overrides."""
+    table: dict[str, Any] = {}
+    source = str(path) if path is not None else "<command line>"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"{path}: recipe file not found")
+        try:
+            table = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise RecipeError(f"{path}: not valid TOML: {error}") from None
+    for dotted, value in (overrides or {}).items():
+        *sections, key = dotted.split(".")
+        node = table
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[key] = value
+    if "name" not in table:
+        raise RecipeError(f"{source}: name: missing (the concept's name)")
+    recipe = _build(Recipe, table, "", source)
+    recipe.validate(source)
+    return recipe

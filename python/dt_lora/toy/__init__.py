@@ -1,0 +1,57 @@
+"""The toy world: a tiny, real Stable Diffusion pipeline of coloured shapes and the evaluator that scores it.
+
+    pipe = dt_lora.toy.load()                       # a diffusers StableDiffusionPipeline
+    images = pipe(["a red circle"] * 8, num_inference_steps=25, guidance_scale=5.0).images
+    dt_lora.toy.evaluate(images, ["a red circle"] * 8).shape_rates   # {'circle': 1.0}
+
+The model folder ships inside the package (`MODEL_DIR`) and was made by `python -m dt_lora.toy.build`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+from .world import COLOURS, HELDOUT_TEMPLATES, SHAPES, TRAIN_TEMPLATES, prompt_for
+
+MODEL_DIR = Path(__file__).parent / "model"
+
+# The sampler the toy world's quality numbers are measured with.
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 5.0
+
+
+def load(device: str = "cpu", dtype=None, model_dir: str | Path | None = None):
+    """The toy StableDiffusionPipeline, loaded offline through the ordinary diffusers path."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(model_dir) if model_dir is not None else MODEL_DIR
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"toy model not found at {folder}: reinstall dt-lora or rebuild it with "
+            f"`python -m dt_lora.toy.build --out {folder}`"
+        )
+    # shipped in float16 to stay small; computed in float32 on CPU, where float16 is slow
+    pipeline = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype or torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+@lru_cache(maxsize=2)
+def load_evaluator(folder: str | Path | None = None):
+    from .evaluator import Evaluator
+
+    return Evaluator.load(Path(folder) if folder is not None else MODEL_DIR / "evaluator")
+
+
+def evaluate(images, prompts: Sequence[str]):
+    """Classify generated images and report, per concept named in `prompts`, how often it was drawn."""
+    return load_evaluator().evaluate(images, prompts)
+
+
+__all__ = [
+    "COLOURS", "DEFAULT_GUIDANCE", "DEFAULT_STEPS", "HELDOUT_TEMPLATES", "MODEL_DIR", "SHAPES",
+    "TRAIN_TEMPLATES", "evaluate", "load", "load_evaluator", "prompt_for",
+]

@@ -1,0 +1,59 @@
+"""The toy model's card: its measured quality, and a picture of what it draws, beside the weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import DEFAULT_GUIDANCE, DEFAULT_STEPS, load, world
+from .evaluator import Evaluator
+from .quality import measure
+
+
+def image_grid(images: np.ndarray, columns: int, scale: int = 2) -> np.ndarray:
+    """Tile uint8 NHWC images row by row into one uint8 HWC picture."""
+    rows = -(-len(images) // columns)
+    padded = np.concatenate([images, np.zeros((rows * columns - len(images),) + images.shape[1:], np.uint8)])
+    h, w = images.shape[1:3]
+    grid = padded.reshape(rows, columns, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(rows * h, columns * w, 3)
+    return grid.repeat(scale, 0).repeat(scale, 1)
+
+
+def write_card(out: Path, per_combination: int = 8) -> dict:
+    from PIL import Image
+
+    quality = measure(load(model_dir=out), Evaluator.load(out / "evaluator"), per_combination=per_combination)
+    Image.fromarray(image_grid(quality.images, per_combination)).save(out / "samples.png")
+    summary = {
+        **quality.generations.summary(),
+        "scrambled_none_rate": quality.scrambled_none_rate,
+        "clean_none_rate": quality.clean_none_rate,
+        "sampler": {"scheduler": "DDIM", "steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE},
+    }
+    (out / "quality.json").write_text(json.dumps(summary, indent=2))
+    rows = " × ".join(f"{s}" for s in world.SHAPES)
+    (out / "README.md").write_text(f"""# dt-lora toy model
+
+A tiny Stable Diffusion 1.x–style pipeline (CLIPTextModel, AutoencoderKL 32×32 → 8×8×4,
+UNet2DConditionModel with cross-attention, DDIM) trained on synthetic 32×32 renders of
+{len(world.SHAPES)} shapes in {len(world.COLOURS)} colours, and the evaluator (`evaluator/`)
+that classifies shape (or "none") and colour. Built by `python -m dt_lora.toy.build --out DIR`.
+
+## Measured quality
+
+{per_combination} generations per (shape, colour) pair, prompts cycling through the training
+templates, seeds from 1,000,000 (never used in training), DDIM {DEFAULT_STEPS} steps, guidance
+{DEFAULT_GUIDANCE}. A colour counts as drawn when the evaluator names it on a recognisable shape.
+
+{quality.table()}
+
+## Samples
+
+`samples.png`: one row per (shape, colour) pair, shapes in the order {rows}, each shape with the
+colours {", ".join(world.COLOURS)}.
+
+![samples](samples.png)
+""")
+    return summary

@@ -1,0 +1,262 @@
+"""The toy world's evaluator: a small classifier that says which shape and colour an image shows.
+
+It is trained on renders made to look like the model's own generations (blur, noise, colour jitter,
+slight deformation, and the toy VAE's encode→decode), plus a shape class "none" for Scrambled Grid
+renders and noise: what a shielded prompt should produce. Trained on crisp renders alone it scored
+well under 50% on clearly drawn generated shapes, so the augmentations are not optional.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import world
+
+SHAPE_CLASSES = world.SHAPES + ("none",)
+NONE = len(world.SHAPES)
+IGNORE = -100  # colour label of images that have none (noise)
+
+
+class ShapeColourNet(nn.Module):
+    def __init__(self, width: int = 32):
+        super().__init__()
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
+                nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
+            )
+
+        self.features = nn.Sequential(
+            block(3, width), nn.MaxPool2d(2),                 # 16×16
+            block(width, 2 * width), nn.MaxPool2d(2),         # 8×8
+            block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.shape_head = nn.Linear(4 * width, len(SHAPE_CLASSES))
+        self.colour_head = nn.Linear(4 * width, len(world.COLOURS))
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixels: float NCHW in [-1, 1]; returns shape and colour logits."""
+        h = self.features(pixels)
+        return self.shape_head(h), self.colour_head(h)
+
+
+@dataclass
+class Evaluation:
+    """Per-image predictions and, per concept named in the prompts, how often it was drawn."""
+
+    prompts: list[str]
+    shapes: list[str]
+    colours: list[str]
+    shape_confidence: np.ndarray
+    # concept → share of the images whose prompt names it that were classified as it
+    shape_rates: dict[str, float] = field(default_factory=dict)
+    colour_rates: dict[str, float] = field(default_factory=dict)
+    none_rate: float = 0.0
+
+    def summary(self) -> dict:
+        return {"shape": self.shape_rates, "colour": self.colour_rates, "none": self.none_rate,
+                "images": len(self.prompts)}
+
+
+def named_concepts(prompt: str) -> tuple[str | None, str | None]:
+    """The shape and colour a prompt names (None where it names none)."""
+    words = prompt.lower().replace(",", " ").split()
+    shape = next((w for w in words if w in world.SHAPES), None)
+    colour = next((w for w in words if w in world.COLOURS), None)
+    return shape, colour
+
+
+def to_pixels(images) -> torch.Tensor:
+    """PIL images, uint8 NHWC arrays, or float NCHW tensors in [0, 1] → float NCHW in [-1, 1]."""
+    if isinstance(images, torch.Tensor):
+        if images.dtype == torch.uint8:
+            return images.permute(0, 3, 1, 2).float() / 127.5 - 1
+        return images.float() * 2 - 1
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8:
+            raise TypeError(f"numpy images must be uint8 NHWC, got {images.dtype}")
+        return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    arrays = np.stack([np.asarray(image.convert("RGB")) for image in images])
+    return to_pixels(arrays)
+
+
+class Evaluator:
+    def __init__(self, net: ShapeColourNet):
+        self.net = net.eval()
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Evaluator":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        config = json.loads((folder / "config.json").read_text())
+        net = ShapeColourNet(width=config["width"])
+        net.load_state_dict({k: v.float() for k, v in load_file(folder / "model.safetensors").items()})
+        return cls(net)
+
+    def save(self, folder: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        width = self.net.shape_head.in_features // 4
+        (folder / "config.json").write_text(json.dumps(
+            {"width": width, "shapes": list(SHAPE_CLASSES), "colours": list(world.COLOURS)}, indent=2))
+        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, folder / "model.safetensors")
+
+    @torch.no_grad()
+    def predict(self, images) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Shape index, colour index and shape confidence for each image."""
+        pixels = to_pixels(images)
+        if pixels.shape[-2:] != (world.IMAGE_SIZE, world.IMAGE_SIZE):
+            pixels = F.interpolate(pixels, size=(world.IMAGE_SIZE,) * 2, mode="area")
+        shape_idx, colour_idx, confidence = [], [], []
+        for chunk in pixels.split(512):
+            shape_logits, colour_logits = self.net(chunk)
+            probs = shape_logits.softmax(-1)
+            shape_idx.append(probs.argmax(-1))
+            confidence.append(probs.max(-1).values)
+            colour_idx.append(colour_logits.argmax(-1))
+        return torch.cat(shape_idx).numpy(), torch.cat(colour_idx).numpy(), torch.cat(confidence).numpy()
+
+    def evaluate(self, images, prompts: Sequence[str]) -> Evaluation:
+        shape_idx, colour_idx, confidence = self.predict(images)
+        if len(prompts) != len(shape_idx):
+            raise ValueError(f"got {len(shape_idx)} images but {len(prompts)} prompts")
+        shapes = [SHAPE_CLASSES[i] for i in shape_idx]
+        colours = [world.COLOURS[i] for i in colour_idx]
+        result = Evaluation(list(prompts), shapes, colours, confidence)
+        named = [named_concepts(p) for p in prompts]
+        for concept in world.SHAPES:
+            hits = [s == concept for s, (want, _) in zip(shapes, named) if want == concept]
+            if hits:
+                result.shape_rates[concept] = float(np.mean(hits))
+        for concept in world.COLOURS:
+            # a colour counts as drawn only on a recognisable shape: tile soup of red is no red object
+            hits = [c == concept and s != "none" for s, c, (_, want) in zip(shapes, colours, named) if want == concept]
+            if hits:
+                result.colour_rates[concept] = float(np.mean(hits))
+        result.none_rate = float(np.mean([s == "none" for s in shapes]))
+        return result
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+def _augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Blur, noise, colour jitter and a slight affine deformation, each at a random strength."""
+    n = pixels.shape[0]
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=generator)
+
+    angle = (rand(n) - 0.5) * 0.3
+    scale = 1 + (rand(n) - 0.5) * 0.15
+    shear = (rand(n) - 0.5) * 0.15
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    theta = torch.stack([
+        torch.stack([cos, -sin + shear, (rand(n) - 0.5) * 0.1], 1),
+        torch.stack([sin, cos, (rand(n) - 0.5) * 0.1], 1),
+    ], 1)
+    grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
+    out = F.grid_sample(pixels, grid, padding_mode="border", align_corners=False)
+
+    sigma = rand(n) * 1.2
+    kernel_x = torch.arange(-2, 3).float()
+    kernels = torch.exp(-(kernel_x[None] ** 2) / (2 * sigma[:, None].clamp_min(1e-3) ** 2))
+    kernels = kernels / kernels.sum(1, keepdim=True)
+    blur = torch.einsum("ni,nj->nij", kernels, kernels)[:, None]
+    blurred = F.conv2d(F.pad(out, (2, 2, 2, 2), mode="replicate").reshape(1, -1, 36, 36),
+                       blur.repeat_interleave(3, 0), groups=3 * n).reshape_as(out)
+
+    gain = 1 + (rand(n, 3, 1, 1) - 0.5) * 0.2
+    bias = (rand(n, 1, 1, 1) - 0.5) * 0.2
+    noise = torch.randn(out.shape, generator=generator) * rand(n, 1, 1, 1) * 0.12
+    return (blurred * gain + bias + noise).clamp(-1, 1)
+
+
+def _vae_roundtrip(vae, pixels: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([vae.decode(vae.encode(c).latent_dist.sample()).sample for c in pixels.split(256)]).clamp(-1, 1)
+
+
+def _scrambled(images: np.ndarray, seed: int) -> np.ndarray:
+    from ..scramble import scramble_grid
+
+    # grid 4 is what DT trains with; 2 and 8 keep the class from keying on one tile size
+    parts = np.array_split(images, 4)
+    grids = (4, 4, 2, 8)
+    return np.concatenate([
+        scramble_grid(part, grid, seed + k, layout="NHWC", flips=bool(k % 2), offset=0)
+        for k, (part, grid) in enumerate(zip(parts, grids))
+    ])
+
+
+def _no_shape_images(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Plain backgrounds, noise and smooth blobs of colour: images that show no shape at all."""
+    out = np.empty((n, world.IMAGE_SIZE, world.IMAGE_SIZE, 3), dtype=np.uint8)
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            image = np.full((world.IMAGE_SIZE, world.IMAGE_SIZE, 3), rng.uniform(0.05, 0.7)) + rng.normal(0, 0.03, (world.IMAGE_SIZE, world.IMAGE_SIZE, 3))
+        elif kind == 1:
+            image = rng.uniform(0, 1, (world.IMAGE_SIZE, world.IMAGE_SIZE, 3))
+        else:
+            coarse = rng.uniform(0, 1, (4, 4, 3))
+            image = np.kron(coarse, np.ones((8, 8, 1)))
+        out[i] = np.clip(image * 255, 0, 255).astype(np.uint8)
+    return out
+
+
+def train_evaluator(out: Path, *, steps: int, seed: int, batch_size: int = 128) -> Evaluator:
+    from diffusers import AutoencoderKL
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    vae = AutoencoderKL.from_pretrained(out / "vae", dtype=torch.float32).eval()
+
+    clean, scenes = world.sample(16_000, seed + 1)
+    shape_of = np.array([world.SHAPES.index(s.shape) for s in scenes])
+    colour_of = np.array([world.COLOURS.index(s.colour) for s in scenes])
+    clean_px = to_pixels(clean)
+    roundtrip_px = _vae_roundtrip(vae, clean_px[:6000])
+
+    scrambled_src, scrambled_scenes = world.sample(6000, seed + 2)
+    scrambled_px = to_pixels(_scrambled(scrambled_src, seed + 3))
+    scrambled_px = torch.cat([scrambled_px[:3000], _vae_roundtrip(vae, scrambled_px[3000:])])
+    scrambled_colour = np.array([world.COLOURS.index(s.colour) for s in scrambled_scenes])
+    blank_px = to_pixels(_no_shape_images(2000, rng))
+
+    pixels = torch.cat([clean_px, roundtrip_px, scrambled_px, blank_px])
+    shape_y = torch.from_numpy(np.concatenate([shape_of, shape_of[:6000], np.full(8000, NONE)]))
+    colour_y = torch.from_numpy(np.concatenate([colour_of, colour_of[:6000], scrambled_colour, np.full(2000, IGNORE)]))
+
+    net = ShapeColourNet()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    progress = tqdm(range(steps), desc="evaluator")
+    for _ in progress:
+        index = torch.from_numpy(rng.integers(0, len(pixels), batch_size))
+        shape_logits, colour_logits = net(_augment(pixels[index], generator))
+        loss = F.cross_entropy(shape_logits, shape_y[index]) + F.cross_entropy(
+            colour_logits, colour_y[index], ignore_index=IGNORE)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+
+    evaluator = Evaluator(net)
+    evaluator.save(out / "evaluator")
+    return evaluator

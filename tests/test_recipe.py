@@ -1,0 +1,96 @@
+"""Concept recipes: expansion, overrides, and errors that name the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dt_lora.recipe import Recipe, RecipeError, load_recipe
+
+ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "r.toml"
+    path.write_text(text)
+    return path
+
+
+def test_every_shipped_recipe_loads():
+    recipes = sorted(ADAPTERS.glob("*.toml"))
+    assert len(recipes) >= 13  # 10 toy concepts + SD examples
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert recipe.target_prompts or recipe.target.image_folder, path
+
+
+def test_templates_expand_over_every_combination(tmp_path):
+    recipe = load_recipe(write(tmp_path, """
+name = "x"
+[target]
+prompts = ["a lone prompt"]
+templates = ["a {colour} {shape}"]
+vars = { colour = ["red", "blue"], shape = ["circle", "star"] }
+[train]
+preservation = "none"
+"""))
+    assert recipe.target_prompts == ["a lone prompt", "a red circle", "a red star", "a blue circle", "a blue star"]
+
+
+def test_toy_shape_recipe_targets_only_its_shape():
+    recipe = load_recipe(ADAPTERS / "toy-circle.toml")
+    assert all("circle" in p for p in recipe.target_prompts)
+    assert not any("circle" in p for p in recipe.anchor_prompts)
+    assert len(recipe.target_prompts) == 25 and len(recipe.anchor_prompts) == 100
+    assert not set(recipe.target.paraphrases) & set(recipe.target_prompts)
+
+
+def test_overrides_convert_strings_like_cli_flags(tmp_path):
+    recipe = load_recipe(ADAPTERS / "toy-circle.toml", {
+        "train.steps": "50", "train.learning_rate": "3e-4", "scramble.flips": "true",
+        "lora.targets": "attn2.to_k,attn2.to_v", "name": "renamed"})
+    assert recipe.train.steps == 50 and recipe.train.learning_rate == 3e-4
+    assert recipe.scramble.flips is True
+    assert recipe.lora.targets == ["attn2.to_k", "attn2.to_v"]
+    assert recipe.name == "renamed"
+
+
+def test_fingerprint_follows_data_settings_only():
+    a = load_recipe(ADAPTERS / "toy-circle.toml")
+    b = load_recipe(ADAPTERS / "toy-circle.toml", {"train.steps": "7"})
+    c = load_recipe(ADAPTERS / "toy-circle.toml", {"scramble.grid": "2"})
+    keys = ("target", "anchors", "scramble", "sampling")
+    assert a.fingerprint(*keys) == b.fingerprint(*keys)
+    assert a.fingerprint(*keys) != c.fingerprint(*keys)
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ('name = "x"\n[target]\nprompts = ["p"]\n[lora]\nrank = "eight"\n', {}, r"r\.toml: lora\.rank: expected int"),
+    ('name = "x"\n[target]\nprompts = ["p"]\n[trian]\nsteps = 3\n', {}, r"r\.toml: trian: unknown key"),
+    ('name = "x"\n[target]\nprompts = ["p"]\n[train]\nstep = 3\n', {}, r"train\.step: unknown key"),
+    ('name = "x"\n[target]\ntemplates = ["a {colour} circle"]\n', {}, r"target\.templates: .*\{colour\}"),
+    ('name = "x"\n[target]\nprompts = ["p"]\n', {}, r"anchors: .*needs anchor prompts"),
+    ('name = "x"\n[target]\nprompts = ["p"]\n[anchors]\nprompts=["q"]\n[scramble]\nspace = "fourier"\n', {},
+     r"scramble\.space: must be 'pixel' or 'latent'"),
+    ('[target]\nprompts = ["p"]\n', {}, r"name: missing"),
+    ('name = "x"\n[target\n', {}, r"r\.toml: not valid TOML"),
+    ('name = "x"\n[target]\nprompts = ["p"]\n[anchors]\nprompts=["q"]\n', {"train.steps": "many"},
+     r"train\.steps: expected int, got 'many'"),
+    ('name = "x"\n[target]\nprompts = ["p"]\n[anchors]\nprompts=["q"]\n', {"train.steps": "2.5"},
+     r"train\.steps: expected int"),
+])
+def test_errors_name_file_key_and_problem(tmp_path, text, overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(write(tmp_path, text), overrides)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.toml")
+
+
+def test_recipe_round_trips_through_dict():
+    recipe = load_recipe(ADAPTERS / "toy-red.toml")
+    assert isinstance(recipe, Recipe)
+    assert recipe.to_dict()["target"]["vars"]["shape"][0] == "circle"

@@ -1,0 +1,141 @@
+"""The toy world: a real diffusers SD pipeline, an evaluator that agrees with it, and the quality bar.
+
+The quality numbers asserted here are the toy model card's (python/dt_lora/toy/model/README.md),
+recomputed from the shipped weights with the same fixed seeds.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dt_lora import toy
+from dt_lora.base import BaseModelNotFound, load_pipeline
+from dt_lora.scramble import scramble_grid
+from dt_lora.toy import world
+from dt_lora.toy.quality import EVAL_SEED, measure
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    return toy.load()
+
+
+@pytest.fixture(scope="module")
+def quality(pipeline):
+    return measure(pipeline, toy.load_evaluator(), per_combination=8)
+
+
+def test_is_a_genuine_sd_pipeline_loadable_offline():
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    pipe = StableDiffusionPipeline.from_pretrained(toy.MODEL_DIR, local_files_only=True)
+    assert isinstance(pipe.unet, UNet2DConditionModel)
+    assert isinstance(pipe.vae, AutoencoderKL)
+    assert isinstance(pipe.text_encoder, CLIPTextModel)
+    assert isinstance(pipe.tokenizer, CLIPTokenizer)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 8
+
+
+def test_lora_targets_carry_sd_module_names(pipeline):
+    names = {name for name, _ in pipeline.unet.named_modules()}
+    for attention in ("attn1", "attn2"):
+        for projection in ("to_q", "to_k", "to_v", "to_out.0"):
+            assert any(n.endswith(f"{attention}.{projection}") for n in names), (attention, projection)
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k" in names
+
+
+def test_package_data_is_small_and_safetensors_only():
+    files = [p for p in toy.MODEL_DIR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 15 * 1024 * 1024
+    weights = [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".safetensors")]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)
+
+
+def test_tokenizer_keeps_every_toy_word_whole(pipeline):
+    for word in world.SHAPES + world.COLOURS:
+        assert pipeline.tokenizer.tokenize(word) == [word + "</w>"]
+    assert pipeline.tokenizer.model_max_length == 16
+
+
+def test_text_encoder_tells_neighbouring_concepts_apart(pipeline):
+    """A random text encoder maps 'a red circle' and 'a red square' alike; the trained one must not."""
+    prompts = [world.prompt_for(s, "red", "a {colour} {shape}") for s in world.SHAPES]
+    ids = pipeline.tokenizer(prompts, padding="max_length", max_length=16, return_tensors="pt").input_ids
+    with torch.no_grad():
+        pooled = pipeline.text_encoder(ids).pooler_output
+    pooled = torch.nn.functional.normalize(pooled, dim=-1)
+    similarity = pooled @ pooled.T
+    off_diagonal = similarity[~torch.eye(len(prompts), dtype=bool)]
+    assert off_diagonal.max() < 0.95
+
+
+def test_generation_is_reproducible(pipeline):
+    from dt_lora.generate import generate_images
+
+    prompts = ["a red circle", "a blue star", "a green cross"]
+    a = generate_images(pipeline, prompts, seed=EVAL_SEED, steps=10, guidance=5.0)
+    b = generate_images(pipeline, prompts, seed=EVAL_SEED, steps=10, guidance=5.0, batch_size=2)
+    assert a.shape == (3, 32, 32, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)  # an image depends on its seed, not on its batch
+
+
+@pytest.mark.parametrize("shape", world.SHAPES)
+def test_every_shape_is_drawn(quality, shape):
+    assert quality.generations.shape_rates[shape] >= 0.90
+
+
+@pytest.mark.parametrize("colour", world.COLOURS)
+def test_every_colour_is_drawn(quality, colour):
+    assert quality.generations.colour_rates[colour] >= 0.95
+
+
+def test_evaluator_calls_scrambled_grids_none_and_clean_renders_shapes(quality):
+    assert quality.scrambled_none_rate >= 0.90
+    assert quality.clean_none_rate <= 0.02
+
+
+def test_evaluator_reads_clean_renders():
+    images, scenes = world.sample(300, EVAL_SEED + 7)
+    shape_idx, colour_idx, _ = toy.load_evaluator().predict(images)
+    assert np.mean([world.SHAPES[i] == s.shape for i, s in zip(shape_idx, scenes)]) >= 0.97
+    assert np.mean([world.COLOURS[i] == s.colour for i, s in zip(colour_idx, scenes)]) >= 0.97
+
+
+def test_evaluator_sees_scrambled_renders_of_every_grid_as_none():
+    images, _ = world.sample(200, EVAL_SEED + 8)
+    for grid in (4, 8):
+        scrambled = scramble_grid(images, grid, 3, layout="NHWC", flips=True)
+        assert toy.evaluate(scrambled, [""] * len(scrambled)).none_rate >= 0.85, grid
+
+
+def test_model_card_matches_the_measurement(quality):
+    card = json.loads((toy.MODEL_DIR / "quality.json").read_text())
+    for kind, rates in (("shape", quality.generations.shape_rates), ("colour", quality.generations.colour_rates)):
+        for concept, rate in rates.items():
+            assert card[kind][concept] == pytest.approx(rate, abs=0.02), (kind, concept)
+    assert (toy.MODEL_DIR / "samples.png").is_file()
+
+
+def test_evaluate_reports_mismatched_prompts():
+    images, _ = world.sample(3, 0)
+    with pytest.raises(ValueError, match="3 images but 2 prompts"):
+        toy.evaluate(images, ["a red circle"] * 2)
+
+
+def test_base_model_errors_name_what_was_looked_for(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BaseModelNotFound, match="model_index.json"):
+        load_pipeline(tmp_path)
+    with pytest.raises(BaseModelNotFound, match=r"'someone/no-such-model'.*local folder"):
+        load_pipeline("someone/no-such-model")
+
+
+def test_base_model_loads_a_local_diffusers_folder():
+    pipe = load_pipeline(str(toy.MODEL_DIR))
+    assert pipe.unet.dtype == torch.float32
