@@ -5,10 +5,8 @@ Runs are tiny (a few images, a few steps); the shielding quality lives in test_s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

@@ -38,6 +38,7 @@ class ConceptData:
     target_embeds: torch.Tensor  # (N, L, D)
     anchor_latents: torch.Tensor  # (M, 4, h, w), unscrambled
     anchor_embeds: torch.Tensor  # (M, L, D)
+    unconditional_embed: torch.Tensor  # (1, L, D): the empty prompt, as classifier-free guidance uses it
     cache_dir: Path
 
 
@@ -167,8 +168,8 @@ def prepare_data(pipeline, recipe: Recipe, cache_root: str | Path, *, base_finge
     folder.mkdir(parents=True, exist_ok=True)
     latent_side = pipeline.unet.config.sample_size
     channels = pipeline.unet.config.in_channels
-    probe = encode_prompts(pipeline, [""])
-    expected = {"latents": (channels, latent_side, latent_side), "embeds": tuple(probe.shape[1:])}
+    unconditional = encode_prompts(pipeline, [""])
+    expected = {"latents": (channels, latent_side, latent_side), "embeds": tuple(unconditional.shape[1:])}
 
     user_images = None
     if recipe.target.image_folder:
@@ -186,4 +187,4 @@ def prepare_data(pipeline, recipe: Recipe, cache_root: str | Path, *, base_finge
     else:
         anchor_latents = target_latents[:0]
         anchor_embeds = target_embeds[:0]
-    return ConceptData(target_latents, target_embeds, anchor_latents, anchor_embeds, folder)
+    return ConceptData(target_latents, target_embeds, anchor_latents, anchor_embeds, unconditional, folder)

@@ -42,3 +42,12 @@ def generate_images(
             ).images
         chunks.append(np.ascontiguousarray(np.clip(np.rint(images * 255), 0, 255), dtype=np.uint8))
     return np.concatenate(chunks) if chunks else np.zeros((0, 0, 0, 3), dtype=np.uint8)
+
+
+def image_grid(images: np.ndarray, columns: int, scale: int = 2) -> np.ndarray:
+    """Tile uint8 NHWC images row by row into one uint8 HWC picture."""
+    rows = -(-len(images) // columns)
+    padded = np.concatenate([images, np.zeros((rows * columns - len(images),) + images.shape[1:], np.uint8)])
+    h, w = images.shape[1:3]
+    grid = padded.reshape(rows, columns, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(rows * h, columns * w, 3)
+    return grid.repeat(scale, 0).repeat(scale, 1)

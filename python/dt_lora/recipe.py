@@ -78,10 +78,14 @@ class TrainConfig:
     seed: int = 0
     preservation: str = "distill"  # "distill" | "denoise" | "none"
     preservation_weight: float = 1.0
+    # share of anchor samples distilled with the empty prompt: classifier-free guidance runs the
+    # unconditional branch for every prompt, so a shield that moves it moves every image
+    unconditional_share: float = 0.25
     optimizer: str = "adamw8bit"  # "adamw8bit" | "adamw"
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
     gradient_checkpointing: bool = False
     checkpoint_every: int = 100
+    sample_every: int = 0  # write a grid of target/anchor samples every N steps (0: never)
 
 
 @dataclass
@@ -149,6 +153,10 @@ class Recipe:
             fail("train.preservation", f"must be 'distill', 'denoise' or 'none', got {self.train.preservation!r}")
         if self.train.preservation != "none" and not self.anchor_prompts:
             fail("anchors", f"train.preservation = {self.train.preservation!r} needs anchor prompts")
+        if not 0 <= self.train.unconditional_share <= 1:
+            fail("train.unconditional_share", f"must be between 0 and 1, got {self.train.unconditional_share}")
+        if self.train.checkpoint_every < 1 or self.train.sample_every < 0:
+            fail("train.checkpoint_every/sample_every", "must be at least 1 / at least 0")
         if self.train.optimizer not in ("adamw8bit", "adamw"):
             fail("train.optimizer", f"must be 'adamw8bit' or 'adamw', got {self.train.optimizer!r}")
         if self.train.mixed_precision not in ("no", "fp16", "bf16"):

@@ -134,6 +134,19 @@ def _load_checkpoint(folder: Path, optimizer) -> tuple[int, dict] | None:
     return meta["step"], lora_state
 
 
+def _write_samples(pipeline, recipe: Recipe, path: Path) -> None:
+    """Four target and four anchor generations with the adapter as it is now: watch the shield form."""
+    from PIL import Image
+
+    from .generate import generate_images, image_grid
+
+    prompts = (recipe.target_prompts[:4] + recipe.anchor_prompts[:4])[:8]
+    images = generate_images(pipeline, prompts, seed=0, steps=recipe.sampling.steps, guidance=recipe.sampling.guidance)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as f:
+        Image.fromarray(image_grid(images, 4, scale=max(1, 128 // images.shape[1]))).save(f, format="PNG")
+
+
 # --- training -----------------------------------------------------------------------------------
 
 
@@ -263,7 +276,9 @@ def _train(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, data, f
             if use_anchors:
                 index = torch.randint(0, len(anchor_latents), (batch,), generator=generator)
                 x, noise, t = noisy(anchor_latents[index], generator)
-                embeds = anchor_embeds[index].to(device)
+                embeds = anchor_embeds[index]
+                unconditional = torch.rand(batch, generator=generator) < recipe.train.unconditional_share
+                embeds = torch.where(unconditional.view(-1, 1, 1), data.unconditional_embed, embeds).to(device)
                 with accelerator.autocast():
                     if recipe.train.preservation == "distill":
                         with torch.no_grad():
@@ -288,6 +303,10 @@ def _train(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, data, f
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             if completed % recipe.train.checkpoint_every == 0 and completed < recipe.train.steps:
                 save_checkpoint(completed, loss_value)
+            if recipe.train.sample_every and completed % recipe.train.sample_every == 0 and accelerator.is_main_process:
+                unet.eval()
+                _write_samples(pipeline, recipe, work / "samples" / f"step-{completed:06d}.png")
+                unet.train()
     except KeyboardInterrupt:
         save_checkpoint(completed, loss_value)
         raise

@@ -5,20 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 
 from . import DEFAULT_GUIDANCE, DEFAULT_STEPS, load, world
 from .evaluator import Evaluator
+from ..generate import image_grid
 from .quality import measure
-
-
-def image_grid(images: np.ndarray, columns: int, scale: int = 2) -> np.ndarray:
-    """Tile uint8 NHWC images row by row into one uint8 HWC picture."""
-    rows = -(-len(images) // columns)
-    padded = np.concatenate([images, np.zeros((rows * columns - len(images),) + images.shape[1:], np.uint8)])
-    h, w = images.shape[1:3]
-    grid = padded.reshape(rows, columns, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(rows * h, columns * w, 3)
-    return grid.repeat(scale, 0).repeat(scale, 1)
 
 
 def write_card(out: Path, per_combination: int = 8) -> dict:
