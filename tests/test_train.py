@@ -187,3 +187,37 @@ def test_cli_trains_and_reports_errors(tmp_path, capsys):
                  "--base", str(tmp_path / "no-model")])
     err = capsys.readouterr().err
     assert code == 2 and "model_index.json" in err
+
+
+def test_user_image_folder_replaces_generation(pipeline, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from dt_lora.toy import world
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    images, _ = world.sample(3, 5, shape="circle")
+    for i, image in enumerate(images):
+        Image.fromarray(image).resize((48, 40)).save(folder / f"{i}.png")  # any size: centre-cropped, resized
+    monkeypatch.setattr(data_module, "generate_images", lambda *a, **k: pytest.fail("generated target images"))
+    recipe = tiny_recipe(**{"target.image_folder": str(folder), "train.preservation": "none",
+                            "target.images": "6"})
+    prepared = data_module.prepare_data(pipeline, recipe, tmp_path / "cache",
+                                        base_fingerprint=unet_fingerprint(pipeline.unet), progress=False)
+    assert prepared.target_latents.shape == (6, 4, 8, 8)
+    # six samples cycle through the three user images, each scrambled with its own permutation
+    assert not torch.equal(prepared.target_latents[0], prepared.target_latents[3])
+
+    (folder / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"broken\.png: not a readable image"):
+        data_module.load_image_folder(folder, 32)
+
+
+def test_gradient_checkpointing_and_training_samples(pipeline, tmp_path):
+    recipe = tiny_recipe(**{"train.gradient_checkpointing": "true", "train.sample_every": "3"})
+    work = tmp_path / "work"
+    result = train_adapter(recipe, tmp_path / "a.safetensors", cache_dir=tmp_path / "cache",
+                           work_dir=work, pipeline=pipeline, progress=False)
+    assert result.adapter.is_file()
+    assert sorted(p.name for p in (work / "samples").iterdir()) == ["step-000003.png", "step-000006.png"]
+    assert not pipeline.unet.is_gradient_checkpointing

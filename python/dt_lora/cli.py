@@ -129,9 +129,110 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- generate
+
+
+def _adapter_arg(text: str) -> tuple[Path, float]:
+    """`a.safetensors` or `a.safetensors:0.8` -> (path, weight)."""
+    path, sep, weight = text.rpartition(":")
+    if sep and path:
+        try:
+            return Path(path), float(weight)
+        except ValueError:
+            pass
+    return Path(text), 1.0
+
+
+def add_generate_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate images with shield adapters stacked on a base model",
+        description="Load each --adapter into the base pipeline (stacked, each with its weight) and "
+        "write PROMPT's images to OUT_DIR as PNGs. Image i uses seed SEED+i.",
+    )
+    parser.add_argument("prompt", metavar="PROMPT")
+    parser.add_argument("-o", "--out", type=Path, required=True, metavar="OUT_DIR")
+    parser.add_argument("--base", default="toy", help="toy (default), a diffusers folder, or a Hub id")
+    parser.add_argument("--adapter", type=_adapter_arg, action="append", default=[], metavar="FILE[:WEIGHT]",
+                        help="a shield adapter; repeat to stack several")
+    parser.add_argument("-n", "--num-images", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=25, help="sampler steps (default: 25)")
+    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default: 5)")
+    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--overwrite", action="store_true", help="replace existing images in OUT_DIR")
+    parser.set_defaults(run=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from dt_lora.adapters import load_adapters
+    from dt_lora.base import load_pipeline
+    from dt_lora.generate import generate_images
+    from dt_lora.io import atomic_write
+
+    names = [args.out / f"{args.seed + i:06d}.png" for i in range(args.num_images)]
+    existing = [p for p in names if p.exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace it")
+    pipeline = load_pipeline(args.base)
+    if args.adapter:
+        load_adapters(pipeline, [p for p, _ in args.adapter], [w for _, w in args.adapter])
+    images = generate_images(pipeline, [args.prompt] * args.num_images, seed=args.seed, steps=args.steps,
+                             guidance=args.guidance, negative_prompt=args.negative_prompt, progress=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for path, image in zip(names, images):
+        with atomic_write(path) as f:
+            Image.fromarray(image).save(f, format="PNG")
+    print(f"wrote {len(names)} image(s) to {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------- merge
+
+
+def add_merge_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "merge",
+        help="merge shield adapters into one file",
+        description="Merge adapters into one. By default exactly (ranks concatenated: the merged file "
+        "computes what the stack computes); with --rank R compactly (per layer, the summed weight delta "
+        "truncated to rank R by SVD; the relative error per layer is printed).",
+    )
+    parser.add_argument("adapters", type=Path, nargs="+", metavar="ADAPTER")
+    parser.add_argument("-o", "--out", type=Path, required=True)
+    parser.add_argument("--weights", type=lambda t: [float(w) for w in t.split(",")], default=None,
+                        help="comma-separated weight per adapter (default: all 1)")
+    parser.add_argument("--rank", type=int, default=None, help="compact merge to this rank")
+    parser.add_argument("--force", action="store_true", help="merge adapters trained on different bases")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.set_defaults(run=run_merge)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from dt_lora.adapters import write_adapter
+    from dt_lora.merge import merge_adapters
+
+    if args.out.exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    if args.rank is not None and args.rank < 1:
+        raise ValueError(f"--rank must be at least 1, got {args.rank}")
+    result = merge_adapters(args.adapters, args.weights, rank=args.rank, force=args.force)
+    for layer, error in sorted(result.layer_errors.items(), key=lambda kv: -kv[1]):
+        print(f"  {error:8.2%}  {layer}")
+    if result.layer_errors:
+        print(f"relative error: worst layer {result.overall_error:.2%}, "
+              f"mean {sum(result.layer_errors.values()) / len(result.layer_errors):.2%}")
+    write_adapter(args.out, result.adapter)
+    names = ", ".join(c.get("name", "?") for c in result.adapter.concepts)
+    print(f"wrote {args.out}: rank {result.adapter.rank}, shields {names}")
+    return 0
+
+
 # ---------------------------------------------------------------- entry point
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_scramble_command, add_train_command]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_scramble_command, add_train_command, add_generate_command, add_merge_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -180,7 +180,7 @@ def prepare_data(pipeline, recipe: Recipe, cache_root: str | Path, *, base_finge
         pipeline, recipe, _ShardCache(folder, "target", expected), target_prompts, recipe.target.images,
         TARGET_SEED_BASE + 1000 * seed, scramble=True, images_u8=user_images, progress=progress)
     anchor_prompts = recipe.anchor_prompts
-    if anchor_prompts:
+    if anchor_prompts and recipe.train.preservation != "none":  # unused otherwise: do not generate them
         anchor_latents, anchor_embeds = _build_set(
             pipeline, recipe, _ShardCache(folder, "anchors", expected), anchor_prompts, recipe.anchors.images,
             ANCHOR_SEED_BASE + 1000 * seed, scramble=False, images_u8=None, progress=progress)

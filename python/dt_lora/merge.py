@@ -1,0 +1,105 @@
+"""Merge several shield adapters into one file.
+
+Exact (default): per layer, the adapters' ranks are concatenated, so the merged adapter computes
+exactly the stacked one:  Σ_i w_i·(α_i/r_i)·B_i A_i  =  [w_1(α_1/r_1)B_1 … ] · [A_1; …]  with the merged
+file's alpha equal to its rank (scale 1). A layer that some adapter does not touch gets zero rows.
+
+Compact (`rank=R`): per layer, the summed weight delta is truncated to rank R by SVD; the relative
+error of each layer (Frobenius norm) is reported, since whether it is acceptable is an empirical
+question for the shielding numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .adapters import AdapterError, AdapterFile, read_adapter
+
+
+@dataclass
+class MergeResult:
+    adapter: AdapterFile
+    layer_errors: dict[str, float]  # relative Frobenius error per layer (compact merges only)
+
+    @property
+    def overall_error(self) -> float:
+        return max(self.layer_errors.values(), default=0.0)
+
+
+def _layers(adapter: AdapterFile) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """layer → (A, B·scale): each adapter's own alpha/rank folded into B."""
+    scale = adapter.alpha / adapter.rank
+    layers = {}
+    for key in adapter.weights:
+        if key.endswith(".lora_A.weight"):
+            name = key[: -len(".lora_A.weight")]
+            layers[name] = (adapter.weights[key].float(), adapter.weights[f"{name}.lora_B.weight"].float() * scale)
+    return layers
+
+
+def check_same_base(adapters: list[AdapterFile], names: list[str]) -> None:
+    fingerprints = {}
+    for adapter, name in zip(adapters, names):
+        for concept in adapter.concepts:
+            fingerprints.setdefault(concept.get("base_fingerprint"), []).append(f"{name} ({concept.get('name')})")
+    fingerprints.pop(None, None)
+    if len(fingerprints) > 1:
+        detail = "; ".join(f"{fp}: {', '.join(who)}" for fp, who in fingerprints.items())
+        raise AdapterError(f"adapters were trained on different base models ({detail}); pass --force to merge anyway")
+
+
+def merge_adapters(paths, weights=None, *, rank: int | None = None, force: bool = False) -> MergeResult:
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("nothing to merge: give at least one adapter")
+    weights = list(weights) if weights is not None else [1.0] * len(paths)
+    if len(weights) != len(paths):
+        raise ValueError(f"got {len(paths)} adapters but {len(weights)} weights")
+    adapters = [read_adapter(p) for p in paths]
+    if not force:
+        check_same_base(adapters, [p.name for p in paths])
+    per_adapter = [_layers(a) for a in adapters]
+    names = sorted(set().union(*per_adapter))
+
+    shapes: dict[str, tuple[int, int]] = {}
+    for layers, path in zip(per_adapter, paths):
+        for name, (a, b) in layers.items():
+            shape = (b.shape[0], a.shape[1])
+            if shapes.setdefault(name, shape) != shape:
+                raise AdapterError(f"{path}: layer {name} is {shape[0]}×{shape[1]}, another adapter's is "
+                                   f"{shapes[name][0]}×{shapes[name][1]}; these adapters cannot be merged")
+
+    out: dict[str, torch.Tensor] = {}
+    errors: dict[str, float] = {}
+    total_rank = sum(a.rank for a in adapters)
+    merged_rank = rank if rank is not None else total_rank
+    for name in names:
+        out_features, in_features = shapes[name]
+        if rank is None:
+            a_parts, b_parts = [], []
+            for layers, adapter, weight in zip(per_adapter, adapters, weights):
+                a, b = layers.get(name, (torch.zeros(adapter.rank, in_features), torch.zeros(out_features, adapter.rank)))
+                a_parts.append(a)
+                b_parts.append(b * weight)
+            out[f"{name}.lora_A.weight"] = torch.cat(a_parts, 0)
+            out[f"{name}.lora_B.weight"] = torch.cat(b_parts, 1)
+        else:
+            delta = sum(w * (layers[name][1] @ layers[name][0]) for layers, w in zip(per_adapter, weights) if name in layers)
+            u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+            r = min(rank, s.numel())
+            b = (u[:, :r] * s[:r]).float()
+            a = vh[:r].float()
+            if r < rank:  # a layer narrower than the rank: pad so every layer has the file's rank
+                b = torch.cat([b, torch.zeros(out_features, rank - r)], 1)
+                a = torch.cat([a, torch.zeros(rank - r, in_features)], 0)
+            out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = a, b
+            norm = delta.norm()
+            errors[name] = float((delta - b @ a).norm() / norm) if norm > 0 else 0.0
+
+    targets = sorted({t for adapter in adapters for t in adapter.lora_config.get("target_modules", [])})
+    config = {**adapters[0].lora_config, "r": merged_rank, "lora_alpha": merged_rank, "target_modules": targets}
+    concepts = [{**c, "merge_weight": w} for adapter, w in zip(adapters, weights) for c in adapter.concepts]
+    return MergeResult(AdapterFile(out, config, concepts), errors)
