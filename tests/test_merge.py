@@ -122,3 +122,24 @@ def test_generate_cli_stacks_adapters(two_adapters, tmp_path, capsys):
                  "-n", "2", "--steps", "4"])
     assert code == 0 and sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png"]
     assert main(["generate", "a red circle", "-o", str(out), "-n", "1", "--steps", "2"]) == 2
+
+
+def test_kohya_export_keeps_alpha_and_draws_the_same(pipeline, two_adapters, tmp_path):
+    from safetensors import safe_open
+
+    a, _ = two_adapters  # rank 4, alpha 2: a converter that writes alpha = rank would double the scale
+    out = tmp_path / "a_kohya.safetensors"
+    assert main(["export", "--format", "kohya", str(a), "-o", str(out)]) == 0
+    with safe_open(out, framework="pt") as f:
+        keys = set(f.keys())
+        alpha = f.get_tensor("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha")
+    assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_v.lora_down.weight" in keys
+    assert alpha.item() == 2.0
+
+    load_adapters(pipeline, [a])
+    original = unet_output(pipeline)
+    unload_adapters(pipeline)
+    pipeline.load_lora_weights(str(out), adapter_name="kohya")
+    exported = unet_output(pipeline)
+    pipeline.unload_lora_weights()
+    torch.testing.assert_close(exported, original, rtol=1e-4, atol=1e-5)

@@ -230,9 +230,39 @@ def run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- export
+
+
+def add_export_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="convert a shield adapter for other tools (kohya: A1111, ComfyUI, sd-scripts)",
+        description="Write ADAPTER in another LoRA layout. kohya: lora_unet_* lora_down/lora_up/alpha "
+        "keys, alpha kept exactly (so the scale alpha/rank is unchanged).",
+    )
+    parser.add_argument("adapter", type=Path, metavar="ADAPTER")
+    parser.add_argument("-o", "--out", type=Path, required=True)
+    parser.add_argument("--format", choices=["kohya"], default="kohya")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.set_defaults(run=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from dt_lora.adapters import read_adapter
+    from dt_lora.export import write_kohya
+
+    if args.out.exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    adapter = read_adapter(args.adapter)
+    write_kohya(args.out, adapter)
+    print(f"wrote {args.out} ({args.format}, rank {adapter.rank}, alpha {adapter.alpha:g})")
+    return 0
+
+
 # ---------------------------------------------------------------- entry point
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_scramble_command, add_train_command, add_generate_command, add_merge_command]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_scramble_command, add_train_command, add_generate_command, add_merge_command,
+    add_export_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
