@@ -221,3 +221,35 @@ def test_gradient_checkpointing_and_training_samples(pipeline, tmp_path):
     assert result.adapter.is_file()
     assert sorted(p.name for p in (work / "samples").iterdir()) == ["step-000003.png", "step-000006.png"]
     assert not pipeline.unet.is_gradient_checkpointing
+
+
+def test_ctrl_c_then_same_command_resumes(pipeline, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "a.safetensors"
+    overrides = {**TINY, "train.steps": "150", "train.checkpoint_every": "5"}
+    flags = [f"--{k.replace('.', '-').replace('_', '-')}={v}" for k, v in overrides.items()]
+    command = [sys.executable, "-m", "dt_lora", "train", str(ADAPTERS / "toy-circle.toml"), "-o", str(out),
+               "--cache-dir", str(tmp_path / "cache"), "-q", *flags]
+    checkpoint = tmp_path / "a.safetensors.work" / CHECKPOINT
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "run the same command again to resume" in err and "Traceback" not in err
+    assert checkpoint.is_file() and not out.exists()
+
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert "resumed from step" in finished.stdout
+    reference = train_adapter(load_recipe(ADAPTERS / "toy-circle.toml", overrides), tmp_path / "ref.safetensors",
+                              cache_dir=tmp_path / "cache", pipeline=pipeline, progress=False)
+    a, b = read_adapter(out), read_adapter(reference.adapter)
+    for key in a.weights:
+        torch.testing.assert_close(a.weights[key], b.weights[key], rtol=1e-4, atol=1e-5)
