@@ -1,4 +1,6 @@
-"""`python -m dt_lora.bench scramble [--batch 64 --size 512 --grid 8 --repeats 5]`"""
+"""`python -m dt_lora.bench scramble [--batch 64 --size 512 --grid 8 --repeats 5]`
+`python -m dt_lora.bench train [--models toy,sd15 --steps-toy 20 --steps-sd15 N --json PATH]`
+"""
 
 from __future__ import annotations
 
@@ -6,17 +8,18 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from dt_lora.bench import scramble
+from dt_lora.bench import scramble, train
 
 # name -> module with add_arguments(parser) and run(args) -> int
-BENCHMARKS = {"scramble": scramble}
+BENCHMARKS = {"scramble": scramble, "train": train}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dt_lora.bench", description="dt-lora benchmarks")
     subparsers = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
     for name, module in BENCHMARKS.items():
-        sub = subparsers.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__)
+        sub = subparsers.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     args = parser.parse_args(argv)
