@@ -10,6 +10,9 @@ from dt_lora.adapters import AdapterError, AdapterFile, load_adapters, read_adap
 from dt_lora.cli import main
 from dt_lora.merge import merge_adapters
 
+# the test adapters touch a few layers only, which peft reports when diffusers loads them
+pytestmark = pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters:RuntimeWarning")
+
 LAYERS_A = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
             "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
             "mid_block.attentions.0.transformer_blocks.0.attn2.to_v"]
