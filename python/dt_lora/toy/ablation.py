@@ -40,7 +40,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "distillation weight 3": {"train.preservation_weight": "3"},
     "distillation weight 10": {"train.preservation_weight": "10"},
     "200 anchor images": {"anchors.images": "200"},
-    "distillation weight 3, 200 anchor images": {"train.preservation_weight": "3", "anchors.images": "200"},
+    "distillation weight 3 + 200 anchor images": {"train.preservation_weight": "3", "anchors.images": "200"},
     "lr 3e-4": {"train.learning_rate": "3e-4"},
     "150 steps": {"train.steps": "150"},
     "600 steps": {"train.steps": "600"},
@@ -57,8 +57,8 @@ def run(target: str, variants: list[str], recipe_path: Path | None = None, per_c
         for name in variants:
             recipe = load_recipe(recipe_path, VARIANTS[name])
             started = time.perf_counter()
-            trained = train_adapter(recipe, Path(tmp) / f"{len(results)}.safetensors", cache_dir=Path(tmp) / "cache",
-                                    pipeline=pipeline, progress=False)
+            trained = train_adapter(recipe, Path(tmp) / "shield.safetensors", cache_dir=Path(tmp) / "cache",
+                                    pipeline=pipeline, progress=False, overwrite=True)
             load_adapters(pipeline, [trained.adapter])
             try:
                 report = shield_report(pipeline, evaluator, target, per_combination=per_combination)
