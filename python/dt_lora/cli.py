@@ -30,6 +30,11 @@ def _grid_arg(text: str) -> int | tuple[int, int]:
     raise argparse.ArgumentTypeError(f"expected N or ROWSxCOLS, got {text!r}")
 
 
+def _refuse_overwrite(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+
+
 # ---------------------------------------------------------------- scramble
 
 
@@ -173,9 +178,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from dt_lora.io import atomic_write
 
     names = [args.out / f"{args.seed + i:06d}.png" for i in range(args.num_images)]
-    existing = [p for p in names if p.exists()]
-    if existing and not args.overwrite:
-        raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace it")
+    for path in names:
+        _refuse_overwrite(path, args.overwrite)
     pipeline = load_pipeline(args.base)
     if args.adapter:
         load_adapters(pipeline, [p for p, _ in args.adapter], [w for _, w in args.adapter])
@@ -214,8 +218,7 @@ def run_merge(args: argparse.Namespace) -> int:
     from dt_lora.adapters import write_adapter
     from dt_lora.merge import merge_adapters
 
-    if args.out.exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    _refuse_overwrite(args.out, args.overwrite)
     if args.rank is not None and args.rank < 1:
         raise ValueError(f"--rank must be at least 1, got {args.rank}")
     result = merge_adapters(args.adapters, args.weights, rank=args.rank, force=args.force)
@@ -251,8 +254,7 @@ def run_export(args: argparse.Namespace) -> int:
     from dt_lora.adapters import read_adapter
     from dt_lora.export import write_kohya
 
-    if args.out.exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    _refuse_overwrite(args.out, args.overwrite)
     adapter = read_adapter(args.adapter)
     write_kohya(args.out, adapter)
     print(f"wrote {args.out} ({args.format}, rank {adapter.rank}, alpha {adapter.alpha:g})")
