@@ -214,7 +214,6 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown stage(s) {sorted(unknown)}; choose from {STAGES}")
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.perf_counter()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
