@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from dt_lora import toy
-from dt_lora.adapters import load_adapters, unload_adapters
 from dt_lora.recipe import load_recipe
 from dt_lora.toy.quality import shield_report
 from dt_lora.train import train_adapter
@@ -37,11 +36,7 @@ def shielded(request, pipeline, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"shield-{target}")
     result = train_adapter(load_recipe(ADAPTERS / f"toy-{target}.toml"), folder / f"{target}.safetensors",
                            cache_dir=folder / "cache", pipeline=pipeline, progress=False)
-    load_adapters(pipeline, [result.adapter])
-    try:
-        return shield_report(pipeline, toy.load_evaluator(), target)
-    finally:
-        unload_adapters(pipeline)
+    return shield_report(pipeline, toy.load_evaluator(), target, adapters=[result.adapter])
 
 
 def test_base_model_draws_the_target(base_reports):

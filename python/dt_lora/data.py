@@ -135,12 +135,11 @@ def _build_set(pipeline, recipe: Recipe, cache: _ShardCache, prompts: list[str],
             else:
                 images = generate_images(pipeline, batch_prompts, seed=seed + start, steps=recipe.sampling.steps,
                                          guidance=recipe.sampling.guidance, batch_size=recipe.sampling.batch_size)
-            # image index `start + i` keys its permutation, so shards scramble as one call would
-            if scramble and space == "pixel":
-                pixels = prepare_images(images, grid, seed, flips=flips, offset=start)
-            else:
-                pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-            encoded = encode_pixels(pipeline.vae, torch.as_tensor(pixels))
+            # image index `start + i` keys its permutation, so shards scramble as one call would;
+            # grid 1 is the identity: the same fused uint8 → [-1, 1] conversion, unscrambled
+            pixel_grid = grid if scramble and space == "pixel" else 1
+            pixels = prepare_images(images, pixel_grid, seed, flips=flips, offset=start)
+            encoded = encode_pixels(pipeline.vae, torch.from_numpy(pixels))
             if scramble and space == "latent":
                 encoded = scramble_grid(encoded.contiguous(), grid, seed, flips=flips, offset=start)
             cached = {"latents": encoded, "embeds": encode_prompts(pipeline, batch_prompts)}

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 from .. import toy
-from ..adapters import load_adapters, unload_adapters
 from ..io import atomic_write
 from ..recipe import load_recipe
 from ..train import train_adapter
@@ -59,11 +58,8 @@ def run(target: str, variants: list[str], recipe_path: Path | None = None, per_c
             started = time.perf_counter()
             trained = train_adapter(recipe, Path(tmp) / "shield.safetensors", cache_dir=Path(tmp) / "cache",
                                     pipeline=pipeline, progress=False, overwrite=True)
-            load_adapters(pipeline, [trained.adapter])
-            try:
-                report = shield_report(pipeline, evaluator, target, per_combination=per_combination)
-            finally:
-                unload_adapters(pipeline)
+            report = shield_report(pipeline, evaluator, target, adapters=[trained.adapter],
+                                   per_combination=per_combination)
             results[name] = {**report.as_dict(), "seconds": round(time.perf_counter() - started, 1),
                              "overrides": VARIANTS[name]}
             print(_row(name, results[name], results["base"]), flush=True)

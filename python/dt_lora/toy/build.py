@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import architecture, world
+from .evaluator import to_pixels
 
 STAGES = ("tokenizer", "vae", "denoiser", "evaluator", "card")
 EXTRA_WORDS = "the with and on in background grey gray dark light big small one shape of".split()
@@ -82,10 +83,6 @@ def build_tokenizer(out: Path) -> None:
             raise RuntimeError(f"tokenizer splits toy word {word!r} into {pieces}")
 
 
-def _to_pixels(images_u8: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
 def train_vae(out: Path, *, steps: int, batch_size: int, seed: int) -> None:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -95,7 +92,7 @@ def train_vae(out: Path, *, steps: int, batch_size: int, seed: int) -> None:
     progress = tqdm(range(steps), desc="vae")
     for _ in progress:
         scenes = [world.random_scene(rng) for _ in range(batch_size)]
-        x = _to_pixels(np.stack([world.render(s, rng) for s in scenes]))
+        x = to_pixels(np.stack([world.render(s, rng) for s in scenes]))
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         # L1 keeps edges sharp; a tiny KL keeps the latent scale bounded without blurring.
@@ -109,7 +106,7 @@ def train_vae(out: Path, *, steps: int, batch_size: int, seed: int) -> None:
     # SD convention: latents are multiplied by scaling_factor so that they have unit variance.
     with torch.no_grad():
         images, _ = world.sample(2048, seed + 1)
-        latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in _to_pixels(images).split(256)])
+        latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in to_pixels(images).split(256)])
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     vae.save_pretrained(out / "vae")
 
@@ -117,7 +114,7 @@ def train_vae(out: Path, *, steps: int, batch_size: int, seed: int) -> None:
 def _encode_dataset(vae, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     means, stds = [], []
     with torch.no_grad():
-        for chunk in _to_pixels(images).split(512):
+        for chunk in to_pixels(images).split(512):
             dist = vae.encode(chunk).latent_dist
             means.append(dist.mean)
             stds.append(dist.std)

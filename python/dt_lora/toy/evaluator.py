@@ -77,14 +77,17 @@ def named_concepts(prompt: str) -> tuple[str | None, str | None]:
 
 def to_pixels(images) -> torch.Tensor:
     """PIL images, uint8 NHWC arrays, or float NCHW tensors in [0, 1] → float NCHW in [-1, 1]."""
+    from ..scramble import prepare_images
+
+    # uint8 NHWC goes through the fused native conversion; grid 1 leaves the image as it is
     if isinstance(images, torch.Tensor):
         if images.dtype == torch.uint8:
-            return images.permute(0, 3, 1, 2).float() / 127.5 - 1
+            return prepare_images(images.contiguous(), 1, 0)
         return images.float() * 2 - 1
     if isinstance(images, np.ndarray):
         if images.dtype != np.uint8:
             raise TypeError(f"numpy images must be uint8 NHWC, got {images.dtype}")
-        return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return torch.from_numpy(prepare_images(np.ascontiguousarray(images), 1, 0))
     arrays = np.stack([np.asarray(image.convert("RGB")) for image in images])
     return to_pixels(arrays)
 

@@ -78,13 +78,24 @@ def _names(prompt: str, concept: str) -> bool:
     return concept in prompt.split()
 
 
-def shield_report(pipeline, evaluator: Evaluator, target: str, *, per_combination: int = 4,
+def shield_report(pipeline, evaluator: Evaluator, target: str, *, adapters=(), per_combination: int = 4,
                   steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE) -> ShieldReport:
     """Generate every (shape, colour) pair and the target's held-out paraphrases, and score them.
 
+    `adapters` (paths) are stacked on the pipeline for the measurement and removed afterwards.
     The target's rate counts images classified as the target concept; for the other concepts only
     prompts that do not name the target count, so a shielded circle does not lower "red".
     """
+    if adapters:
+        from ..adapters import load_adapters, unload_adapters
+
+        load_adapters(pipeline, adapters)
+        try:
+            return shield_report(pipeline, evaluator, target, per_combination=per_combination,
+                                 steps=steps, guidance=guidance)
+        finally:
+            unload_adapters(pipeline)
+
     is_shape = target in world.SHAPES
     if not is_shape and target not in world.COLOURS:
         raise ValueError(f"unknown toy concept {target!r}; choose from {world.SHAPES + world.COLOURS}")
