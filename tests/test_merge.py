@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from dt_lora import toy
-from dt_lora.adapters import AdapterError, AdapterFile, load_adapters, read_adapter, unload_adapters, write_adapter
+from dt_lora.adapters import AdapterError, load_adapters, read_adapter, unload_adapters, write_adapter
 from dt_lora.cli import main
 from dt_lora.merge import merge_adapters
+from lora_helpers import random_adapter, unet_output
 
 # the test adapters touch a few layers only, which peft reports when diffusers loads them
 pytestmark = pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters:RuntimeWarning")
@@ -25,51 +26,30 @@ def pipeline():
     return toy.load()
 
 
-def random_adapter(pipeline, layers, rank, alpha, seed, name, fingerprint="same-base") -> AdapterFile:
-    generator = torch.Generator().manual_seed(seed)
-    modules = dict(pipeline.unet.named_modules())
-    weights = {}
-    for layer in layers:
-        out_features, in_features = modules[layer].weight.shape
-        weights[f"{layer}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * 0.3
-        weights[f"{layer}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.3
-    config = {"r": rank, "lora_alpha": alpha, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
-              "peft_type": "LORA", "bias": "none"}
-    return AdapterFile(weights, config, [{"name": name, "base_fingerprint": fingerprint}])
-
-
-def unet_output(pipeline) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 8, 8, generator=generator)
-    text = torch.randn(2, 16, 64, generator=generator)
-    with torch.no_grad():
-        return pipeline.unet(x, torch.tensor([700, 50]), text).sample
-
-
 @pytest.fixture
 def two_adapters(pipeline, tmp_path):
-    a = write_adapter(tmp_path / "a.safetensors", random_adapter(pipeline, LAYERS_A, 4, 2.0, 1, "circle"))
-    b = write_adapter(tmp_path / "b.safetensors", random_adapter(pipeline, LAYERS_B, 8, 16.0, 2, "red"))
+    a = write_adapter(tmp_path / "a.safetensors", random_adapter(pipeline.unet, LAYERS_A, 4, 2.0, 1, "circle"))
+    b = write_adapter(tmp_path / "b.safetensors", random_adapter(pipeline.unet, LAYERS_B, 8, 16.0, 2, "red"))
     return a, b
 
 
 def test_exact_merge_equals_the_stack_on_unet_outputs(pipeline, two_adapters, tmp_path):
     a, b = two_adapters
-    base = unet_output(pipeline)
+    base = unet_output(pipeline.unet)
     load_adapters(pipeline, [a, b], [1.0, 0.7])
-    stacked = unet_output(pipeline)
+    stacked = unet_output(pipeline.unet)
     unload_adapters(pipeline)
 
     merged = merge_adapters([a, b], [1.0, 0.7])
     path = write_adapter(tmp_path / "merged.safetensors", merged.adapter)
     assert read_adapter(path).rank == 12 and read_adapter(path).alpha == 12
     load_adapters(pipeline, [path])
-    got = unet_output(pipeline)
+    got = unet_output(pipeline.unet)
     unload_adapters(pipeline)
 
     assert (stacked - base).abs().max() > 1e-2  # the adapters do change the UNet
     torch.testing.assert_close(got, stacked, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(unet_output(pipeline), base)  # unloading restores the base
+    torch.testing.assert_close(unet_output(pipeline.unet), base)  # unloading restores the base
     assert [c["name"] for c in read_adapter(path).concepts] == ["circle", "red"]
 
 
@@ -85,16 +65,16 @@ def test_compact_merge_reports_its_error_and_is_exact_at_full_rank(pipeline, two
 
 
 def test_merge_refuses_different_bases_unless_forced(pipeline, tmp_path):
-    a = write_adapter(tmp_path / "a.safetensors", random_adapter(pipeline, LAYERS_A, 4, 4, 1, "x", "base-one"))
-    b = write_adapter(tmp_path / "b.safetensors", random_adapter(pipeline, LAYERS_B, 4, 4, 2, "y", "base-two"))
+    a = write_adapter(tmp_path / "a.safetensors", random_adapter(pipeline.unet, LAYERS_A, 4, 4, 1, "x", "base-one"))
+    b = write_adapter(tmp_path / "b.safetensors", random_adapter(pipeline.unet, LAYERS_B, 4, 4, 2, "y", "base-two"))
     with pytest.raises(AdapterError, match="different base models.*--force"):
         merge_adapters([a, b])
     assert merge_adapters([a, b], force=True).adapter.rank == 8
 
 
 def test_merge_refuses_incompatible_layers(pipeline, tmp_path):
-    good = random_adapter(pipeline, LAYERS_A, 4, 4, 1, "x")
-    bad = random_adapter(pipeline, LAYERS_A, 4, 4, 2, "y")
+    good = random_adapter(pipeline.unet, LAYERS_A, 4, 4, 1, "x")
+    bad = random_adapter(pipeline.unet, LAYERS_A, 4, 4, 2, "y")
     bad.weights[f"{LAYERS_A[0]}.lora_B.weight"] = torch.zeros(7, 4)
     a = write_adapter(tmp_path / "a.safetensors", good)
     b = write_adapter(tmp_path / "b.safetensors", bad)
@@ -140,9 +120,9 @@ def test_kohya_export_keeps_alpha_and_draws_the_same(pipeline, two_adapters, tmp
     assert alpha.item() == 2.0
 
     load_adapters(pipeline, [a])
-    original = unet_output(pipeline)
+    original = unet_output(pipeline.unet)
     unload_adapters(pipeline)
     pipeline.load_lora_weights(str(out), adapter_name="kohya")
-    exported = unet_output(pipeline)
+    exported = unet_output(pipeline.unet)
     pipeline.unload_lora_weights()
     torch.testing.assert_close(exported, original, rtol=1e-4, atol=1e-5)

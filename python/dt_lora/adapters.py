@@ -132,19 +132,15 @@ def load_adapters(pipeline, paths, weights=None) -> list[str]:
     weights = list(weights) if weights is not None else [1.0] * len(paths)
     if len(weights) != len(paths):
         raise ValueError(f"got {len(paths)} adapters but {len(weights)} weights")
-    from diffusers.utils import logging as diffusers_logging
+    from .base import diffusers_errors_only
 
     names = []
     for index, path in enumerate(paths):
         read_adapter(path)  # clear errors for missing, damaged or foreign files before diffusers sees them
         name = f"shield{index}"
         # shields hold UNet layers only; diffusers would warn that the text encoder got none
-        verbosity = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()
-        try:
+        with diffusers_errors_only():
             pipeline.load_lora_weights(str(path), adapter_name=name)
-        finally:
-            diffusers_logging.set_verbosity(verbosity)
         names.append(name)
     pipeline.set_adapters(names, adapter_weights=weights)
     return names

@@ -6,6 +6,7 @@ Every command that takes `--base` loads it here, through the ordinary diffusers 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 TOY = "toy"
@@ -86,3 +87,16 @@ def unet_fingerprint(unet) -> str:
         digest.update(name.replace(".base_layer", "").encode())
         digest.update(tensor.detach().to(torch.float32).contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+@contextmanager
+def diffusers_errors_only():
+    """Silence diffusers' warnings that do not apply to what dt-lora does (see the callers)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(verbosity)

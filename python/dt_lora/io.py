@@ -36,3 +36,31 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb", **open_kwargs: 
         with suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Build a folder under a temporary name beside `path`, then move it into place.
+
+    Readers never see a half-written folder: on error the temporary one is removed and `path` is
+    left as it was. With `overwrite`, an existing `path` is replaced only once the new one is complete.
+    """
+    import shutil
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.exists():
+            old = tmp.with_suffix(".old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

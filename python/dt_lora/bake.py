@@ -1,0 +1,90 @@
+"""Bake shield adapters into full model weights, for tools that take a checkpoint and no LoRA.
+
+The adapters are merged exactly (`merge.merge_adapters`: the merged delta is what the stack adds) and
+each attention weight gets W ← W + Σ wᵢ·(αᵢ/rᵢ)·BᵢAᵢ in float32, before the pipeline is cast to the
+output dtype. No LoRA layer is left, so the UNet is a plain `UNet2DConditionModel`: ControlNet
+(`ControlNetModel.from_unet`, `StableDiffusionControlNetPipeline`) and every SD tool use it as is.
+
+Formats:
+  diffusers    a pipeline folder (`save_pretrained`) plus `dt_lora.json` (shielded concepts, base,
+               baked UNet fingerprint); written under a temporary name and moved into place
+  single-file  one .safetensors in the original SD key layout (`single_file.py`), the provenance in
+               its metadata under `dt_lora`; what AUTOMATIC1111 and ComfyUI load
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .adapters import DT_METADATA_KEY, AdapterError
+from .base import describe, diffusers_errors_only, load_pipeline, unet_fingerprint
+from .merge import merge_adapters
+
+FORMATS = ("diffusers", "single-file")
+PROVENANCE_FILE = "dt_lora.json"
+
+
+@dataclass
+class BakeResult:
+    out: Path
+    concepts: list[dict]
+    unet_fingerprint: str  # of the baked UNet, as `dt-lora train --base OUT` would record it
+
+
+def fuse_adapters(pipeline, adapters, weights=None, *, force: bool = False) -> list[dict]:
+    """Add the adapters' deltas to `pipeline.unet`'s weights in place; returns their concepts.
+
+    Refuses adapters trained on another base than this UNet (their recorded fingerprint differs)
+    unless `force`.
+    """
+    merged = merge_adapters(adapters, weights, force=force).adapter
+    if not force:
+        fingerprint = unet_fingerprint(pipeline.unet)
+        foreign = [c.get("name", "?") for c in merged.concepts if c.get("base_fingerprint") not in (None, fingerprint)]
+        if foreign:
+            raise AdapterError(f"shield(s) {', '.join(foreign)} were trained on another base model (UNet "
+                               f"fingerprint differs from this base's {fingerprint}); pass --force to bake anyway")
+    parameters = dict(pipeline.unet.named_parameters())
+    with torch.no_grad():
+        for key, a in merged.weights.items():
+            if not key.endswith(".lora_A.weight"):
+                continue
+            layer = key[: -len(".lora_A.weight")]
+            b = merged.weights[f"{layer}.lora_B.weight"]
+            weight = parameters.get(f"{layer}.weight")
+            if weight is None or weight.shape != (b.shape[0], a.shape[1]):
+                have = "no such layer" if weight is None else f"the base's is {tuple(weight.shape)}"
+                raise AdapterError(f"adapter layer {layer} ({b.shape[0]}×{a.shape[1]}) does not fit this base: {have}")
+            weight.add_((b.float() @ a.float()).to(weight.dtype))
+    return merged.concepts
+
+
+def bake(base: str, adapters, out: str | Path, *, format: str = "diffusers", weights=None,
+         dtype: torch.dtype = torch.float16, force: bool = False, overwrite: bool = False) -> BakeResult:
+    """Load `base`, fuse `adapters` into its UNet and write the full model to `out` in `format`."""
+    from .io import atomic_directory
+
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    pipeline = load_pipeline(base)
+    concepts = fuse_adapters(pipeline, adapters, weights, force=force)
+    with diffusers_errors_only():  # "modules that should be kept in float32: []": SD has none
+        pipeline.to(dtype)
+    fingerprint = unet_fingerprint(pipeline.unet)
+    provenance = {"concepts": concepts, "base": describe(base), "baked_unet_fingerprint": fingerprint}
+    if format == "diffusers":
+        with atomic_directory(out, overwrite=overwrite) as folder:
+            pipeline.save_pretrained(folder, safe_serialization=True)
+            (folder / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    else:
+        from .single_file import write_single_file
+
+        write_single_file(pipeline, out, metadata={DT_METADATA_KEY: json.dumps(provenance)})
+    return BakeResult(out, concepts, fingerprint)

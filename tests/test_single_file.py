@@ -1,0 +1,246 @@
+"""The single-file export against diffusers' own converters for the opposite direction.
+
+If diffusers' `from_single_file` (and the `convert_ldm_*` functions under it) turns our file back into
+exactly the pipeline's weights, every name is the one the original SD layout uses: those converters
+are what diffusers loads real SD 1.5 checkpoints with.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import sd15_tiny
+from dt_lora import toy
+from dt_lora.single_file import component_to_ldm, key_table, to_single_file, write_single_file
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+SD15_UNET_CONFIG = Path(__file__).parents[1] / "python/dt_lora/configs/sd15_unet.json"
+
+# SD 1.5's tensor counts per component. Derived in `test_full_size_sd15_has_the_same_keys`: diffusers'
+# own classes built at SD 1.5's full size (python/dt_lora/configs/sd15_unet.json, whose UNet has SD 1.5's
+# published 859,520,964 parameters; the v1-5 VAE config; CLIP ViT-L/14's text tower) give 686 / 248 / 196
+# tensors, and the converter below turns them back without loss. v1-5-pruned-emaonly holds the same 686
+# UNet and 248 VAE tensors; its text encoder has 197, the 196 weights plus the `position_ids` buffer that
+# transformers (since 4.31) no longer saves and that A1111 and ComfyUI rebuild when it is missing.
+SD15_COUNTS = {"model.diffusion_model.": 686, "first_stage_model.": 248, "cond_stage_model.transformer.": 196}
+
+SD15_NAMES = [
+    "model.diffusion_model.input_blocks.0.0.weight",
+    "model.diffusion_model.time_embed.2.bias",
+    "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+    "model.diffusion_model.input_blocks.3.0.op.weight",
+    "model.diffusion_model.input_blocks.4.0.skip_connection.weight",
+    "model.diffusion_model.input_blocks.11.0.emb_layers.1.weight",
+    "model.diffusion_model.middle_block.1.proj_in.weight",
+    "model.diffusion_model.middle_block.2.out_layers.3.weight",
+    "model.diffusion_model.output_blocks.2.1.conv.weight",
+    "model.diffusion_model.output_blocks.5.2.conv.weight",
+    "model.diffusion_model.output_blocks.8.2.conv.weight",
+    "model.diffusion_model.output_blocks.11.0.skip_connection.weight",  # what diffusers detects SD 1.x by
+    "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.ff.net.0.proj.weight",
+    "model.diffusion_model.out.2.weight",
+    "first_stage_model.encoder.down.0.block.1.conv2.weight",
+    "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight",
+    "first_stage_model.encoder.down.2.downsample.conv.weight",
+    "first_stage_model.encoder.mid.attn_1.q.weight",
+    "first_stage_model.encoder.norm_out.weight",
+    "first_stage_model.decoder.up.3.block.0.norm1.weight",
+    "first_stage_model.decoder.up.3.upsample.conv.weight",
+    "first_stage_model.decoder.up.0.block.2.conv1.weight",
+    "first_stage_model.decoder.mid.block_2.norm2.bias",
+    "first_stage_model.decoder.mid.attn_1.proj_out.weight",
+    "first_stage_model.quant_conv.weight",
+    "first_stage_model.post_quant_conv.bias",
+    "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight",
+    "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc1.weight",
+    "cond_stage_model.transformer.text_model.final_layer_norm.bias",
+]
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return sd15_tiny.build()
+
+
+@pytest.fixture(scope="module")
+def sd15_folder(sd15, tmp_path_factory):
+    return sd15_tiny.save(sd15, tmp_path_factory.mktemp("sd15_tiny"))
+
+
+@pytest.fixture(scope="module")
+def toy_pipeline():
+    return toy.load()
+
+
+@pytest.fixture(scope="module")
+def pipelines(sd15, sd15_folder, toy_pipeline):
+    """name → (pipeline, its diffusers folder, which from_single_file reads the configs from)."""
+    return {"sd15": (sd15, sd15_folder), "toy": (toy_pipeline, toy.MODEL_DIR)}
+
+
+def assert_same_tensors(got: dict, want: dict, what: str):
+    assert sorted(got) == sorted(want), (
+        f"{what}: missing {sorted(set(want) - set(got))[:5]}, unexpected {sorted(set(got) - set(want))[:5]}")
+    unequal = [key for key in want if not torch.equal(got[key], want[key])]
+    assert not unequal, f"{what}: {len(unequal)} tensors differ, e.g. {unequal[:5]}"
+
+
+def test_sd15_tiny_tensors_are_all_different(sd15):
+    """Otherwise an exact comparison could not see two same-shaped weights swapped."""
+    tensors = [t for c in COMPONENTS for t in getattr(sd15, c).state_dict().values()]
+    assert len({(tuple(t.shape), *t.flatten()[:4].tolist()) for t in tensors}) == len(tensors)
+
+
+@pytest.mark.parametrize("name", ["sd15", "toy"])
+def test_from_single_file_restores_every_weight(pipelines, name, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    pipeline, folder = pipelines[name]
+    path = write_single_file(pipeline, tmp_path / "model.safetensors")
+    loaded = StableDiffusionPipeline.from_single_file(
+        str(path), config=str(folder), local_files_only=True, dtype=torch.float32)
+    for component in COMPONENTS:
+        state = getattr(loaded, component).state_dict()
+        assert not [k for k, t in state.items() if t.is_meta], f"{component}: weights left unloaded"
+        assert_same_tensors(state, getattr(pipeline, component).state_dict(), f"{name} {component}")
+
+
+@pytest.mark.parametrize("name", ["sd15", "toy"])
+def test_diffusers_converters_invert_the_export(pipelines, name):
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
+
+    pipeline = pipelines[name][0]
+    ours = to_single_file(pipeline)
+    back = {
+        "unet": convert_ldm_unet_checkpoint(ours, dict(pipeline.unet.config)),
+        "vae": convert_ldm_vae_checkpoint(ours, dict(pipeline.vae.config)),
+        # CLIPTextModel has no `text_model.` level since transformers 5.6; the converter keeps it
+        "text_encoder": {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(ours).items()},
+    }
+    again = {}
+    for component in COMPONENTS:
+        model = getattr(pipeline, component)
+        assert_same_tensors(back[component], model.state_dict(), f"{name} {component} via diffusers")
+        again.update(component_to_ldm(component, model.config, back[component]))
+    assert_same_tensors(again, ours, f"{name} exported again")
+
+
+def test_sd15_layout_has_sd15_names_and_counts(sd15):
+    tensors = to_single_file(sd15)
+    missing = [name for name in SD15_NAMES if name not in tensors]
+    assert not missing
+    assert tensors["first_stage_model.encoder.mid.attn_1.q.weight"].shape == (64, 64, 1, 1)
+    assert tensors["first_stage_model.decoder.mid.attn_1.proj_out.weight"].ndim == 4
+    counts = {prefix: sum(k.startswith(prefix) for k in tensors) for prefix in SD15_COUNTS}
+    assert counts == SD15_COUNTS
+    assert len(tensors) == sum(SD15_COUNTS.values())
+    assert all(t.is_contiguous() and t.dtype == torch.float32 for t in tensors.values())
+
+
+def test_full_size_sd15_has_the_same_keys(sd15):
+    """SD 1.5 at full size, on the meta device (no memory): the tiny fixture's names are SD 1.5's."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = json.loads(SD15_UNET_CONFIG.read_text())
+    with torch.device("meta"):
+        full = SimpleNamespace(
+            unet=UNet2DConditionModel.from_config(config),
+            vae=AutoencoderKL(  # stable-diffusion-v1-5/vae/config.json
+                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512),
+            text_encoder=CLIPTextModel(CLIPTextConfig(  # openai/clip-vit-large-patch14's text tower
+                vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, max_position_embeddings=77, projection_dim=768)),
+        )
+    assert sum(p.numel() for p in full.unet.parameters()) == 859_520_964  # SD 1.5's published UNet size
+    rows = key_table(full)
+    assert [ldm for _, ldm in rows] == [ldm for _, ldm in key_table(sd15)]
+    ours = to_single_file(full)
+    assert sorted(convert_ldm_unet_checkpoint(ours, dict(full.unet.config))) == sorted(full.unet.state_dict())
+    assert sorted(convert_ldm_vae_checkpoint(ours, dict(full.vae.config))) == sorted(full.vae.state_dict())
+
+
+def test_key_table_lists_every_tensor_once(sd15):
+    rows = key_table(sd15)
+    assert len(rows) == len({d for d, _ in rows}) == len({ldm for _, ldm in rows})
+    assert ("unet.up_blocks.1.upsamplers.0.conv.weight", "model.diffusion_model.output_blocks.5.2.conv.weight") in rows
+    assert ("vae.decoder.up_blocks.0.resnets.2.norm1.weight",
+            "first_stage_model.decoder.up.3.block.2.norm1.weight") in rows
+    assert ("text_encoder.encoder.layers.0.self_attn.out_proj.bias",
+            "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.out_proj.bias") in rows
+
+
+def test_toy_layout(toy_pipeline):
+    """The toy's 2 × CrossAttn blocks of 1 layer and 3-block VAE number like SD's do."""
+    tensors = to_single_file(toy_pipeline)
+    for name in [
+        "model.diffusion_model.input_blocks.1.1.proj_in.weight",  # down 0, layer 0
+        "model.diffusion_model.input_blocks.2.0.op.weight",  # down 0's downsampler: (0+1)*(1+1)
+        "model.diffusion_model.input_blocks.3.1.norm.weight",  # down 1, layer 0
+        "model.diffusion_model.output_blocks.1.2.conv.weight",  # up 0's upsampler after its attention
+        "model.diffusion_model.output_blocks.3.1.proj_out.bias",  # up 1, layer 1
+        "first_stage_model.decoder.up.2.block.1.conv2.weight",  # decoder up_blocks.0 is level 2
+        "first_stage_model.decoder.up.1.upsample.conv.weight",
+    ]:
+        assert name in tensors, name
+    assert not any(".output_blocks.4." in k or ".input_blocks.5." in k or ".up.3." in k for k in tensors)
+
+
+@pytest.mark.parametrize("component, key, hint", [
+    ("unet", "down_blocks.0.resnets.0.norm3.weight", None),
+    ("unet", "class_embedding.linear_1.weight", None),
+    ("unet", "down_blocks.0.resnets.0.norm1.running_mean", None),
+    ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.default.weight", "LoRA"),
+    ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.base_layer.weight", "LoRA"),
+    ("vae", "encoder.mid_block.attentions.1.to_q.weight", None),
+    ("text_encoder", "text_projection.weight", None),
+])
+def test_an_unmappable_key_raises_naming_it(sd15, component, key, hint):
+    config = getattr(sd15, component).config
+    with pytest.raises(ValueError, match="no name in the SD 1.x single-file layout") as error:
+        component_to_ldm(component, config, {key: torch.zeros(2, 2)})
+    assert repr(key) in str(error.value)
+    if hint:
+        assert hint in str(error.value)
+
+
+def test_to_single_file_refuses_a_pipeline_with_an_unknown_tensor(sd15):
+    extra = {**sd15.unet.state_dict(), "add_embedding.linear_1.weight": torch.zeros(2, 2)}
+    pipeline = SimpleNamespace(unet=SimpleNamespace(config=sd15.unet.config, state_dict=lambda: extra),
+                               vae=sd15.vae, text_encoder=sd15.text_encoder)
+    with pytest.raises(ValueError, match="'add_embedding.linear_1.weight'"):
+        to_single_file(pipeline)
+
+
+def test_unsupported_block_types_raise(sd15):
+    config = {**sd15.unet.config, "down_block_types": ["SimpleCrossAttnDownBlock2D"] * 4}
+    with pytest.raises(ValueError, match="SimpleCrossAttnDownBlock2D"):
+        component_to_ldm("unet", config, {})
+
+
+def test_write_single_file_dtype_metadata_and_atomicity(toy_pipeline, tmp_path):
+    from safetensors import safe_open
+
+    path = write_single_file(toy_pipeline, tmp_path / "toy.safetensors", dtype=torch.float16,
+                             metadata={"dt_lora": '{"concepts": []}'})
+    with safe_open(path, "pt") as f:
+        assert f.metadata() == {"dt_lora": '{"concepts": []}'}
+        assert f.get_tensor("first_stage_model.decoder.mid.attn_1.k.weight").shape == (64, 64, 1, 1)
+        names = list(f.keys())
+        assert {f.get_slice(k).get_dtype() for k in names} == {"F16"}
+        assert len(names) == len(key_table(toy_pipeline))
+    assert [p.name for p in tmp_path.iterdir()] == ["toy.safetensors"]  # no temporary file left
+    with pytest.raises(ValueError, match="str to str"):
+        write_single_file(toy_pipeline, tmp_path / "bad.safetensors", metadata={"steps": 3})
+    assert not (tmp_path / "bad.safetensors").exists()
