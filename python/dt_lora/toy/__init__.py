@@ -3,6 +3,7 @@
     pipe = dt_lora.toy.load()                       # a diffusers StableDiffusionPipeline
     images = pipe(["a red circle"] * 8, num_inference_steps=25, guidance_scale=5.0).images
     dt_lora.toy.evaluate(images, ["a red circle"] * 8).shape_rates   # {'circle': 1.0}
+    controlnet = dt_lora.toy.load_controlnet()      # a diffusers ControlNetModel on location maps (controlnet.py)
 
 The model folder ships inside the package (`MODEL_DIR`) and was made by `python -m dt_lora.toy.build`.
 """
@@ -39,6 +40,25 @@ def load(device: str = "cpu", dtype=None, model_dir: str | Path | None = None):
     return pipeline.to(device)
 
 
+def load_controlnet(device: str = "cpu", dtype=None, model_dir: str | Path | None = None):
+    """The toy ControlNet, conditioned on `world.location_map`s: where and how big, not what.
+
+    It lives in the model folder's `controlnet/` but outside model_index.json, so `load()` is unchanged;
+    `controlnet.generate_controlled` puts the two together.
+    """
+    import torch
+    from diffusers import ControlNetModel
+
+    folder = (Path(model_dir) if model_dir is not None else MODEL_DIR) / "controlnet"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"toy ControlNet not found at {folder}: rebuild it with "
+            f"`python -m dt_lora.toy.build --out {folder.parent} --stages controlnet`"
+        )
+    controlnet = ControlNetModel.from_pretrained(folder, dtype=dtype or torch.float32)
+    return controlnet.to(device).eval()
+
+
 @lru_cache(maxsize=2)
 def load_evaluator(folder: str | Path | None = None):
     from .evaluator import Evaluator
@@ -53,5 +73,5 @@ def evaluate(images, prompts: Sequence[str]):
 
 __all__ = [
     "COLOURS", "DEFAULT_GUIDANCE", "DEFAULT_STEPS", "HELDOUT_TEMPLATES", "MODEL_DIR", "SHAPES",
-    "TRAIN_TEMPLATES", "evaluate", "load", "load_evaluator", "prompt_for",
+    "TRAIN_TEMPLATES", "evaluate", "load", "load_controlnet", "load_evaluator", "prompt_for",
 ]

@@ -8,6 +8,8 @@ Stages, each seeded and each saving its result into DIR so a later stage (or a r
   denoiser   CLIPTextModel and UNet2DConditionModel trained jointly on the VAE's latents; the text
              encoder must learn the words too, or neighbouring concepts would share one embedding
   evaluator  the shape/colour classifier that scores generations (see `evaluator.py`)
+  controlnet a ControlNet on the finished UNet, conditioned on location maps (see `controlnet.py`);
+             saved to DIR/controlnet, outside model_index.json, so the pipeline loads as before
   card       measure the finished pipeline with the evaluator and write README.md + sample grid
 
 The shipped package data (python/dt_lora/toy/model) is this script's output, stored in float16.
@@ -29,7 +31,7 @@ from tqdm.auto import tqdm
 from . import architecture, world
 from .evaluator import to_pixels
 
-STAGES = ("tokenizer", "vae", "denoiser", "evaluator", "card")
+STAGES = ("tokenizer", "vae", "denoiser", "evaluator", "controlnet", "card")
 EXTRA_WORDS = "the with and on in background grey gray dark light big small one shape of".split()
 
 
@@ -205,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--denoiser-steps", type=int, default=6000)
     parser.add_argument("--evaluator-steps", type=int, default=2500)
+    parser.add_argument("--controlnet-steps", type=int, default=1200)
     args = parser.parse_args(argv)
     stages = args.stages.split(",")
     unknown = set(stages) - set(STAGES)
@@ -229,6 +232,10 @@ def main(argv: list[str] | None = None) -> None:
             from .evaluator import train_evaluator
 
             train_evaluator(out, steps=args.evaluator_steps, seed=args.seed + 20)
+        elif stage == "controlnet":
+            from .controlnet import train_controlnet
+
+            train_controlnet(out, steps=args.controlnet_steps, batch_size=64, dataset_size=10_000, seed=args.seed + 30)
         elif stage == "card":
             from .card import write_card
 

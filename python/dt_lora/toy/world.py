@@ -1,7 +1,8 @@
 """The toy world: seeded 32×32 renders of coloured shapes and the prompts that describe them.
 
 Everything here is plain numpy and deterministic for a given seed, so the toy model can be rebuilt
-bit for bit and the evaluator's training data regenerated on demand.
+bit for bit and the evaluator's training data regenerated on demand. `location_map` is the toy
+ControlNet's conditioning image: where the object is and how big, nothing about what it is.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ SHAPE_ONLY_TEMPLATES = ("a {shape}", "a photo of a {shape}")
 COLOUR_ONLY_TEMPLATES = ("a {colour} shape", "something {colour}")
 
 _SUPERSAMPLE = 4
+# The location map's blob: its sigma in units of the scene's radius.
+LOCATION_SIGMA = 0.5
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,27 @@ def sample(
     scenes = [random_scene(rng, shape, colour) for _ in range(n)]
     images = np.stack([render(scene, rng) for scene in scenes])
     return images, scenes
+
+
+def location_maps(centres, radii) -> np.ndarray:
+    """Soft white blobs on black (uint8 NHWC, three equal channels) at `centres`, sigma ∝ `radii`.
+
+    A Gaussian has no corners and no colour, so the map tells a ControlNet where and how big the
+    object is but nothing about its shape or colour: those must still come from the prompt.
+    """
+    centres = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
+    sigma = LOCATION_SIGMA * np.asarray(radii, dtype=np.float64).reshape(-1, 1, 1)
+    coords = np.arange(IMAGE_SIZE) + 0.5  # pixel centres, the coordinates `render` places shapes in
+    dx = coords[None, None, :] - centres[:, 0, None, None]
+    dy = coords[None, :, None] - centres[:, 1, None, None]
+    blob = np.exp(-(dx**2 + dy**2) / (2 * sigma**2))
+    gray = np.clip(np.rint(blob * 255), 0, 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
+
+
+def location_map(scene: Scene) -> np.ndarray:
+    """The location map (uint8 HWC) of one scene: its centre and radius only."""
+    return location_maps([scene.centre], [scene.radius])[0]
 
 
 def training_prompt(scene: Scene, rng: np.random.Generator) -> str:

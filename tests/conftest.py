@@ -1,0 +1,80 @@
+"""Fixtures several test files share. The trained shields are expensive (about a minute each), so
+they are trained once per session, with the shipped recipes, and reused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+SHIELDED = ("circle", "red")  # one shape, one colour
+
+
+@pytest.fixture(scope="session")
+def toy_pipeline():
+    from dt_lora import toy
+
+    return toy.load()
+
+
+@pytest.fixture(scope="session")
+def trained_shields(toy_pipeline, tmp_path_factory) -> dict[str, Path]:
+    """concept → adapter trained with adapters/toy-<concept>.toml (named toy-<concept>.safetensors)."""
+    from dt_lora.recipe import load_recipe
+    from dt_lora.train import train_adapter
+
+    folder = tmp_path_factory.mktemp("shields")
+    return {
+        concept: train_adapter(load_recipe(ADAPTERS / f"toy-{concept}.toml"), folder / f"toy-{concept}.safetensors",
+                               cache_dir=folder / "cache", pipeline=toy_pipeline, progress=False).adapter
+        for concept in SHIELDED
+    }
+
+
+# ---- stand-ins for the weights of real-model metrics (random, nothing downloaded)
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """torch-fidelity's FID Inception, randomly initialised (its constructor would download weights)."""
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    torch.manual_seed(0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fe, "load_state_dict_from_url", lambda *args, **kwargs: {})  # no download
+        patch.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *args, **kwargs: None)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    for module in net.modules():  # He init keeps activations O(1) through the ~100 layers
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("inception") / "inception.safetensors"
+    save_file(net.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def clip_folder(tmp_path_factory):
+    """A tiny random CLIPModel (32×32 images) with the toy model's CLIP tokenizer, as save_pretrained writes it."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    folder = tmp_path_factory.mktemp("clip")
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    text = {"vocab_size": 624, "bos_token_id": 622, "eos_token_id": 623, "pad_token_id": 623,  # the toy tokenizer's
+            "max_position_embeddings": 16}
+    config = CLIPConfig(
+        text_config={**text, **tower},
+        vision_config={"image_size": 32, "patch_size": 8, **tower},
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    from dt_lora import toy
+
+    tokenizer = CLIPTokenizer.from_pretrained(toy.MODEL_DIR / "tokenizer", local_files_only=True)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
