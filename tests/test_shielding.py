@@ -2,41 +2,34 @@
 
 For one shape and one colour: the target's prompts stop drawing it (≤ 10%, from ≥ 90%), held-out
 paraphrases too (≤ 20%), every other shape keeps ≥ 90% of its base rate and every colour ≥ 95%.
+Stacked, both stay shielded within 5 points of their single rate and the rest keeps ≥ 90% of base.
 Seeds of the measurement (1,000,000+) are never used in training.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from dt_lora import toy
-from dt_lora.recipe import load_recipe
-from dt_lora.toy.quality import shield_report
-from dt_lora.train import train_adapter
+from dt_lora.toy.quality import shield_report, shield_reports
 
-ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
-TARGETS = ("circle", "red")
+from conftest import SHIELDED
 
 
 @pytest.fixture(scope="module")
-def pipeline():
-    return toy.load()
+def base_reports(toy_pipeline):
+    return {target: shield_report(toy_pipeline, toy.load_evaluator(), target) for target in SHIELDED}
 
 
 @pytest.fixture(scope="module")
-def base_reports(pipeline):
-    return {target: shield_report(pipeline, toy.load_evaluator(), target) for target in TARGETS}
+def single_reports(toy_pipeline, trained_shields):
+    return {target: shield_report(toy_pipeline, toy.load_evaluator(), target, adapters=[trained_shields[target]])
+            for target in SHIELDED}
 
 
-@pytest.fixture(scope="module", params=TARGETS)
-def shielded(request, pipeline, tmp_path_factory):
-    target = request.param
-    folder = tmp_path_factory.mktemp(f"shield-{target}")
-    result = train_adapter(load_recipe(ADAPTERS / f"toy-{target}.toml"), folder / f"{target}.safetensors",
-                           cache_dir=folder / "cache", pipeline=pipeline, progress=False)
-    return shield_report(pipeline, toy.load_evaluator(), target, adapters=[result.adapter])
+@pytest.fixture(params=SHIELDED)
+def shielded(request, single_reports):
+    return single_reports[request.param]
 
 
 def test_base_model_draws_the_target(base_reports):
@@ -64,3 +57,16 @@ def test_colours_are_preserved(shielded, base_reports):
     for colour, rate in shielded.colour_rates.items():
         if colour != shielded.target:
             assert rate >= 0.95 * base.colour_rates[colour], (colour, rate, base.colour_rates[colour])
+
+
+def test_stacked_shields_hold_and_keep_the_rest(toy_pipeline, trained_shields, single_reports):
+    evaluator = toy.load_evaluator()
+    stacked = shield_reports(toy_pipeline, evaluator, SHIELDED, adapters=[trained_shields[t] for t in SHIELDED])
+    base = shield_reports(toy_pipeline, evaluator, SHIELDED)[SHIELDED[0]]  # rates of prompts naming neither
+    for target in SHIELDED:
+        assert stacked[target].target_rate <= single_reports[target].target_rate + 0.05, target
+        assert stacked[target].paraphrase_rate <= single_reports[target].paraphrase_rate + 0.05, target
+    rest = stacked[SHIELDED[0]]
+    for concept, rate in {**rest.shape_rates, **rest.colour_rates}.items():
+        expected = {**base.shape_rates, **base.colour_rates}[concept]
+        assert rate >= 0.90 * expected, (concept, rate, expected)

@@ -253,6 +253,10 @@ def _train(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, data, f
             _save_checkpoint(work, step, get_peft_model_state_dict(base_unet, adapter_name=ADAPTER_NAME),
                              optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, loss)
 
+    from peft.tuners.lora import LoraLayer
+
+    lora_layers = [m for m in base_unet.modules() if isinstance(m, LoraLayer) and ADAPTER_NAME in m.lora_B]
+
     unet.train()
     loss_value, smoothed = float("nan"), None
     completed = start_step  # steps whose update is applied: what a checkpoint records
@@ -287,7 +291,15 @@ def _train(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, data, f
                             base_unet.enable_adapters()
                     else:
                         reference = noise.float()
+                    if recipe.train.anchor_scale_jitter:
+                        # preserve the anchors at a random strength of the adapter, not only at 1 (see recipe.py)
+                        strength = 1 + recipe.train.anchor_scale_jitter * float(torch.rand((), generator=generator))
+                        for layer in lora_layers:
+                            layer.set_scale(ADAPTER_NAME, strength)
                     prediction = unet(x, t, embeds).sample
+                    if recipe.train.anchor_scale_jitter:
+                        for layer in lora_layers:
+                            layer.set_scale(ADAPTER_NAME, 1.0)
                 loss = loss + recipe.train.preservation_weight * F.mse_loss(prediction.float(), reference)
 
             loss_value = loss.item()

@@ -80,37 +80,50 @@ def _names(prompt: str, concept: str) -> bool:
 
 def shield_report(pipeline, evaluator: Evaluator, target: str, *, adapters=(), per_combination: int = 4,
                   steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE) -> ShieldReport:
-    """Generate every (shape, colour) pair and the target's held-out paraphrases, and score them.
+    """How `pipeline` (with `adapters` stacked, if any) draws `target` and everything else."""
+    return shield_reports(pipeline, evaluator, [target], adapters=adapters, per_combination=per_combination,
+                          steps=steps, guidance=guidance)[target]
+
+
+def shield_reports(pipeline, evaluator: Evaluator, targets, *, adapters=(), per_combination: int = 4,
+                   steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE) -> dict[str, ShieldReport]:
+    """Generate every (shape, colour) pair and each target's held-out paraphrases, and score them.
 
     `adapters` (paths) are stacked on the pipeline for the measurement and removed afterwards.
-    The target's rate counts images classified as the target concept; for the other concepts only
-    prompts that do not name the target count, so a shielded circle does not lower "red".
+    A target's rate counts images classified as that concept; the other concepts' rates count only
+    prompts that name none of the targets, so a shielded circle does not lower "red".
     """
     if adapters:
         from ..adapters import load_adapters, unload_adapters
 
         load_adapters(pipeline, adapters)
         try:
-            return shield_report(pipeline, evaluator, target, per_combination=per_combination,
-                                 steps=steps, guidance=guidance)
+            return shield_reports(pipeline, evaluator, targets, per_combination=per_combination,
+                                  steps=steps, guidance=guidance)
         finally:
             unload_adapters(pipeline)
 
-    is_shape = target in world.SHAPES
-    if not is_shape and target not in world.COLOURS:
-        raise ValueError(f"unknown toy concept {target!r}; choose from {world.SHAPES + world.COLOURS}")
+    targets = list(targets)
+    for target in targets:
+        if target not in world.SHAPES + world.COLOURS:
+            raise ValueError(f"unknown toy concept {target!r}; choose from {world.SHAPES + world.COLOURS}")
     prompts = concept_prompts(per_combination)
-    paraphrases = [p for p in concept_prompts(per_combination, world.HELDOUT_TEMPLATES) if _names(p, target)]
+    heldout = concept_prompts(per_combination, world.HELDOUT_TEMPLATES)
+    paraphrases = [p for p in heldout if any(_names(p, t) for t in targets)]
     images = generate_images(pipeline, prompts + paraphrases, seed=EVAL_SEED, steps=steps, guidance=guidance)
+    paraphrase_images = images[len(prompts):]
 
-    def target_rate(evaluation: Evaluation) -> float:
-        rates = evaluation.shape_rates if is_shape else evaluation.colour_rates
-        return rates[target]
+    def rate_of(target: str, indices: list[int], pool: np.ndarray, texts: list[str]) -> float:
+        evaluation = evaluator.evaluate(pool[indices], [texts[i] for i in indices])
+        return (evaluation.shape_rates if target in world.SHAPES else evaluation.colour_rates)[target]
 
-    on_target = [i for i, p in enumerate(prompts) if _names(p, target)]
-    off_target = [i for i, p in enumerate(prompts) if not _names(p, target)]
-    target_eval = evaluator.evaluate(images[on_target], [prompts[i] for i in on_target])
+    off_target = [i for i, p in enumerate(prompts) if not any(_names(p, t) for t in targets)]
     rest = evaluator.evaluate(images[off_target], [prompts[i] for i in off_target])
-    paraphrase_eval = evaluator.evaluate(images[len(prompts):], paraphrases)
-    return ShieldReport(target, target_rate(target_eval), target_rate(paraphrase_eval),
-                        rest.shape_rates, rest.colour_rates)
+    reports = {}
+    for target in targets:
+        on_target = [i for i, p in enumerate(prompts) if _names(p, target)]
+        on_paraphrase = [i for i, p in enumerate(paraphrases) if _names(p, target)]
+        reports[target] = ShieldReport(target, rate_of(target, on_target, images, prompts),
+                                       rate_of(target, on_paraphrase, paraphrase_images, paraphrases),
+                                       rest.shape_rates, rest.colour_rates)
+    return reports
