@@ -261,10 +261,150 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- bake
+
+DTYPES = {"float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float32": "float32", "fp32": "float32"}
+
+
+def add_bake_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bake",
+        help="fuse shield adapters into full model weights (diffusers folder or single-file checkpoint)",
+        description="Fuse each --adapter into the base UNet's weights (exactly: W += Σ w·(α/r)·BA) and write "
+        "the whole model. diffusers: a pipeline folder that diffusers and ControlNet load; single-file: one "
+        ".safetensors in the original SD layout (model.diffusion_model.*, first_stage_model.*, "
+        "cond_stage_model.*) for AUTOMATIC1111 and ComfyUI.",
+    )
+    parser.add_argument("--base", default="toy", help="toy (default), a diffusers folder, or a Hub id")
+    parser.add_argument("--adapter", type=_adapter_arg, action="append", required=True, metavar="FILE[:WEIGHT]",
+                        help="a shield adapter; repeat to bake several")
+    parser.add_argument("-o", "--out", type=Path, required=True, help="output folder or .safetensors file")
+    parser.add_argument("--format", choices=["diffusers", "single-file"], default="diffusers")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="weights dtype (default: float16)")
+    parser.add_argument("--force", action="store_true", help="bake adapters trained on another base")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.set_defaults(run=run_bake)
+
+
+def run_bake(args: argparse.Namespace) -> int:
+    import torch
+
+    from dt_lora.bake import bake
+
+    _refuse_overwrite(args.out, args.overwrite)
+    if args.format == "single-file" and args.out.suffix != ".safetensors":
+        raise ValueError(f"--format single-file writes one .safetensors file; got {args.out}")
+    result = bake(args.base, [p for p, _ in args.adapter], args.out, format=args.format,
+                  weights=[w for _, w in args.adapter], dtype=getattr(torch, DTYPES[args.dtype]),
+                  force=args.force, overwrite=args.overwrite)
+    names = ", ".join(c.get("name", "?") for c in result.concepts)
+    print(f"wrote {result.out} ({args.format}, {args.dtype}): shields {names}; UNet fingerprint {result.unet_fingerprint}")
+    return 0
+
+
+# ---------------------------------------------------------------- eval
+
+
+def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="measure a shield: is the concept gone and the rest intact? (numbers, pictures, report)",
+        description="Draw each --recipe's target prompts, paraphrases and anchors with the base model and "
+        "with the shield (--adapter, stacked, or --shielded, a baked model), same seeds and sampler; score "
+        "them (the toy evaluator, or CLIP zero-shot with --clip); write report.json, report.md, report.html "
+        "and one before/after PNG per prompt to OUT_DIR.",
+    )
+    parser.add_argument("--recipe", type=Path, action="append", required=True, help="a shield's recipe; repeat")
+    parser.add_argument("-o", "--out", type=Path, required=True, metavar="OUT_DIR")
+    parser.add_argument("--base", default="toy", help="the unmodified model: toy (default), a folder, a Hub id")
+    shield = parser.add_mutually_exclusive_group(required=True)
+    shield.add_argument("--adapter", type=_adapter_arg, action="append", default=[], metavar="FILE[:WEIGHT]",
+                        help="a shield adapter stacked on the base; repeat")
+    shield.add_argument("--shielded", metavar="MODEL", help="a baked model (diffusers folder) instead of adapters")
+    parser.add_argument("--negative-prompt", metavar="TEXT",
+                        help="also draw with the base model and TEXT as negative prompt (the baseline DT improves on)")
+    parser.add_argument("--clip", type=Path, metavar="DIR", help="score with CLIP zero-shot from this local CLIP folder")
+    parser.add_argument("--images-per-prompt", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=1_000_000)
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the first recipe's)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance (default: the first recipe's)")
+    quality = parser.add_argument_group("general image quality on a captions file (real models)")
+    quality.add_argument("--captions", type=Path, metavar="FILE",
+                         help="one caption per line, or COCO captions_*.json: each condition draws one image per caption")
+    quality.add_argument("--metrics", default="fid,is,clip", help="comma-separated subset of fid,is,clip (default: all)")
+    quality.add_argument("--reference-images", type=Path, metavar="DIR", help="real images for FID")
+    quality.add_argument("--inception-weights", type=Path, metavar="FILE",
+                         help="FID Inception weights as .safetensors (see `python -m pydoc dt_lora.metrics`)")
+    parser.add_argument("--overwrite", action="store_true", help="write into an existing OUT_DIR")
+    parser.set_defaults(run=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from dt_lora.base import load_pipeline
+    from dt_lora.evaluate import ClipScorer, QualityRequest, ToyScorer, evaluate_shields
+    from dt_lora.metrics import read_captions
+    from dt_lora.recipe import load_recipe
+
+    _refuse_overwrite(args.out, args.overwrite)
+    recipes = [load_recipe(path) for path in args.recipe]
+    quality = None
+    if args.captions:
+        quality = QualityRequest(read_captions(args.captions), tuple(m for m in args.metrics.split(",") if m),
+                                 args.reference_images, args.inception_weights, args.clip)
+        quality.check()
+    if args.clip:
+        scorer = ClipScorer(args.clip, recipes)
+    else:
+        scorer = ToyScorer()
+        for recipe in recipes:
+            scorer.concept(recipe)  # fails early, naming the recipe, when the toy evaluator cannot score it
+    if args.adapter and any(w != 1.0 for _, w in args.adapter):
+        raise ValueError("eval measures shields at weight 1; bake or merge weighted shields first")
+    base = load_pipeline(args.base)
+    report = evaluate_shields(
+        base, recipes, args.out, adapters=[p for p, _ in args.adapter],
+        shielded_pipeline=load_pipeline(args.shielded) if args.shielded else None, scorer=scorer,
+        negative_prompt=args.negative_prompt, images_per_prompt=args.images_per_prompt, steps=args.steps,
+        guidance=args.guidance, seed=args.seed, quality=quality)
+    print(report.table())
+    print(f"wrote {args.out / 'report.html'} (and report.md, report.json, grids/)")
+    return 0
+
+
+# ---------------------------------------------------------------- demo
+
+
+def add_demo_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="the whole job on the toy world: shield two concepts, merge, bake, evaluate, report",
+        description="Shield the toy world's circle, then red; merge both; bake them into a full model; "
+        "evaluate it against the base model and a negative-prompt baseline; write the report. A second "
+        "run reuses the trained shields.",
+    )
+    parser.add_argument("-o", "--out", type=Path, default=Path("dt-lora-demo"), help="default: dt-lora-demo")
+    parser.add_argument("--recipes", type=Path, default=None,
+                        help="folder with toy-circle.toml and toy-red.toml (default: ./adapters)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(run=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from dt_lora.demo import run_demo as demo
+
+    result = demo(args.out, recipes=args.recipes, progress=not args.quiet)
+    print(f"report: {result.report} ({result.seconds:.0f} s"
+          + (f"; trained {', '.join(result.trained)}" if result.trained else "; shields reused") + ")")
+    return 0
+
+
 # ---------------------------------------------------------------- entry point
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_scramble_command, add_train_command, add_generate_command, add_merge_command,
-    add_export_command]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_scramble_command, add_train_command, add_generate_command, add_merge_command, add_export_command,
+    add_bake_command, add_eval_command, add_demo_command,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,138 @@
+"""`dt-lora eval` and `dt-lora demo`: the report's numbers, pictures and files, on the toy world."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dt_lora.cli import main
+
+from conftest import ADAPTERS
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def circle_report(trained_shields, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "report"
+    code = main(["eval", "--recipe", str(ADAPTERS / "toy-circle.toml"), "--adapter", str(trained_shields["circle"]),
+                 "--negative-prompt", "circle", "-o", str(out)])
+    assert code == 0
+    return out, json.loads((out / "report.json").read_text())
+
+
+def test_report_shows_the_shield_working(circle_report):
+    _, report = circle_report
+    assert report["conditions"] == ["base", "shielded", "negative prompt"]
+    circle = report["shields"]["toy-circle"]
+    assert circle["target"]["base"] >= 0.9 and circle["target"]["shielded"] <= 0.10  # the bar of test_shielding
+    assert circle["paraphrases"]["base"] >= 0.9 and circle["paraphrases"]["shielded"] <= 0.20
+    base, shielded = circle["preservation"]["base"], circle["preservation"]["shielded"]
+    assert set(base) == {"square", "triangle", "cross", "star", "red", "green", "blue", "yellow", "purple"}
+    for concept, rate in shielded.items():
+        assert rate >= 0.9 * base[concept], concept
+    # a negative prompt does not take the circle away: what DT adds over it
+    assert circle["target"]["negative prompt"] >= 0.5
+    # anchors move less between base and shielded than a circle prompt does
+    assert 0 <= report["image_distance"]["shielded"] < 0.1
+
+
+def test_report_files_show_every_prompt_before_and_after(circle_report):
+    from PIL import Image
+
+    from dt_lora.recipe import load_recipe
+
+    out, _ = circle_report
+    recipe = load_recipe(ADAPTERS / "toy-circle.toml")
+    prompts = len(recipe.target_prompts) + len(recipe.target.paraphrases) + len(recipe.anchor_prompts)
+    grids = sorted((out / "grids").glob("*.png"))
+    assert len(grids) == prompts
+    # each strip: 3 conditions × 2 images of 32 px at scale 3, with two 8-px gaps
+    assert Image.open(grids[0]).size == (3 * 2 * 96 + 2 * 8, 96)
+    page = (out / "report.html").read_text()
+    linked = set(re.findall(r"src='(grids/[^']+)'", page))
+    assert linked == {f"grids/{g.name}" for g in grids}
+    assert "a picture showing a red circle" in page  # paraphrases are listed with their pictures
+    assert (out / "overview.png").is_file() and "overview.png" in (out / "report.md").read_text()
+
+
+def test_eval_refuses_what_it_cannot_score(trained_shields, tmp_path, capsys):
+    recipe = tmp_path / "mickey.toml"
+    shutil.copy(ADAPTERS / "sd15-character-mickey.toml", recipe)
+    code = main(["eval", "--recipe", str(recipe), "--adapter", str(trained_shields["circle"]), "-o", str(tmp_path / "r")])
+    assert code == 2
+    assert "toy evaluator cannot score it; pass --clip" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_demo_bakes_evaluates_and_reuses_its_shields(trained_shields, tmp_path, capsys):
+    out = tmp_path / "demo"
+    (out / "shields").mkdir(parents=True)
+    for concept, path in trained_shields.items():  # as a first run would have left them
+        shutil.copy(path, out / "shields" / path.name)
+    assert main(["demo", "-o", str(out), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "shields reused" in printed and f"report: {out / 'report' / 'report.html'}" in printed
+
+    report = json.loads((out / "report" / "report.json").read_text())
+    for name in ("toy-circle", "toy-red"):
+        assert report["shields"][name]["target"]["shielded"] <= 0.10
+    provenance = json.loads((out / "toy-shielded" / "dt_lora.json").read_text())
+    assert [c["name"] for c in provenance["concepts"]] == ["toy-circle", "toy-red"]
+
+
+SMALL_RECIPE = """
+name = "toy-circle-small"
+[target]
+prompts = ["a red circle", "a photo of a blue circle"]
+paraphrases = ["there is a green circle here"]
+[anchors]
+prompts = ["a red square", "a photo of a blue star", "a yellow triangle"]
+"""
+
+
+def test_clip_scorer_and_quality_metrics_plumbing(trained_shields, clip_folder, inception_weights, tmp_path):
+    """CLIP zero-shot scoring and FID / IS / CLIP score on a captions file, with stand-in weights."""
+    from PIL import Image
+
+    from dt_lora.toy import world
+
+    recipe = tmp_path / "small.toml"
+    recipe.write_text(SMALL_RECIPE)
+    captions = tmp_path / "captions.txt"
+    captions.write_text("\n".join(["a red circle", "a green star", "a blue cross", "a yellow square"] * 3))
+    references = tmp_path / "real"
+    references.mkdir()
+    for i, image in enumerate(world.sample(12, 7)[0]):
+        Image.fromarray(image).save(references / f"{i}.png")
+    out = tmp_path / "report"
+    assert main(["eval", "--recipe", str(recipe), "--adapter", str(trained_shields["circle"]), "--clip", str(clip_folder),
+                 "--captions", str(captions), "--reference-images", str(references), "--metrics", "fid,is,clip",
+                 "--inception-weights", str(inception_weights), "-o", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["scorer"] == "CLIP zero-shot"
+    shield = report["shields"]["toy-circle-small"]
+    assert set(shield["preservation"]["base"]) == {"a red square", "a photo of a blue star", "a yellow triangle"}
+    assert all(0 <= rate <= 1 for rate in shield["target"].values())
+    quality = report["quality"]
+    assert set(quality) == {"FID (captions)", "IS (captions)", "IS std", "CLIP score (captions)"}
+    for metric in ("FID (captions)", "IS (captions)", "CLIP score (captions)"):
+        assert set(quality[metric]) == {"base", "shielded"}
+        assert all(value == value and abs(value) < 1e6 for value in quality[metric].values()), metric  # finite
+    assert quality["IS (captions)"]["base"] >= 1
+    assert "FID (captions)" in (out / "report.md").read_text()
+
+
+def test_missing_metric_weights_fail_before_generating(trained_shields, tmp_path, capsys):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red circle\n")
+    code = main(["eval", "--recipe", str(ADAPTERS / "toy-circle.toml"), "--adapter", str(trained_shields["circle"]),
+                 "--captions", str(captions), "--metrics", "is,clip", "-o", str(tmp_path / "r")])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "--inception-weights" in error and "--clip" in error
+    assert not (tmp_path / "r").exists()
