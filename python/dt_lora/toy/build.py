@@ -123,6 +123,28 @@ def _encode_dataset(vae, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor
     return torch.cat(means), torch.cat(stds)
 
 
+def warmup_cosine(optimizer, *, warmup: int, steps: int):
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `steps`."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)),
+    )
+
+
+def training_batch(rng: np.random.Generator, latent_mean, latent_std, scale: float, scenes, tokenizer,
+                   batch_size: int):
+    """Random dataset indices, their latents (sampled from the VAE posterior, scaled) and prompt ids.
+
+    10% empty prompts teach the unconditional branch that classifier-free guidance needs.
+    """
+    index = torch.from_numpy(rng.integers(0, len(latent_mean), batch_size))
+    latents = (latent_mean[index] + latent_std[index] * torch.randn_like(latent_mean[index])) * scale
+    prompts = ["" if rng.random() < 0.1 else world.training_prompt(scenes[i], rng) for i in index.tolist()]
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return index, latents, ids
+
+
 def train_denoiser(out: Path, *, steps: int, batch_size: int, dataset_size: int, seed: int) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler
     from diffusers.training_utils import EMAModel
@@ -144,22 +166,13 @@ def train_denoiser(out: Path, *, steps: int, batch_size: int, dataset_size: int,
 
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=1e-2)
-    warmup = 200
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)),
-    )
+    schedule = warmup_cosine(optimizer, warmup=200, steps=steps)
     ema_unet = EMAModel(unet.parameters(), decay=0.999)
     ema_text = EMAModel(text_encoder.parameters(), decay=0.999)
 
     progress = tqdm(range(steps), desc="denoiser")
     for _ in progress:
-        index = torch.from_numpy(rng.integers(0, dataset_size, batch_size))
-        latents = (latent_mean[index] + latent_std[index] * torch.randn_like(latent_mean[index])) * scale
-        # 10% empty prompts teach the unconditional branch that classifier-free guidance needs.
-        prompts = ["" if rng.random() < 0.1 else world.training_prompt(scenes[i], rng) for i in index.tolist()]
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
+        index, latents, ids = training_batch(rng, latent_mean, latent_std, scale, scenes, tokenizer, batch_size)
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,))
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)

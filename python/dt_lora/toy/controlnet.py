@@ -12,7 +12,6 @@ controlled generation draws must still come from the prompt, and so from the (sh
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -52,7 +51,7 @@ def train_controlnet(out: Path, *, steps: int, batch_size: int, dataset_size: in
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from . import architecture
-    from .build import _encode_dataset
+    from .build import _encode_dataset, training_batch, warmup_cosine
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -72,19 +71,11 @@ def train_controlnet(out: Path, *, steps: int, batch_size: int, dataset_size: in
 
     parameters = list(controlnet.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-2)
-    warmup = 100
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)),
-    )
+    schedule = warmup_cosine(optimizer, warmup=100, steps=steps)
     progress = tqdm(range(steps), desc="controlnet")
     for _ in progress:
-        index = torch.from_numpy(rng.integers(0, dataset_size, batch_size))
-        latents = (latent_mean[index] + latent_std[index] * torch.randn_like(latent_mean[index])) * scale
         # 10% empty prompts, as in train_controlnet: the map must work for the unconditional branch too
-        prompts = ["" if rng.random() < 0.1 else world.training_prompt(scenes[i], rng) for i in index.tolist()]
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
+        index, latents, ids = training_batch(rng, latent_mean, latent_std, scale, scenes, tokenizer, batch_size)
         with torch.no_grad():
             text = text_encoder(ids).last_hidden_state
         noise = torch.randn_like(latents)
