@@ -202,8 +202,10 @@ class EvalReport:
                                  for c in self.conditions})
         for metric, values in self.quality.items():
             row(metric, values)
-        lines.append(f"\nImage distance (1 − cosine of {self.scorer} features) on anchor prompts: base → shielded "
-                     f"{self.distance['shielded']:.3f}; two seeds of the base, for scale, {self.distance['seed_to_seed']:.3f}.")
+        if self.distance:
+            lines.append(f"\nImage distance (1 − cosine of {self.scorer} features) on anchor prompts: base → shielded "
+                         f"{self.distance['shielded']:.3f}; two seeds of the base, for scale, "
+                         f"{self.distance['seed_to_seed']:.3f}.")
         return "\n".join(lines)
 
 
@@ -304,11 +306,13 @@ def evaluate_shields(
         shields[recipe.name] = result
 
     anchor_index = np.unique(np.concatenate([select(r.name, "anchors")[0] for r in recipes]))
-    base_features = scorer.features(drawn["base"][anchor_index])
-    shielded_features = scorer.features(drawn["shielded"][anchor_index])
-    first, second = base_features[0::images_per_prompt], base_features[1::images_per_prompt]
-    distance = {"shielded": float(1 - (base_features * shielded_features).sum(1).mean()),
-                "seed_to_seed": float(1 - (first * second).sum(1).mean())}
+    distance = {}
+    if len(anchor_index):
+        base_features = scorer.features(drawn["base"][anchor_index])
+        shielded_features = scorer.features(drawn["shielded"][anchor_index])
+        first, second = base_features[0::images_per_prompt], base_features[1::images_per_prompt]
+        distance = {"shielded": float(1 - (base_features * shielded_features).sum(1).mean()),
+                    "seed_to_seed": float(1 - (first * second).sum(1).mean())}
 
     settings = {"seed": seed, "images_per_prompt": images_per_prompt, "steps": steps, "guidance": guidance,
                 "negative_prompt": negative_prompt, "adapters": [str(a) for a in adapters],
@@ -354,7 +358,8 @@ def write_report(report: EvalReport, out_dir: str | Path, groups, position: dict
           f"{report.settings['steps']} steps, guidance {report.settings['guidance']}, "
           f"{images_per_prompt} images per prompt.\n", report.table(), "", "![overview: first prompts of each shield and its anchors](overview.png)"]
     page = [f"<h1>dt-lora evaluation</h1><p>{html.escape(md[1])}</p>", _markdown_table_to_html(report.table()),
-            f"<p>{html.escape(report.table().splitlines()[-1])}</p>", "<img src='overview.png'>"]
+            f"<p>{html.escape(report.table().splitlines()[-1]) if report.distance else ''}</p>",
+            "<img src='overview.png'>"]
     for title, rows in sections:
         md.append(f"\n## {title}\n\nEach picture: {columns}, left to right.\n")
         md += [f"- {prompt}<br>![{prompt}]({path})" for prompt, path in rows]
@@ -382,6 +387,8 @@ def _write_overview(out_dir: Path, conditions: list[str], sections, per_section:
             for prompt, path in section[:per_section]:
                 labels.setdefault(path, f"{title}: {prompt}")
     rows = [(label, path) for path, label in labels.items()]
+    if not rows:
+        return
     strips = [Image.open(out_dir / path).convert("RGB") for _, path in rows]
     label_width, header, height = 260, 20, strips[0].height + 4
     width = label_width + max(strip.width for strip in strips)
