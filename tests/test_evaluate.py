@@ -136,3 +136,12 @@ def test_missing_metric_weights_fail_before_generating(trained_shields, tmp_path
     error = capsys.readouterr().err
     assert "--inception-weights" in error and "--clip" in error
     assert not (tmp_path / "r").exists()
+
+
+def test_a_recipe_without_anchors_reports_targets_only(trained_shields, tmp_path):
+    recipe = tmp_path / "bare.toml"
+    recipe.write_text('name = "bare"\n[target]\nprompts = ["a red circle"]\n[train]\npreservation = "none"\n')
+    assert main(["eval", "--recipe", str(recipe), "--adapter", str(trained_shields["circle"]), "-o", str(tmp_path / "r")]) == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["shields"]["bare"]["target"]["shielded"] <= 0.5 < report["shields"]["bare"]["target"]["base"]
+    assert report["image_distance"] == {} and "Image distance" not in (tmp_path / "r" / "report.md").read_text()
