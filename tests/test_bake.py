@@ -16,8 +16,7 @@ from dt_lora.base import load_pipeline, unet_fingerprint
 from dt_lora.cli import main
 from lora_helpers import random_adapter, unet_output
 
-pytestmark = [pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")]
+pytestmark = pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters:RuntimeWarning")
 
 LAYERS_A = ["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
             "mid_block.attentions.0.transformer_blocks.0.attn2.to_v"]

@@ -13,8 +13,6 @@ from dt_lora.cli import main
 
 from conftest import ADAPTERS
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
 
 @pytest.fixture(scope="module")
 def circle_report(trained_shields, tmp_path_factory):

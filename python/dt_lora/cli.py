@@ -8,6 +8,7 @@ the pair and list the adder in `COMMANDS`.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -423,6 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code. Expected failures (bad input,
     missing files) print one line to stderr and return 2, no traceback."""
     args = build_parser().parse_args(argv)
+    # bitsandbytes warns at import, on CPUs with AVX-512 BF16, that its 4-bit inference kernel package is
+    # missing; dt-lora uses only its 8-bit optimizer, so the line is noise in every command's output
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         return args.run(args)
     except (ValueError, OSError) as exc:
