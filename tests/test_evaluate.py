@@ -78,7 +78,11 @@ def test_demo_bakes_evaluates_and_reuses_its_shields(trained_shields, tmp_path, 
 
     report = json.loads((out / "report" / "report.json").read_text())
     for name in ("toy-circle", "toy-red"):
-        assert report["shields"][name]["target"]["shielded"] <= 0.10
+        shield = report["shields"][name]
+        assert shield["target"]["shielded"] <= 0.10 and shield["paraphrases"]["shielded"] <= 0.20
+        base, shielded = shield["preservation"]["base"], shield["preservation"]["shielded"]
+        for concept, rate in shielded.items():  # the stacking bar: ≥ 0.9 × base for all else
+            assert rate >= 0.9 * base[concept], (name, concept, rate)
     provenance = json.loads((out / "toy-shielded" / "dt_lora.json").read_text())
     assert [c["name"] for c in provenance["concepts"]] == ["toy-circle", "toy-red"]
 
