@@ -9,7 +9,6 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
-from dt_lora import toy
 from dt_lora.adapters import AdapterError, load_adapters, unload_adapters, write_adapter
 from dt_lora.bake import bake
 from dt_lora.base import load_pipeline, unet_fingerprint
@@ -25,33 +24,28 @@ LAYERS_B = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
 
 
 @pytest.fixture(scope="module")
-def pipeline():
-    return toy.load()
-
-
-@pytest.fixture(scope="module")
-def shields(pipeline, tmp_path_factory):
+def shields(toy_pipeline, tmp_path_factory):
     folder = tmp_path_factory.mktemp("shields")
-    fingerprint = unet_fingerprint(pipeline.unet)
-    a = write_adapter(folder / "a.safetensors", random_adapter(pipeline.unet, LAYERS_A, 4, 2.0, 1, "circle", fingerprint))
-    b = write_adapter(folder / "b.safetensors", random_adapter(pipeline.unet, LAYERS_B, 8, 16.0, 2, "red", fingerprint))
+    fingerprint = unet_fingerprint(toy_pipeline.unet)
+    a = write_adapter(folder / "a.safetensors", random_adapter(toy_pipeline.unet, LAYERS_A, 4, 2.0, 1, "circle", fingerprint))
+    b = write_adapter(folder / "b.safetensors", random_adapter(toy_pipeline.unet, LAYERS_B, 8, 16.0, 2, "red", fingerprint))
     return a, b
 
 
 @pytest.fixture(scope="module")
-def stacked_output(pipeline, shields):
-    load_adapters(pipeline, shields, [1.0, 0.7])
+def stacked_output(toy_pipeline, shields):
+    load_adapters(toy_pipeline, shields, [1.0, 0.7])
     try:
-        return unet_output(pipeline.unet)
+        return unet_output(toy_pipeline.unet)
     finally:
-        unload_adapters(pipeline)
+        unload_adapters(toy_pipeline)
 
 
-def test_baked_folder_computes_the_stack_and_has_no_lora_left(pipeline, shields, stacked_output, tmp_path):
+def test_baked_folder_computes_the_stack_and_has_no_lora_left(toy_pipeline, shields, stacked_output, tmp_path):
     result = bake("toy", shields, tmp_path / "baked", weights=[1.0, 0.7], dtype=torch.float32)
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "baked" / "unet")
     assert not any("lora" in key for key in unet.state_dict())
-    assert (stacked_output - unet_output(pipeline.unet)).abs().max() > 1e-2  # the shields change the UNet
+    assert (stacked_output - unet_output(toy_pipeline.unet)).abs().max() > 1e-2  # the shields change the UNet
     torch.testing.assert_close(unet_output(unet), stacked_output, rtol=1e-4, atol=1e-5)
 
     provenance = json.loads((tmp_path / "baked" / "dt_lora.json").read_text())
@@ -76,9 +70,9 @@ def test_cli_bakes_float16_and_refuses_to_overwrite(shields, stacked_output, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shielded"]  # no temporary folder left behind
 
 
-def test_refuses_an_adapter_from_another_base_unless_forced(pipeline, tmp_path, capsys):
+def test_refuses_an_adapter_from_another_base_unless_forced(toy_pipeline, tmp_path, capsys):
     other = write_adapter(tmp_path / "other.safetensors",
-                          random_adapter(pipeline.unet, LAYERS_A, 4, 4, 3, "star", "0123456789abcdef"))
+                          random_adapter(toy_pipeline.unet, LAYERS_A, 4, 4, 3, "star", "0123456789abcdef"))
     assert main(["bake", "--adapter", str(other), "-o", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err
     assert "star" in error and "another base" in error and "--force" in error
@@ -86,8 +80,8 @@ def test_refuses_an_adapter_from_another_base_unless_forced(pipeline, tmp_path, 
     assert main(["bake", "--adapter", str(other), "-o", str(tmp_path / "out"), "--force"]) == 0
 
 
-def test_refuses_layers_the_base_does_not_have(pipeline, tmp_path):
-    adapter = random_adapter(pipeline.unet, LAYERS_A, 4, 4, 3, "star", unet_fingerprint(pipeline.unet))
+def test_refuses_layers_the_base_does_not_have(toy_pipeline, tmp_path):
+    adapter = random_adapter(toy_pipeline.unet, LAYERS_A, 4, 4, 3, "star", unet_fingerprint(toy_pipeline.unet))
     adapter.weights = {k.replace("down_blocks.0", "down_blocks.7"): v for k, v in adapter.weights.items()}
     path = write_adapter(tmp_path / "foreign.safetensors", adapter)
     with pytest.raises(AdapterError, match=r"down_blocks\.7.*no such layer"):
@@ -174,3 +168,10 @@ def test_merge_bake_and_kohya_export_compute_the_stack(model, tmp_path):
     exported = unet_output(pipeline.unet)
     pipeline.unload_lora_weights()
     torch.testing.assert_close(exported, stacked, rtol=1e-4, atol=1e-5)
+
+
+def test_single_file_needs_a_safetensors_name(shields, tmp_path, capsys):
+    out = tmp_path / "model.ckpt"
+    assert main(["bake", "--adapter", str(shields[0]), "-o", str(out), "--format", "single-file"]) == 2
+    assert "writes one .safetensors file" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

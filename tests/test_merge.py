@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dt_lora import toy
 from dt_lora.adapters import AdapterError, load_adapters, read_adapter, unload_adapters, write_adapter
 from dt_lora.cli import main
 from dt_lora.merge import merge_adapters
@@ -21,39 +20,34 @@ LAYERS_B = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
             "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0"]
 
 
-@pytest.fixture(scope="module")
-def pipeline():
-    return toy.load()
-
-
 @pytest.fixture
-def two_adapters(pipeline, tmp_path):
-    a = write_adapter(tmp_path / "a.safetensors", random_adapter(pipeline.unet, LAYERS_A, 4, 2.0, 1, "circle"))
-    b = write_adapter(tmp_path / "b.safetensors", random_adapter(pipeline.unet, LAYERS_B, 8, 16.0, 2, "red"))
+def two_adapters(toy_pipeline, tmp_path):
+    a = write_adapter(tmp_path / "a.safetensors", random_adapter(toy_pipeline.unet, LAYERS_A, 4, 2.0, 1, "circle"))
+    b = write_adapter(tmp_path / "b.safetensors", random_adapter(toy_pipeline.unet, LAYERS_B, 8, 16.0, 2, "red"))
     return a, b
 
 
-def test_exact_merge_equals_the_stack_on_unet_outputs(pipeline, two_adapters, tmp_path):
+def test_exact_merge_equals_the_stack_on_unet_outputs(toy_pipeline, two_adapters, tmp_path):
     a, b = two_adapters
-    base = unet_output(pipeline.unet)
-    load_adapters(pipeline, [a, b], [1.0, 0.7])
-    stacked = unet_output(pipeline.unet)
-    unload_adapters(pipeline)
+    base = unet_output(toy_pipeline.unet)
+    load_adapters(toy_pipeline, [a, b], [1.0, 0.7])
+    stacked = unet_output(toy_pipeline.unet)
+    unload_adapters(toy_pipeline)
 
     merged = merge_adapters([a, b], [1.0, 0.7])
     path = write_adapter(tmp_path / "merged.safetensors", merged.adapter)
     assert read_adapter(path).rank == 12 and read_adapter(path).alpha == 12
-    load_adapters(pipeline, [path])
-    got = unet_output(pipeline.unet)
-    unload_adapters(pipeline)
+    load_adapters(toy_pipeline, [path])
+    got = unet_output(toy_pipeline.unet)
+    unload_adapters(toy_pipeline)
 
     assert (stacked - base).abs().max() > 1e-2  # the adapters do change the UNet
     torch.testing.assert_close(got, stacked, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(unet_output(pipeline.unet), base)  # unloading restores the base
+    torch.testing.assert_close(unet_output(toy_pipeline.unet), base)  # unloading restores the base
     assert [c["name"] for c in read_adapter(path).concepts] == ["circle", "red"]
 
 
-def test_compact_merge_reports_its_error_and_is_exact_at_full_rank(pipeline, two_adapters):
+def test_compact_merge_reports_its_error_and_is_exact_at_full_rank(toy_pipeline, two_adapters):
     a, b = two_adapters
     exact = merge_adapters([a, b], rank=12)  # every layer's summed delta has rank ≤ 12
     assert exact.overall_error < 1e-5
@@ -64,17 +58,17 @@ def test_compact_merge_reports_its_error_and_is_exact_at_full_rank(pipeline, two
     assert truncated.adapter.rank == 2 and truncated.adapter.alpha == 2
 
 
-def test_merge_refuses_different_bases_unless_forced(pipeline, tmp_path):
-    a = write_adapter(tmp_path / "a.safetensors", random_adapter(pipeline.unet, LAYERS_A, 4, 4, 1, "x", "base-one"))
-    b = write_adapter(tmp_path / "b.safetensors", random_adapter(pipeline.unet, LAYERS_B, 4, 4, 2, "y", "base-two"))
+def test_merge_refuses_different_bases_unless_forced(toy_pipeline, tmp_path):
+    a = write_adapter(tmp_path / "a.safetensors", random_adapter(toy_pipeline.unet, LAYERS_A, 4, 4, 1, "x", "base-one"))
+    b = write_adapter(tmp_path / "b.safetensors", random_adapter(toy_pipeline.unet, LAYERS_B, 4, 4, 2, "y", "base-two"))
     with pytest.raises(AdapterError, match="different base models.*--force"):
         merge_adapters([a, b])
     assert merge_adapters([a, b], force=True).adapter.rank == 8
 
 
-def test_merge_refuses_incompatible_layers(pipeline, tmp_path):
-    good = random_adapter(pipeline.unet, LAYERS_A, 4, 4, 1, "x")
-    bad = random_adapter(pipeline.unet, LAYERS_A, 4, 4, 2, "y")
+def test_merge_refuses_incompatible_layers(toy_pipeline, tmp_path):
+    good = random_adapter(toy_pipeline.unet, LAYERS_A, 4, 4, 1, "x")
+    bad = random_adapter(toy_pipeline.unet, LAYERS_A, 4, 4, 2, "y")
     bad.weights[f"{LAYERS_A[0]}.lora_B.weight"] = torch.zeros(7, 4)
     a = write_adapter(tmp_path / "a.safetensors", good)
     b = write_adapter(tmp_path / "b.safetensors", bad)
@@ -107,7 +101,7 @@ def test_generate_cli_stacks_adapters(two_adapters, tmp_path, capsys):
     assert main(["generate", "a red circle", "-o", str(out), "-n", "1", "--steps", "2"]) == 2
 
 
-def test_kohya_export_keeps_alpha_and_draws_the_same(pipeline, two_adapters, tmp_path):
+def test_kohya_export_keeps_alpha_and_draws_the_same(toy_pipeline, two_adapters, tmp_path):
     from safetensors import safe_open
 
     a, _ = two_adapters  # rank 4, alpha 2: a converter that writes alpha = rank would double the scale
@@ -119,10 +113,10 @@ def test_kohya_export_keeps_alpha_and_draws_the_same(pipeline, two_adapters, tmp
     assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_v.lora_down.weight" in keys
     assert alpha.item() == 2.0
 
-    load_adapters(pipeline, [a])
-    original = unet_output(pipeline.unet)
-    unload_adapters(pipeline)
-    pipeline.load_lora_weights(str(out), adapter_name="kohya")
-    exported = unet_output(pipeline.unet)
-    pipeline.unload_lora_weights()
+    load_adapters(toy_pipeline, [a])
+    original = unet_output(toy_pipeline.unet)
+    unload_adapters(toy_pipeline)
+    toy_pipeline.load_lora_weights(str(out), adapter_name="kohya")
+    exported = unet_output(toy_pipeline.unet)
+    toy_pipeline.unload_lora_weights()
     torch.testing.assert_close(exported, original, rtol=1e-4, atol=1e-5)

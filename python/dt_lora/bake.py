@@ -73,6 +73,8 @@ def bake(base: str, adapters, out: str | Path, *, format: str = "diffusers", wei
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    if format == "single-file" and out.suffix != ".safetensors":
+        raise ValueError(f"--format single-file writes one .safetensors file; got {out}")
     pipeline = load_pipeline(base)
     concepts = fuse_adapters(pipeline, adapters, weights, force=force)
     with diffusers_errors_only():  # "modules that should be kept in float32: []": SD has none

@@ -293,9 +293,6 @@ def run_bake(args: argparse.Namespace) -> int:
 
     from dt_lora.bake import bake
 
-    _refuse_overwrite(args.out, args.overwrite)
-    if args.format == "single-file" and args.out.suffix != ".safetensors":
-        raise ValueError(f"--format single-file writes one .safetensors file; got {args.out}")
     result = bake(args.base, [p for p, _ in args.adapter], args.out, format=args.format,
                   weights=[w for _, w in args.adapter], dtype=getattr(torch, DTYPES[args.dtype]),
                   force=args.force, overwrite=args.overwrite)

@@ -203,10 +203,13 @@ class EvalReport:
         for metric, values in self.quality.items():
             row(metric, values)
         if self.distance:
-            lines.append(f"\nImage distance (1 − cosine of {self.scorer} features) on anchor prompts: base → shielded "
-                         f"{self.distance['shielded']:.3f}; two seeds of the base, for scale, "
-                         f"{self.distance['seed_to_seed']:.3f}.")
+            lines.append("\n" + self.distance_line())
         return "\n".join(lines)
+
+    def distance_line(self) -> str:
+        return (f"Image distance (1 − cosine of {self.scorer} features) on anchor prompts: base → shielded "
+                f"{self.distance['shielded']:.3f}; two seeds of the base, for scale, "
+                f"{self.distance['seed_to_seed']:.3f}.")
 
 
 def _mean(values) -> float | None:
@@ -358,7 +361,7 @@ def write_report(report: EvalReport, out_dir: str | Path, groups, position: dict
           f"{report.settings['steps']} steps, guidance {report.settings['guidance']}, "
           f"{images_per_prompt} images per prompt.\n", report.table(), "", "![overview: first prompts of each shield and its anchors](overview.png)"]
     page = [f"<h1>dt-lora evaluation</h1><p>{html.escape(md[1])}</p>", _markdown_table_to_html(report.table()),
-            f"<p>{html.escape(report.table().splitlines()[-1]) if report.distance else ''}</p>",
+            f"<p>{html.escape(report.distance_line()) if report.distance else ''}</p>",
             "<img src='overview.png'>"]
     for title, rows in sections:
         md.append(f"\n## {title}\n\nEach picture: {columns}, left to right.\n")

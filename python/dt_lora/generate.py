@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -16,12 +16,14 @@ def generate_images(
     guidance: float,
     batch_size: int = 64,
     negative_prompt: str | None = None,
+    batch_inputs: Callable[[slice], dict] | None = None,
     progress: bool = False,
 ) -> np.ndarray:
     """Generate one image per prompt; returns uint8 NHWC.
 
     Each image gets its own generator seeded with `seed + index`, so an image does not depend on the
-    batch size or on which other prompts share its batch.
+    batch size or on which other prompts share its batch. `batch_inputs(batch)` gives further pipeline
+    arguments for the prompts `prompts[batch]` (a ControlNet's control images, say).
     """
     import torch
     from tqdm.auto import tqdm
@@ -39,6 +41,7 @@ def generate_images(
                 guidance_scale=guidance,
                 generator=generators,
                 output_type="np",
+                **(batch_inputs(slice(start, start + len(batch))) if batch_inputs else {}),
             ).images
         chunks.append(np.ascontiguousarray(np.clip(np.rint(images * 255), 0, 255), dtype=np.uint8))
     return np.concatenate(chunks) if chunks else np.zeros((0, 0, 0, 3), dtype=np.uint8)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..generate import generate_images
 from . import DEFAULT_GUIDANCE, DEFAULT_STEPS, world
 from .evaluator import Evaluation, Evaluator, named_concepts
 from .quality import EVAL_SEED, concept_prompts
@@ -124,23 +125,11 @@ def generate_controlled(pipeline, controlnet, prompts: Sequence[str], maps: np.n
     """
     if len(maps) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(maps)} maps")
-    controlled = control_pipeline(pipeline, controlnet)
-    chunks = []
-    for start in range(0, len(prompts), batch_size):
-        batch = list(prompts[start:start + batch_size])
-        generators = [torch.Generator(device="cpu").manual_seed(seed + start + i) for i in range(len(batch))]
-        with torch.inference_mode():
-            images = controlled(
-                batch,
-                image=map_pixels(maps[start:start + batch_size]),
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                controlnet_conditioning_scale=conditioning_scale,
-                generator=generators,
-                output_type="np",
-            ).images
-        chunks.append(np.ascontiguousarray(np.clip(np.rint(images * 255), 0, 255), dtype=np.uint8))
-    return np.concatenate(chunks) if chunks else np.zeros((0, 0, 0, 3), dtype=np.uint8)
+    return generate_images(
+        control_pipeline(pipeline, controlnet), prompts, seed=seed, steps=steps, guidance=guidance,
+        batch_size=batch_size,
+        batch_inputs=lambda batch: {"image": map_pixels(maps[batch]), "controlnet_conditioning_scale": conditioning_scale},
+    )
 
 
 def object_masks(images: np.ndarray) -> np.ndarray:
@@ -193,8 +182,6 @@ class ControlQuality:
 def measure_control(pipeline, controlnet, evaluator: Evaluator, *, per_combination: int = 4,
                     steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE) -> ControlQuality:
     """Generate every (shape, colour) pair with and without its location map, from the same seeds."""
-    from ..generate import generate_images
-
     prompts, scenes = control_scenes(per_combination)
     maps = world.location_maps([s.centre for s in scenes], [s.radius for s in scenes])
     controlled = generate_controlled(pipeline, controlnet, prompts, maps, seed=EVAL_SEED, steps=steps,
