@@ -250,8 +250,10 @@ def evaluate_shields(
     The shielded model is `base_pipeline` with `adapters` stacked, or `shielded_pipeline` (a baked one).
     With `quality`, every condition also draws one image per caption and gets FID / IS / CLIP score.
     """
-    from .adapters import load_adapters, unload_adapters
+    from .adapters import load_adapters, read_adapter, unload_adapters
 
+    for path in adapters:
+        read_adapter(path)  # a damaged adapter fails now, not after the base model has drawn everything
     if not recipes:
         raise ValueError("nothing to evaluate: give at least one recipe")
     if bool(adapters) == (shielded_pipeline is not None):
