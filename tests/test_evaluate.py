@@ -147,3 +147,16 @@ def test_a_recipe_without_anchors_reports_targets_only(trained_shields, tmp_path
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["shields"]["bare"]["target"]["shielded"] <= 0.5 < report["shields"]["bare"]["target"]["base"]
     assert report["image_distance"] == {} and "Image distance" not in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_a_damaged_adapter_fails_before_anything_is_drawn(tmp_path, capsys, monkeypatch):
+    def no_drawing(*args, **kwargs):
+        raise AssertionError("generated images before checking the adapter")
+
+    monkeypatch.setattr("dt_lora.evaluate.generate_images", no_drawing)
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    code = main(["eval", "--recipe", str(ADAPTERS / "toy-circle.toml"), "--adapter", str(damaged), "-o", str(tmp_path / "r")])
+    assert code == 2
+    assert "damaged.safetensors: not a readable .safetensors file" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
