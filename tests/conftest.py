@@ -1,5 +1,6 @@
 """Fixtures several test files share. The trained shields are expensive (about a minute each), so
-they are trained once per session, with the shipped recipes, and reused."""
+they are trained once per session, with the shipped recipes, and reused; every test that uses them
+is marked `slow` here (`pytest -m "not slow"` leaves them out)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
-SHIELDED = ("circle", "red")  # one shape, one colour
+from lora_helpers import SHIELDED
+
+SLOW_FIXTURES = {"trained_shields"}
+
+
+def pytest_collection_modifyitems(items):
+    # fixturenames holds every fixture a test needs, directly or through other fixtures
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -21,13 +30,14 @@ def toy_pipeline():
 
 @pytest.fixture(scope="session")
 def trained_shields(toy_pipeline, tmp_path_factory) -> dict[str, Path]:
-    """concept → adapter trained with adapters/toy-<concept>.toml (named toy-<concept>.safetensors)."""
+    """concept → adapter trained with the shipped recipe toy-<concept> (named toy-<concept>.safetensors)."""
     from dt_lora.recipe import load_recipe
+    from dt_lora.recipes import recipe_path
     from dt_lora.train import train_adapter
 
     folder = tmp_path_factory.mktemp("shields")
     return {
-        concept: train_adapter(load_recipe(ADAPTERS / f"toy-{concept}.toml"), folder / f"toy-{concept}.safetensors",
+        concept: train_adapter(load_recipe(recipe_path(f"toy-{concept}")), folder / f"toy-{concept}.safetensors",
                                cache_dir=folder / "cache", pipeline=toy_pipeline, progress=False).adapter
         for concept in SHIELDED
     }

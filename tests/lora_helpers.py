@@ -1,10 +1,13 @@
-"""Shared by the adapter tests: random LoRA adapters on chosen layers, and a fixed UNet probe."""
+"""Shared by the adapter tests: random LoRA adapters on chosen layers, a fixed UNet probe, and the
+concepts conftest's `trained_shields` trains."""
 
 from __future__ import annotations
 
 import torch
 
 from dt_lora.adapters import AdapterFile
+
+SHIELDED = ("circle", "red")  # one shape, one colour: the keys of the `trained_shields` fixture
 
 
 def random_adapter(unet, layers, rank, alpha, seed, name, fingerprint="same-base") -> AdapterFile:

@@ -17,9 +17,10 @@ import torch
 from dt_lora import toy
 from dt_lora.generate import generate_images
 from dt_lora.toy import world
-from dt_lora.toy.controlnet import (CONDITIONING_CHANNELS, centroid_error, control_pipeline, control_scenes,
-                                    generate_controlled, map_pixels, measure_control)
-from dt_lora.toy.quality import EVAL_SEED
+from dt_lora.toy import EVAL_SEED
+from dt_lora.toy.build.controlnet import CONDITIONING_CHANNELS
+from dt_lora.toy.controlnet import control_pipeline, generate_controlled, map_pixels
+from dt_lora.toy.quality import centroid_error, control_scenes, measure_control
 
 
 @pytest.fixture(scope="module")

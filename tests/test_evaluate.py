@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 
 from dt_lora.cli import main
-
-from conftest import ADAPTERS
+from dt_lora.recipes import recipe_path
 
 
 @pytest.fixture(scope="module")
 def circle_report(trained_shields, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "report"
-    code = main(["eval", "--recipe", str(ADAPTERS / "toy-circle.toml"), "--adapter", str(trained_shields["circle"]),
+    code = main(["eval", "--recipe", str(recipe_path("toy-circle")), "--adapter", str(trained_shields["circle"]),
                  "--negative-prompt", "circle", "-o", str(out)])
     assert code == 0
     return out, json.loads((out / "report.json").read_text())
@@ -45,7 +44,7 @@ def test_report_files_show_every_prompt_before_and_after(circle_report):
     from dt_lora.recipe import load_recipe
 
     out, _ = circle_report
-    recipe = load_recipe(ADAPTERS / "toy-circle.toml")
+    recipe = load_recipe(recipe_path("toy-circle"))
     prompts = len(recipe.target_prompts) + len(recipe.target.paraphrases) + len(recipe.anchor_prompts)
     grids = sorted((out / "grids").glob("*.png"))
     assert len(grids) == prompts
@@ -60,7 +59,7 @@ def test_report_files_show_every_prompt_before_and_after(circle_report):
 
 def test_eval_refuses_what_it_cannot_score(trained_shields, tmp_path, capsys):
     recipe = tmp_path / "mickey.toml"
-    shutil.copy(ADAPTERS / "sd15-character-mickey.toml", recipe)
+    shutil.copy(recipe_path("sd15-character-mickey"), recipe)
     code = main(["eval", "--recipe", str(recipe), "--adapter", str(trained_shields["circle"]), "-o", str(tmp_path / "r")])
     assert code == 2
     assert "toy evaluator cannot score it; pass --clip" in capsys.readouterr().err
@@ -132,7 +131,7 @@ def test_clip_scorer_and_quality_metrics_plumbing(trained_shields, clip_folder, 
 def test_missing_metric_weights_fail_before_generating(trained_shields, tmp_path, capsys):
     captions = tmp_path / "captions.txt"
     captions.write_text("a red circle\n")
-    code = main(["eval", "--recipe", str(ADAPTERS / "toy-circle.toml"), "--adapter", str(trained_shields["circle"]),
+    code = main(["eval", "--recipe", str(recipe_path("toy-circle")), "--adapter", str(trained_shields["circle"]),
                  "--captions", str(captions), "--metrics", "is,clip", "-o", str(tmp_path / "r")])
     assert code == 2
     error = capsys.readouterr().err
@@ -156,7 +155,7 @@ def test_a_damaged_adapter_fails_before_anything_is_drawn(tmp_path, capsys, monk
     monkeypatch.setattr("dt_lora.evaluate.generate_images", no_drawing)
     damaged = tmp_path / "damaged.safetensors"
     damaged.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    code = main(["eval", "--recipe", str(ADAPTERS / "toy-circle.toml"), "--adapter", str(damaged), "-o", str(tmp_path / "r")])
+    code = main(["eval", "--recipe", str(recipe_path("toy-circle")), "--adapter", str(damaged), "-o", str(tmp_path / "r")])
     assert code == 2
     assert "damaged.safetensors: not a readable .safetensors file" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()

@@ -12,8 +12,10 @@ import pytest
 
 from dt_lora import toy
 from dt_lora.toy.quality import shield_report, shield_reports
+from lora_helpers import SHIELDED
 
-from conftest import SHIELDED
+# every test draws hundreds of images, most with shields trained for the session
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ from dt_lora import toy
 from dt_lora.base import BaseModelNotFound, load_pipeline
 from dt_lora.scramble import scramble_grid
 from dt_lora.toy import world
-from dt_lora.toy.quality import EVAL_SEED, measure
+from dt_lora.toy import EVAL_SEED
+from dt_lora.toy.quality import measure
 
 
 @pytest.fixture(scope="module")

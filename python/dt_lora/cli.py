@@ -100,7 +100,8 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
             "with a flag --<section>-<key> (lists comma-separated)."
         ),
     )
-    parser.add_argument("recipe", type=Path, nargs="?", metavar="RECIPE", help="concept recipe (.toml)")
+    parser.add_argument("recipe", type=Path, nargs="?", metavar="RECIPE",
+                        help="concept recipe (.toml), or a shipped recipe's name (`dt-lora recipes`)")
     parser.add_argument("-o", "--out", type=Path, help="adapter file (default: <recipe folder>/<name>.safetensors)")
     parser.add_argument("--cache-dir", type=Path, default=Path(".dt-lora-cache"),
                         help="where generated data and latents are cached (default: .dt-lora-cache)")
@@ -116,10 +117,11 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from dt_lora.recipe import load_recipe
+    from dt_lora.recipes import recipe_path
     from dt_lora.train import TrainingDiverged, train_adapter
 
     overrides = {k[len("set:"):]: v for k, v in vars(args).items() if k.startswith("set:") and v is not None}
-    recipe = load_recipe(args.recipe, overrides)
+    recipe = load_recipe(recipe_path(args.recipe) if args.recipe else None, overrides)
     out = args.out or (args.recipe.parent if args.recipe else Path(".")) / f"{recipe.name}.safetensors"
     try:
         result = train_adapter(recipe, out, cache_dir=args.cache_dir, overwrite=args.overwrite,
@@ -383,7 +385,7 @@ def add_demo_command(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("-o", "--out", type=Path, default=Path("dt-lora-demo"), help="default: dt-lora-demo")
     parser.add_argument("--recipes", type=Path, default=None,
-                        help="folder with toy-circle.toml and toy-red.toml (default: ./adapters)")
+                        help="folder with toy-circle.toml and toy-red.toml (default: the shipped recipes)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run_demo)
 
@@ -397,11 +399,41 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- recipes
+
+
+def add_recipes_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "recipes",
+        help="list the concept recipes that ship with dt-lora",
+        description="Print each shipped recipe's name, base model and target (how many prompts, the first "
+        "one). `dt-lora train NAME` trains one; `--path` prints where its file is, to copy and edit it.",
+    )
+    parser.add_argument("--path", action="store_true", help="also print each recipe's file")
+    parser.set_defaults(run=run_recipes)
+
+
+def run_recipes(args: argparse.Namespace) -> int:
+    from dt_lora.recipe import load_recipe
+    from dt_lora.recipes import list_recipes, recipe_path
+
+    recipes = {name: load_recipe(recipe_path(name)) for name in list_recipes()}
+    if not recipes:
+        raise FileNotFoundError("no shipped recipes found: reinstall dt-lora")
+    name_width = max(len(name) for name in recipes)
+    base_width = max(len(recipe.base) for recipe in recipes.values())
+    for name, recipe in recipes.items():
+        prompts = recipe.target_prompts
+        line = f"{name:<{name_width}}  {recipe.base:<{base_width}}  {len(prompts)} target prompts, e.g. {prompts[0]!r}"
+        print(line + (f"  {recipe_path(name)}" if args.path else ""))
+    return 0
+
+
 # ---------------------------------------------------------------- entry point
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_scramble_command, add_train_command, add_generate_command, add_merge_command, add_export_command,
-    add_bake_command, add_eval_command, add_demo_command,
+    add_bake_command, add_eval_command, add_demo_command, add_recipes_command,
 ]
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .adapters import AdapterError, read_adapter, write_adapter
+from .recipes import RECIPES_DIR
 
 CONCEPTS = ("circle", "red")
 
@@ -28,14 +29,13 @@ class DemoResult:
 
 
 def find_recipes(folder: str | Path | None = None) -> Path:
-    """The folder holding `toy-circle.toml` …: `folder`, else ./adapters, else the checkout's adapters/."""
-    candidates = [Path(folder)] if folder else [Path("adapters"), Path(__file__).resolve().parents[2] / "adapters"]
-    for candidate in candidates:
-        if all((candidate / f"toy-{c}.toml").is_file() for c in CONCEPTS):
-            return candidate
-    raise FileNotFoundError(
-        f"the demo's recipes ({', '.join(f'toy-{c}.toml' for c in CONCEPTS)}) are not in "
-        + " or ".join(str(c) for c in candidates) + "; run from the dt-lora checkout or pass --recipes DIR")
+    """The folder holding `toy-circle.toml` …: `folder`, else the recipes shipped with dt-lora."""
+    candidate = Path(folder) if folder else RECIPES_DIR
+    missing = [f"toy-{c}.toml" for c in CONCEPTS if not (candidate / f"toy-{c}.toml").is_file()]
+    if missing:
+        raise FileNotFoundError(f"the demo's recipes {', '.join(missing)} are not in {candidate}"
+                                + ("" if folder else "; reinstall dt-lora or pass --recipes DIR"))
+    return candidate
 
 
 def _reusable(path: Path, name: str, fingerprint: str) -> bool:

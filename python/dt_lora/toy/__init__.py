@@ -5,7 +5,10 @@
     dt_lora.toy.evaluate(images, ["a red circle"] * 8).shape_rates   # {'circle': 1.0}
     controlnet = dt_lora.toy.load_controlnet()      # a diffusers ControlNetModel on location maps (controlnet.py)
 
-The model folder ships inside the package (`MODEL_DIR`) and was made by `python -m dt_lora.toy.build`.
+Run time is this module (loaders), `world` (renders and prompts), `evaluator` (the classifier),
+`controlnet` (generating under control) and `quality` (every measurement). The model folder ships
+inside the package (`MODEL_DIR`) and was made by `python -m dt_lora.toy.build` (`toy/build/`, the
+training code; nothing at run time imports it).
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ MODEL_DIR = Path(__file__).parent / "model"
 # The sampler the toy world's quality numbers are measured with.
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 5.0
+# The first seed of every measurement (`quality`, `dt-lora eval`): far from every seed that the build and
+# shield training use, so measurements always draw from seeds never seen in training.
+EVAL_SEED = 1_000_000
 
 
 def load(device: str = "cpu", dtype=None, model_dir: str | Path | None = None):
@@ -72,6 +78,6 @@ def evaluate(images, prompts: Sequence[str]):
 
 
 __all__ = [
-    "COLOURS", "DEFAULT_GUIDANCE", "DEFAULT_STEPS", "HELDOUT_TEMPLATES", "MODEL_DIR", "SHAPES",
+    "COLOURS", "DEFAULT_GUIDANCE", "DEFAULT_STEPS", "EVAL_SEED", "HELDOUT_TEMPLATES", "MODEL_DIR", "SHAPES",
     "TRAIN_TEMPLATES", "evaluate", "load", "load_controlnet", "load_evaluator", "prompt_for",
 ]

@@ -1,20 +1,47 @@
-"""The toy world's quality measurements: the numbers in the model card and in the tests.
+"""The toy world's measurements: the numbers in the model card, `dt-lora eval`'s toy scorer and the tests.
 
-Generation seeds start at 1_000_000, far from every seed the build uses, so these are always
-generations from seeds not seen in training.
+What the evaluator's verdicts mean (`target_concept`, `shows_concept`, `drawn_rates`: used by
+`dt_lora.evaluate.ToyScorer`), the model's quality (`measure`), a shield's effect (`shield_report`)
+and the ControlNet's steering (`measure_control`). Generation seeds start at `EVAL_SEED`, far from
+every seed the build uses, so these are always generations from seeds not seen in training.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
 from ..generate import generate_images
-from . import DEFAULT_GUIDANCE, DEFAULT_STEPS, world
-from .evaluator import Evaluation, Evaluator
+from . import DEFAULT_GUIDANCE, DEFAULT_STEPS, EVAL_SEED, world
+from .controlnet import generate_controlled
+from .evaluator import Evaluation, Evaluator, named_concepts
 
-EVAL_SEED = 1_000_000
+
+def target_concept(prompts: Sequence[str]) -> str | None:
+    """The toy shape or colour that every one of `prompts` names; None if there is none."""
+    for concept in world.SHAPES + world.COLOURS:
+        if all(concept in p.split() for p in prompts):
+            return concept
+    return None
+
+
+def shows_concept(evaluator: Evaluator, images, concept: str) -> np.ndarray:
+    """Per image: does it show `concept`? A colour counts only on a recognisable shape: tile soup of
+    red is no red object (the rule `Evaluator.evaluate`'s colour rates follow too)."""
+    shapes, colours, _ = evaluator.predict(images)
+    if concept in world.SHAPES:
+        return shapes == world.SHAPES.index(concept)
+    if concept in world.COLOURS:
+        return (colours == world.COLOURS.index(concept)) & (shapes != len(world.SHAPES))
+    raise ValueError(f"unknown toy concept {concept!r}; choose from {world.SHAPES + world.COLOURS}")
+
+
+def drawn_rates(evaluator: Evaluator, images, prompts: Sequence[str]) -> dict[str, float]:
+    """Per shape and colour named in `prompts`: the share of its images that show it."""
+    evaluation = evaluator.evaluate(images, prompts)
+    return {**evaluation.shape_rates, **evaluation.colour_rates}
 
 
 def concept_prompts(per_combination: int, templates=world.TRAIN_TEMPLATES) -> list[str]:
@@ -127,3 +154,68 @@ def shield_reports(pipeline, evaluator: Evaluator, targets, *, adapters=(), per_
                                        rate_of(target, on_paraphrase, paraphrase_images, paraphrases),
                                        rest.shape_rates, rest.colour_rates)
     return reports
+
+
+# --- the ControlNet: does it steer where the object goes, and leave what it is to the prompt? ---
+
+# An object pixel differs from the background (the border's median colour) by more than this (of 255).
+OBJECT_THRESHOLD = 48.0
+
+
+def object_masks(images: np.ndarray) -> np.ndarray:
+    """Which pixels of each uint8 NHWC image belong to the object: those far from the border's median
+    colour (every toy object lies inside the border, on a flat grey background)."""
+    pixels = images.astype(np.float32)
+    border = np.concatenate([pixels[:, 0], pixels[:, -1], pixels[:, 1:-1, 0], pixels[:, 1:-1, -1]], axis=1)
+    background = np.median(border, axis=1)[:, None, None, :]
+    return np.linalg.norm(pixels - background, axis=-1) > OBJECT_THRESHOLD
+
+
+def centroids(images: np.ndarray) -> np.ndarray:
+    """(x, y) centroid of each image's object in `Scene.centre` coordinates; the image centre if none."""
+    masks = object_masks(images)
+    coords = np.arange(images.shape[2]) + 0.5
+    counts = masks.sum(axis=(1, 2))
+    xs = (masks * coords[None, None, :]).sum(axis=(1, 2))
+    ys = (masks * coords[None, :, None]).sum(axis=(1, 2))
+    middle = images.shape[2] / 2
+    return np.stack([np.where(counts > 0, xs / np.maximum(counts, 1), middle),
+                     np.where(counts > 0, ys / np.maximum(counts, 1), middle)], axis=1)
+
+
+def centroid_error(images: np.ndarray, scenes: Sequence[world.Scene]) -> float:
+    """Mean distance in pixels between each image's object centroid and its scene's centre."""
+    wanted = np.array([scene.centre for scene in scenes])
+    return float(np.linalg.norm(centroids(images) - wanted, axis=1).mean())
+
+
+def control_scenes(per_combination: int) -> tuple[list[str], list[world.Scene]]:
+    """The quality prompts (`concept_prompts`) and, for each, a scene of its shape and colour whose
+    location map will steer it; seeded from EVAL_SEED, so never a training scene."""
+    rng = np.random.default_rng(EVAL_SEED)
+    prompts = concept_prompts(per_combination)
+    return prompts, [world.random_scene(rng, *named_concepts(p)) for p in prompts]
+
+
+@dataclass
+class ControlQuality:
+    controlled: Evaluation
+    uncontrolled: Evaluation
+    controlled_error: float  # mean centroid error (pixels) of generations under their location maps
+    uncontrolled_error: float  # the same scenes' centres against generations without control
+
+    def summary(self) -> dict:
+        return {"centroid_error": {"controlled": self.controlled_error, "uncontrolled": self.uncontrolled_error},
+                "controlled": self.controlled.summary(), "uncontrolled": self.uncontrolled.summary()}
+
+
+def measure_control(pipeline, controlnet, evaluator: Evaluator, *, per_combination: int = 4,
+                    steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE) -> ControlQuality:
+    """Generate every (shape, colour) pair with and without its location map, from the same seeds."""
+    prompts, scenes = control_scenes(per_combination)
+    maps = world.location_maps([s.centre for s in scenes], [s.radius for s in scenes])
+    controlled = generate_controlled(pipeline, controlnet, prompts, maps, seed=EVAL_SEED, steps=steps,
+                                     guidance=guidance)
+    uncontrolled = generate_images(pipeline, prompts, seed=EVAL_SEED, steps=steps, guidance=guidance)
+    return ControlQuality(evaluator.evaluate(controlled, prompts), evaluator.evaluate(uncontrolled, prompts),
+                          centroid_error(controlled, scenes), centroid_error(uncontrolled, scenes))

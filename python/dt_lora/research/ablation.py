@@ -1,8 +1,8 @@
 """Measure the Degeneration-Tuning choices that matter on the toy world.
 
-    python -m dt_lora.toy.ablation --target circle --out docs/ablation-circle.json
+    python -m dt_lora.research.ablation --target circle --out docs/ablation-circle.json
 
-Each variant trains the target's shipped recipe with one setting changed and scores the shield with
+Each variant trains the target's shipped recipe (`dt-lora recipes`) with one setting changed and scores the shield with
 the toy evaluator (seeds 1,000,000+, never used in training). Data caches are shared between
 variants that generate the same data, so only grid and scrambling-space variants regenerate.
 """
@@ -18,10 +18,9 @@ from pathlib import Path
 from .. import toy
 from ..io import atomic_write
 from ..recipe import load_recipe
+from ..recipes import recipe_path as shipped_recipe
+from ..toy.quality import shield_report
 from ..train import train_adapter
-from .quality import shield_report
-
-ADAPTERS = Path(__file__).resolve().parents[3] / "adapters"
 
 VARIANTS: dict[str, dict[str, str]] = {
     "default": {},
@@ -50,7 +49,7 @@ VARIANTS: dict[str, dict[str, str]] = {
 def run(target: str, variants: list[str], recipe_path: Path | None = None, per_combination: int = 4) -> dict:
     pipeline = toy.load()
     evaluator = toy.load_evaluator()
-    recipe_path = recipe_path or ADAPTERS / f"toy-{target}.toml"
+    recipe_path = recipe_path or shipped_recipe(f"toy-{target}")
     results = {"base": shield_report(pipeline, evaluator, target, per_combination=per_combination).as_dict()}
     with tempfile.TemporaryDirectory() as tmp:
         for name in variants:
@@ -84,11 +83,11 @@ def table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dt_lora.toy.ablation", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m dt_lora.research.ablation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="circle", help="toy concept (a shape or a colour)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant names")
-    parser.add_argument("--recipe", type=Path, help="recipe to vary (default: adapters/toy-<target>.toml)")
+    parser.add_argument("--recipe", type=Path, help="recipe to vary (default: the shipped toy-<target>)")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]

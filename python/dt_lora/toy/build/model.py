@@ -1,26 +1,13 @@
-"""Build the toy world's model from nothing: `python -m dt_lora.toy.build --out DIR`.
+"""Build-time training of the toy pipeline itself: tokenizer, VAE, denoiser (text encoder + UNet).
 
-Stages, each seeded and each saving its result into DIR so a later stage (or a re-run with
-`--stages`) starts from it:
-
-  tokenizer  a CLIP BPE vocabulary over the toy world's words
-  vae        AutoencoderKL, 32×32×3 ↔ 8×8×4, trained on renders
-  denoiser   CLIPTextModel and UNet2DConditionModel trained jointly on the VAE's latents; the text
-             encoder must learn the words too, or neighbouring concepts would share one embedding
-  evaluator  the shape/colour classifier that scores generations (see `evaluator.py`)
-  controlnet a ControlNet on the finished UNet, conditioned on location maps (see `controlnet.py`);
-             saved to DIR/controlnet, outside model_index.json, so the pipeline loads as before
-  card       measure the finished pipeline with the evaluator and write README.md + sample grid
-
-The shipped package data (python/dt_lora/toy/model) is this script's output, stored in float16.
+`encode_dataset`, `training_batch` and `warmup_cosine` are shared with the ControlNet's training
+(`controlnet.py`), which trains on the same latents and prompts.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import architecture, world
-from .evaluator import to_pixels
+from .. import world
+from ..evaluator import to_pixels
+from . import architecture
 
-STAGES = ("tokenizer", "vae", "denoiser", "evaluator", "controlnet", "card")
 EXTRA_WORDS = "the with and on in background grey gray dark light big small one shape of".split()
 
 
@@ -113,7 +100,7 @@ def train_vae(out: Path, *, steps: int, batch_size: int, seed: int) -> None:
     vae.save_pretrained(out / "vae")
 
 
-def _encode_dataset(vae, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_dataset(vae, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     means, stds = [], []
     with torch.no_grad():
         for chunk in to_pixels(images).split(512):
@@ -161,7 +148,7 @@ def train_denoiser(out: Path, *, steps: int, batch_size: int, dataset_size: int,
     noise_scheduler = DDPMScheduler(**{k: v for k, v in architecture.SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
 
     images, scenes = world.sample(dataset_size, seed + 1)
-    latent_mean, latent_std = _encode_dataset(vae, images)
+    latent_mean, latent_std = encode_dataset(vae, images)
     scale = vae.config.scaling_factor
 
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
@@ -209,53 +196,3 @@ def assemble(out: Path) -> None:
         requires_safety_checker=False,
     )
     pipeline.to(torch.float16).save_pretrained(out, safe_serialization=True)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dt_lora.toy.build", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="output folder (the pipeline folder)")
-    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=1500)
-    parser.add_argument("--denoiser-steps", type=int, default=6000)
-    parser.add_argument("--evaluator-steps", type=int, default=2500)
-    parser.add_argument("--controlnet-steps", type=int, default=1200)
-    args = parser.parse_args(argv)
-    stages = args.stages.split(",")
-    unknown = set(stages) - set(STAGES)
-    if unknown:
-        parser.error(f"unknown stage(s) {sorted(unknown)}; choose from {STAGES}")
-
-    started = time.perf_counter()
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    for stage in STAGES:
-        if stage not in stages:
-            continue
-        t0 = time.perf_counter()
-        if stage == "tokenizer":
-            build_tokenizer(out / "tokenizer")
-        elif stage == "vae":
-            train_vae(out, steps=args.vae_steps, batch_size=32, seed=args.seed)
-        elif stage == "denoiser":
-            train_denoiser(out, steps=args.denoiser_steps, batch_size=64, dataset_size=30_000, seed=args.seed + 10)
-            assemble(out)
-        elif stage == "evaluator":
-            from .evaluator import train_evaluator
-
-            train_evaluator(out, steps=args.evaluator_steps, seed=args.seed + 20)
-        elif stage == "controlnet":
-            from .controlnet import train_controlnet
-
-            train_controlnet(out, steps=args.controlnet_steps, batch_size=64, dataset_size=10_000, seed=args.seed + 30)
-        elif stage == "card":
-            from .card import write_card
-
-            print(json.dumps(write_card(out), indent=2))
-        print(f"[build] {stage}: {time.perf_counter() - t0:.0f} s", flush=True)
-    print(f"[build] total: {time.perf_counter() - started:.0f} s", flush=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """How shields hold up when stacked: 1, 2, 3 and 4 toy shields on one pipeline.
 
-    python -m dt_lora.toy.stacking toy-circle.safetensors toy-red.safetensors toy-square.safetensors \
+    python -m dt_lora.research.stacking toy-circle.safetensors toy-red.safetensors toy-square.safetensors \
         toy-blue.safetensors --out docs/stacking.json
 
 For k = 1 … n, the first k adapters are stacked; each target's rate is compared with its rate when
@@ -21,8 +21,8 @@ from .. import toy
 from ..adapters import read_adapter, write_adapter
 from ..io import atomic_write
 from ..merge import merge_adapters
-from . import world
-from .quality import shield_reports
+from ..toy import world
+from ..toy.quality import shield_reports
 
 
 def toy_concept(adapter: Path) -> str:
@@ -85,7 +85,7 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dt_lora.toy.stacking", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m dt_lora.research.stacking", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("adapters", type=Path, nargs="+", help="toy shields, stacked in this order")
     parser.add_argument("--compact-rank", type=int, help="also measure all adapters merged to this rank")

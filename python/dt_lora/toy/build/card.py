@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
-from . import DEFAULT_GUIDANCE, DEFAULT_STEPS, load, world
-from .evaluator import Evaluator
-from ..generate import image_grid
-from .quality import measure
+from ...generate import image_grid
+from .. import DEFAULT_GUIDANCE, DEFAULT_STEPS, load, world
+from ..evaluator import Evaluator
+from ..quality import measure
 
 
 def write_card(out: Path, per_combination: int = 8) -> dict:

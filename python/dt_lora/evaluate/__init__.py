@@ -1,0 +1,156 @@
+"""Does a shield work? Generate before and after with the same seeds, score, and write a report.
+
+For each recipe, three prompt groups: the target's prompts, its paraphrases (never trained on) and
+its anchors (neighbouring concepts that must stay intact). Each is drawn by up to three models with
+identical seeds and sampler: `base` (unmodified), `shielded` (base + stacked adapters, or a baked
+model) and, optionally, `negative prompt` (base, with the concept as negative prompt: what users
+try without DT). Scorers:
+
+  toy   the toy world's evaluator: does an image show the target shape/colour; is an anchor image
+        the shape and colour its prompt asks for; distances between its feature vectors
+  clip  CLIP zero-shot from a local folder: an image shows the target when the target's label beats
+        every anchor prompt; an anchor image is correct when its own prompt wins; CLIP image
+        embeddings for distances
+
+Scorers are in `scorers.py`, report rendering in `report.py`, FID / IS / CLIP score on captions in
+`quality.py`; this module draws and scores.
+
+Image distance: 1 − cosine similarity of the scorer's features between the base and shielded image
+of the same prompt and seed, next to the same distance between two seeds of the base model (how far
+apart images of one prompt are anyway).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..generate import generate_images
+from ..recipe import Recipe
+from ..toy import EVAL_SEED
+from .quality import QUALITY_NAMES, QualityRequest
+from .report import EvalReport, ReportSection, write_report
+from .scorers import ClipScorer, Scorer, ToyScorer
+
+GROUPS = ("target", "paraphrases", "anchors")
+
+
+def _prompt_groups(recipes: Sequence[Recipe]) -> dict[str, dict[str, list[str]]]:
+    """recipe → group → prompts. Anchors that another recipe targets are left out: with several
+    shields stacked, "a red square" is a target of the red shield, not an anchor."""
+    targeted = {p for r in recipes for p in r.target_prompts + r.target.paraphrases}
+    groups = {}
+    for recipe in recipes:
+        prompts = {"target": recipe.target_prompts, "paraphrases": recipe.target.paraphrases,
+                   "anchors": [p for p in recipe.anchor_prompts if p not in targeted]}
+        groups[recipe.name] = prompts
+    return groups
+
+
+def evaluate_shields(
+    base_pipeline,
+    recipes: Sequence[Recipe],
+    out_dir: str | Path,
+    *,
+    adapters: Sequence[Path] = (),
+    shielded_pipeline=None,
+    scorer: Scorer,
+    negative_prompt: str | None = None,
+    images_per_prompt: int = 2,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = EVAL_SEED,
+    quality: QualityRequest | None = None,
+    progress: bool = True,
+) -> EvalReport:
+    """Generate, score and write `report.json`, `report.md`, `report.html` and PNG grids to `out_dir`.
+
+    The shielded model is `base_pipeline` with `adapters` stacked, or `shielded_pipeline` (a baked one).
+    With `quality`, every condition also draws one image per caption and gets FID / IS / CLIP score.
+    """
+    from ..adapters import load_adapters, read_adapter, unload_adapters
+
+    for path in adapters:
+        read_adapter(path)  # a damaged adapter fails now, not after the base model has drawn everything
+    if not recipes:
+        raise ValueError("nothing to evaluate: give at least one recipe")
+    if bool(adapters) == (shielded_pipeline is not None):
+        raise ValueError("give either adapters or a shielded (baked) pipeline, not both and not neither")
+    if images_per_prompt < 2:
+        raise ValueError("images_per_prompt must be at least 2 (the seed-to-seed distance needs two)")
+    steps = steps or recipes[0].sampling.steps
+    guidance = guidance if guidance is not None else recipes[0].sampling.guidance
+    started = time.perf_counter()
+
+    groups = _prompt_groups(recipes)
+    # each distinct prompt is drawn once (recipes share anchors); image j of prompt i is at i*n + j
+    position = {p: i for i, p in enumerate(dict.fromkeys(
+        p for recipe_groups in groups.values() for group in recipe_groups.values() for p in group))}
+    prompts = [p for p in position for _ in range(images_per_prompt)]
+
+    def draw(texts: list[str]) -> dict[str, np.ndarray]:
+        """Condition → images of `texts`, every condition with the same seeds."""
+        def run(pipeline, negative=None):
+            return generate_images(pipeline, texts, seed=seed, steps=steps, guidance=guidance,
+                                   negative_prompt=negative, progress=progress)
+
+        images = {"base": run(base_pipeline)}
+        if adapters:
+            load_adapters(base_pipeline, adapters)
+            try:
+                images["shielded"] = run(base_pipeline)
+            finally:
+                unload_adapters(base_pipeline)
+        else:
+            images["shielded"] = run(shielded_pipeline)
+        if negative_prompt:
+            images["negative prompt"] = run(base_pipeline, negative_prompt)
+        return images
+
+    if quality is not None:
+        quality.check()  # missing weights fail now, not after an hour of generating
+    drawn = draw(prompts)
+    conditions = list(drawn)
+
+    def select(name: str, group: str) -> tuple[np.ndarray, list[str]]:
+        chosen = groups[name][group]
+        index = [position[p] * images_per_prompt + j for p in chosen for j in range(images_per_prompt)]
+        return np.array(index, dtype=int), [p for p in chosen for _ in range(images_per_prompt)]
+
+    shields = {}
+    for recipe in recipes:
+        result: dict[str, dict] = {"target": {}, "paraphrases": {}, "preservation": {}}
+        for condition, images in drawn.items():
+            for group in ("target", "paraphrases"):
+                index, _ = select(recipe.name, group)
+                result[group][condition] = float(scorer.shows_target(images[index], recipe).mean()) if len(index) else None
+            index, anchor_prompts = select(recipe.name, "anchors")
+            result["preservation"][condition] = scorer.preservation(images[index], anchor_prompts) if len(index) else {}
+        shields[recipe.name] = result
+
+    anchor_index = np.unique(np.concatenate([select(r.name, "anchors")[0] for r in recipes]))
+    distance = {}
+    if len(anchor_index):
+        base_features = scorer.features(drawn["base"][anchor_index])
+        shielded_features = scorer.features(drawn["shielded"][anchor_index])
+        first, second = base_features[0::images_per_prompt], base_features[1::images_per_prompt]
+        distance = {"shielded": float(1 - (base_features * shielded_features).sum(1).mean()),
+                    "seed_to_seed": float(1 - (first * second).sum(1).mean())}
+
+    settings = {"seed": seed, "images_per_prompt": images_per_prompt, "steps": steps, "guidance": guidance,
+                "negative_prompt": negative_prompt, "adapters": [str(a) for a in adapters],
+                "recipes": [r.name for r in recipes], "seconds": round(time.perf_counter() - started, 1)}
+    report = EvalReport(scorer.name, conditions, shields, distance, settings)
+    if quality is not None:
+        report.quality = quality.measure(draw(quality.captions))
+    write_report(report, out_dir, groups, position, drawn, images_per_prompt)
+    return report
+
+
+__all__ = [
+    "ClipScorer", "EVAL_SEED", "EvalReport", "QUALITY_NAMES", "QualityRequest", "ReportSection", "Scorer",
+    "ToyScorer", "evaluate_shields", "write_report",
+]

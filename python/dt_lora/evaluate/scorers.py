@@ -1,0 +1,106 @@
+"""Scorers: what `evaluate_shields` asks of an image. Does it show the shielded concept, is an anchor
+drawn correctly, and a feature vector for image distances.
+
+  ToyScorer   the toy world's evaluator, through `dt_lora.toy.quality` (the measurements the toy
+              world's tests and model card use too)
+  ClipScorer  CLIP zero-shot from a local folder: an image shows the target when the target's label
+              beats every anchor prompt; an anchor image is correct when its own prompt wins
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from ..recipe import Recipe
+
+
+class Scorer(Protocol):
+    name: str
+
+    def shows_target(self, images: np.ndarray, recipe: Recipe) -> np.ndarray:
+        """Per image: does it show the recipe's target concept?"""
+
+    def preservation(self, images: np.ndarray, prompts: Sequence[str]) -> dict[str, float]:
+        """Per concept named in the prompts: the share of its images drawn correctly."""
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """One L2-normalised feature vector per image."""
+
+
+class ToyScorer:
+    """The toy world's evaluator."""
+
+    name = "toy evaluator"
+
+    def __init__(self):
+        from .. import toy
+
+        self.evaluator = toy.load_evaluator()
+
+    @staticmethod
+    def concept(recipe: Recipe) -> str:
+        """The toy shape or colour every one of the recipe's target prompts names."""
+        from ..toy.quality import target_concept
+
+        concept = target_concept(recipe.target_prompts)
+        if concept is None:
+            raise ValueError(f"recipe {recipe.name!r}: its target prompts do not all name one toy shape or colour, "
+                             "so the toy evaluator cannot score it; pass --clip with a CLIP model instead")
+        return concept
+
+    def shows_target(self, images, recipe):
+        from ..toy.quality import shows_concept
+
+        return shows_concept(self.evaluator, images, self.concept(recipe))
+
+    def preservation(self, images, prompts):
+        from ..toy.quality import drawn_rates
+
+        return drawn_rates(self.evaluator, images, prompts)
+
+    def features(self, images):
+        return self.evaluator.features(images)
+
+
+class ClipScorer:
+    """CLIP zero-shot from a local model folder (transformers `CLIPModel`, safetensors weights)."""
+
+    name = "CLIP zero-shot"
+
+    def __init__(self, folder: str | Path, recipes: Sequence[Recipe]):
+        from ..metrics import load_clip
+
+        self.model, self.processor = load_clip(folder)
+        self.labels = [r.target_prompts[0] for r in recipes] + sorted({p for r in recipes for p in r.anchor_prompts})
+
+    def _embed(self, images=None, texts=None):
+        import torch
+
+        with torch.no_grad():
+            if texts is not None:
+                inputs = self.processor(text=list(texts), return_tensors="pt", padding=True, truncation=True)
+                out = self.model.get_text_features(**inputs)
+            else:
+                inputs = self.processor(images=list(images), return_tensors="pt")
+                out = self.model.get_image_features(**inputs)
+        out = out if isinstance(out, torch.Tensor) else out.pooler_output
+        return torch.nn.functional.normalize(out.float(), dim=-1).numpy()
+
+    def _winners(self, images) -> list[str]:
+        scores = self.features(images) @ self._embed(texts=self.labels).T
+        return [self.labels[i] for i in scores.argmax(1)]
+
+    def shows_target(self, images, recipe):
+        return np.array([w == recipe.target_prompts[0] for w in self._winners(images)])
+
+    def preservation(self, images, prompts):
+        hits: dict[str, list[bool]] = {}
+        for prompt, winner in zip(prompts, self._winners(images)):
+            hits.setdefault(prompt, []).append(winner == prompt)
+        return {p: float(np.mean(h)) for p, h in hits.items()}
+
+    def features(self, images):
+        return self._embed(images=images)
