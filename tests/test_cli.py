@@ -142,3 +142,58 @@ def test_atomic_write_leaves_old_file_on_error(tmp_path: Path) -> None:
     with atomic_write(target, "w") as f:
         f.write("new")
     assert target.read_text() == "new"
+
+
+# ---- shipped recipes (`dt_lora.recipes`, `dt-lora recipes`)
+
+CHECKOUT_RECIPES = Path(__file__).resolve().parents[1] / "adapters"
+
+
+def test_recipes_lists_every_shipped_recipe_from_any_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no adapters/ here: the package's own recipes must be found
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    bases = {line.split()[0]: line.split()[1] for line in lines}
+    assert set(bases) == {path.stem for path in CHECKOUT_RECIPES.glob("*.toml")}
+    assert bases["toy-circle"] == "toy"
+    assert bases["sd15-style-vangogh"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert "25 target prompts, e.g. 'a red circle'" in next(line for line in lines if line.startswith("toy-circle"))
+
+
+def test_recipe_path_takes_a_shipped_name_or_a_file(tmp_path, monkeypatch):
+    from dt_lora.recipes import recipe_path
+
+    monkeypatch.chdir(tmp_path)
+    shipped = recipe_path("toy-circle")
+    assert shipped.read_bytes() == (CHECKOUT_RECIPES / "toy-circle.toml").read_bytes()
+    assert recipe_path("toy-circle.toml") == shipped
+    (tmp_path / "toy-circle.toml").write_text('name = "mine"\n')
+    assert recipe_path("toy-circle.toml") == Path("toy-circle.toml")  # the user's own file comes first
+    with pytest.raises(FileNotFoundError, match="'toy-circel' is neither a file nor a shipped recipe .*toy-circle"):
+        recipe_path("toy-circel")
+
+
+def test_train_takes_a_shipped_recipe_by_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    # the name resolves, and the run stops at the missing base model: nothing is generated or trained
+    assert main(["train", "toy-circle", "--base", str(tmp_path / "no-model")]) == 2
+    assert "model_index.json" in capsys.readouterr().err
+    assert main(["train", "toy-circel"]) == 2
+    err = capsys.readouterr().err
+    assert "neither a file nor a shipped recipe" in err and "Traceback" not in err
+
+
+def test_the_wheel_takes_every_recipe_into_the_package():
+    """pyproject's wheel `include` reaches each recipe in adapters/, through the package's link, at the place
+    `dt_lora.recipes` reads them from (maturin puts files under python/ at their path inside it)."""
+    import tomllib
+
+    from dt_lora.recipes import RECIPES_DIR
+
+    root = Path(__file__).resolve().parents[1]
+    include = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["maturin"]["include"]
+    patterns = [entry["path"] for entry in include if entry.get("format") == "wheel"]
+    assert {path.name for pattern in patterns for path in root.glob(pattern)} == {
+        path.name for path in CHECKOUT_RECIPES.glob("*.toml")}
+    assert {(root / pattern).parent.relative_to(root / "python") for pattern in patterns} == {
+        Path(RECIPES_DIR.parent.name, RECIPES_DIR.name)}

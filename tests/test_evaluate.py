@@ -159,3 +159,52 @@ def test_a_damaged_adapter_fails_before_anything_is_drawn(tmp_path, capsys, monk
     assert code == 2
     assert "damaged.safetensors: not a readable .safetensors file" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_one_eval_seed_for_the_toy_world_eval_and_its_command():
+    from dt_lora import evaluate, toy
+    from dt_lora.cli import build_parser
+    from dt_lora.toy import quality
+
+    args = build_parser().parse_args(["eval", "--recipe", "r.toml", "--adapter", "a.safetensors", "-o", "out"])
+    assert evaluate.EVAL_SEED is toy.EVAL_SEED is quality.EVAL_SEED
+    assert args.seed == toy.EVAL_SEED
+    assert evaluate.evaluate_shields.__kwdefaults__["seed"] == toy.EVAL_SEED
+
+
+def test_report_renders_an_extra_section_in_every_file(tmp_path):
+    import numpy as np
+
+    from dt_lora.evaluate import EvalReport, ReportSection, write_report
+
+    report = EvalReport("toy evaluator", ["base", "shielded"],
+                        {"r": {"target": {"base": 1.0, "shielded": 0.0}, "paraphrases": {"base": None, "shielded": None},
+                               "preservation": {"base": {}, "shielded": {}}}},
+                        {}, {"seed": 1, "steps": 2, "guidance": 5.0})
+    report.sections.append(ReportSection("Attacks", "Rates under attack.\n\n| attack | rate |\n|---|---|\n| paraphrase | 0.25 |",
+                                         {"paraphrase": 0.25}))
+    drawn = {c: np.zeros((2, 32, 32, 3), np.uint8) for c in report.conditions}
+    groups = {"r": {"target": ["a red circle"], "paraphrases": [], "anchors": []}}
+    write_report(report, tmp_path, groups, {"a red circle": 0}, drawn, 2)
+
+    md = (tmp_path / "report.md").read_text()
+    assert md.index("| **r**: target drawn | 1.00 | 0.00 |") < md.index("## Attacks\n\nRates under attack.") < md.index(
+        "| paraphrase | 0.25 |") < md.index("## r: target")
+    page = (tmp_path / "report.html").read_text()
+    assert "<h2>Attacks</h2><p>Rates under attack.</p><table" in page and "<td>paraphrase</td><td>0.25</td>" in page
+    assert json.loads((tmp_path / "report.json").read_text())["sections"] == {"Attacks": {"paraphrase": 0.25}}
+
+
+def test_tests_that_train_shields_are_marked_slow():
+    import subprocess
+    import sys
+
+    tests = Path(__file__).parent
+    listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "not slow", "-p", "no:cacheprovider",
+                             str(tests / "test_evaluate.py"), str(tests / "test_controlnet.py")],
+                            capture_output=True, text=True, cwd=tests.parent).stdout
+    assert "test_a_damaged_adapter_fails_before_anything_is_drawn" in listed  # fast: kept
+    assert "test_location_map_shows_where_and_how_big_but_not_what" in listed
+    for slow in ("test_report_shows_the_shield_working", "test_demo_bakes_evaluates_and_reuses_its_shields",
+                 "test_shield_holds_under_control", "test_from_unet_accepts_the_baked_unet"):
+        assert slow not in listed, slow

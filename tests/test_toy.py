@@ -147,3 +147,38 @@ def test_base_model_errors_name_what_was_looked_for(tmp_path, monkeypatch):
 def test_base_model_loads_a_local_diffusers_folder():
     pipe = load_pipeline(str(toy.MODEL_DIR))
     assert pipe.unet.dtype == torch.float32
+
+
+def test_a_colour_counts_only_on_a_recognisable_shape():
+    """The toy scorer's rule (`quality.shows_concept`, which `dt-lora eval`'s ToyScorer uses): tile soup
+    of red is no red object, although the evaluator reads its colour as red."""
+    from dt_lora.evaluate import ToyScorer
+    from dt_lora.recipe import load_recipe
+    from dt_lora.recipes import recipe_path
+    from dt_lora.toy.quality import shows_concept, target_concept
+
+    evaluator = toy.load_evaluator()
+    red, _ = world.sample(60, EVAL_SEED + 9, colour="red")
+    soup = scramble_grid(red, 4, 5, layout="NHWC")
+    assert shows_concept(evaluator, red, "red").mean() >= 0.9
+    assert evaluator.predict(soup)[1].tolist().count(world.COLOURS.index("red")) >= 0.8 * len(soup)
+    assert shows_concept(evaluator, soup, "red").mean() <= 0.1
+    recipe = load_recipe(recipe_path("toy-red"))
+    assert target_concept(recipe.target_prompts) == ToyScorer.concept(recipe) == "red"
+    assert (ToyScorer().shows_target(soup, recipe) == shows_concept(evaluator, soup, "red")).all()
+    assert target_concept(["a red circle", "a blue square"]) is None
+    with pytest.raises(ValueError, match="unknown toy concept 'hexagon'"):
+        shows_concept(evaluator, red, "hexagon")
+
+
+def test_run_time_code_imports_neither_training_nor_research_code():
+    import subprocess
+    import sys
+
+    code = ("import sys, dt_lora.cli, dt_lora.demo, dt_lora.evaluate, dt_lora.toy.quality, dt_lora.toy.controlnet; "
+            "print(sorted(m for m in sys.modules if m.startswith(('dt_lora.toy.build', 'dt_lora.research'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    build = subprocess.run([sys.executable, "-m", "dt_lora.toy.build", "--help"], capture_output=True, text=True)
+    assert build.returncode == 0 and "--stages" in build.stdout

@@ -307,6 +307,8 @@ def run_bake(args: argparse.Namespace) -> int:
 
 
 def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
+    from dt_lora.toy import EVAL_SEED
+
     parser = subparsers.add_parser(
         "eval",
         help="measure a shield: is the concept gone and the rest intact? (numbers, pictures, report)",
@@ -326,7 +328,7 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
                         help="also draw with the base model and TEXT as negative prompt (the baseline DT improves on)")
     parser.add_argument("--clip", type=Path, metavar="DIR", help="score with CLIP zero-shot from this local CLIP folder")
     parser.add_argument("--images-per-prompt", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=1_000_000)
+    parser.add_argument("--seed", type=int, default=EVAL_SEED, help=f"first seed (default: {EVAL_SEED})")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the first recipe's)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance (default: the first recipe's)")
     quality = parser.add_argument_group("general image quality on a captions file (real models)")
