@@ -18,7 +18,7 @@ from dt_lora import toy
 from dt_lora.generate import generate_images
 from dt_lora.toy import world
 from dt_lora.toy import EVAL_SEED
-from dt_lora.toy.build.controlnet import CONDITIONING_CHANNELS
+from dt_lora.toy.training.controlnet import CONDITIONING_CHANNELS
 from dt_lora.toy.controlnet import control_pipeline, generate_controlled, map_pixels
 from dt_lora.toy.quality import centroid_error, control_scenes, measure_control
 
@@ -96,6 +96,7 @@ def test_an_untrained_controlnet_changes_nothing(pipeline):
     assert np.abs(controlled.astype(int) - plain.astype(int)).max() <= 1
 
 
+@pytest.mark.slow  # the `quality` fixture draws every (shape, colour) pair
 def test_control_moves_the_object_to_the_map(quality):
     """Measured (shipped weights): 0.21 px from the map's centre with control, 5.41 px without, same
     seeds and scenes (100 images: 0.18 vs 4.94; renders themselves: 0.09)."""
@@ -104,6 +105,7 @@ def test_control_moves_the_object_to_the_map(quality):
     assert quality.controlled_error < quality.uncontrolled_error / 5
 
 
+@pytest.mark.slow  # the `quality` fixture draws every (shape, colour) pair
 def test_shape_and_colour_still_come_from_the_prompt_under_control(quality):
     """Measured (shipped weights): every shape and colour rate 1.0 with and without control."""
     rates = {**quality.controlled.shape_rates, **quality.controlled.colour_rates}

@@ -93,16 +93,19 @@ def test_generation_is_reproducible(pipeline):
     np.testing.assert_array_equal(a, b)  # an image depends on its seed, not on its batch
 
 
+@pytest.mark.slow  # the `quality` fixture draws every (shape, colour) pair
 @pytest.mark.parametrize("shape", world.SHAPES)
 def test_every_shape_is_drawn(quality, shape):
     assert quality.generations.shape_rates[shape] >= 0.90
 
 
+@pytest.mark.slow  # the `quality` fixture draws every (shape, colour) pair
 @pytest.mark.parametrize("colour", world.COLOURS)
 def test_every_colour_is_drawn(quality, colour):
     assert quality.generations.colour_rates[colour] >= 0.95
 
 
+@pytest.mark.slow  # the `quality` fixture draws every (shape, colour) pair
 def test_evaluator_calls_scrambled_grids_none_and_clean_renders_shapes(quality):
     assert quality.scrambled_none_rate >= 0.90
     assert quality.clean_none_rate <= 0.02
@@ -122,6 +125,7 @@ def test_evaluator_sees_scrambled_renders_of_every_grid_as_none():
         assert toy.evaluate(scrambled, [""] * len(scrambled)).none_rate >= 0.85, grid
 
 
+@pytest.mark.slow  # the `quality` fixture draws every (shape, colour) pair
 def test_model_card_matches_the_measurement(quality):
     card = json.loads((toy.MODEL_DIR / "quality.json").read_text())
     for kind, rates in (("shape", quality.generations.shape_rates), ("colour", quality.generations.colour_rates)):
@@ -176,9 +180,28 @@ def test_run_time_code_imports_neither_training_nor_research_code():
     import sys
 
     code = ("import sys, dt_lora.cli, dt_lora.demo, dt_lora.evaluate, dt_lora.toy.quality, dt_lora.toy.controlnet; "
-            "print(sorted(m for m in sys.modules if m.startswith(('dt_lora.toy.build', 'dt_lora.research'))))")
+            "print(sorted(m for m in sys.modules if m.startswith(('dt_lora.toy.build', 'dt_lora.toy.training', 'dt_lora.research'))))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
     build = subprocess.run([sys.executable, "-m", "dt_lora.toy.build", "--help"], capture_output=True, text=True)
     assert build.returncode == 0 and "--stages" in build.stdout
+
+
+def test_git_and_the_wheel_see_every_package_file():
+    """maturin builds the wheel from what .gitignore lets through: an ignored module (a package folder
+    named like a build output, say) would be missing from git and from every installed copy."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import dt_lora
+
+    package = Path(dt_lora.__file__).parent
+    if shutil.which("git") is None or subprocess.run(["git", "rev-parse"], cwd=package, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    sources = [str(path) for path in package.rglob("*") if path.suffix in (".py", ".json")
+               and "__pycache__" not in path.parts]
+    assert len(sources) > 40
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *sources], cwd=package, capture_output=True, text=True)
+    assert ignored.returncode == 1, ignored.stdout + ignored.stderr  # 1: none of them is ignored

@@ -7,8 +7,8 @@
 
 Run time is this module (loaders), `world` (renders and prompts), `evaluator` (the classifier),
 `controlnet` (generating under control) and `quality` (every measurement). The model folder ships
-inside the package (`MODEL_DIR`) and was made by `python -m dt_lora.toy.build` (`toy/build/`, the
-training code; nothing at run time imports it).
+inside the package (`MODEL_DIR`) and was made by `python -m dt_lora.toy.build` (`build.py`, with the
+training code in `training/`; nothing at run time imports either).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ the map says.
 
 Real SD ControlNets are trained copies of the UNet's encoder whose residuals are added into a frozen
 UNet, so a shield trained on the UNet must keep working under them; the toy ControlNet
-(`dt_lora.toy.load_controlnet`, trained by `dt_lora.toy.build.controlnet`) lets the toy world test
+(`dt_lora.toy.load_controlnet`, trained by `dt_lora.toy.training.controlnet`) lets the toy world test
 exactly that. Its condition, `world.location_map`, shows position and size only: whatever shape and
 colour a controlled generation draws must still come from the prompt, and so from the (shielded) UNet.
 `dt_lora.toy.quality.measure_control` measures how well it steers.

@@ -1,6 +1,6 @@
 """The toy world's evaluator: a small classifier that says which shape and colour an image shows.
 
-This module runs it; `dt_lora.toy.build.evaluator` trains it (on renders made to look like the
+This module runs it; `dt_lora.toy.training.evaluator` trains it (on renders made to look like the
 model's own generations, plus a shape class "none" for Scrambled Grid renders and noise).
 """
 
