@@ -185,15 +185,16 @@ def test_train_takes_a_shipped_recipe_by_name(tmp_path, monkeypatch, capsys):
 
 def test_the_wheel_takes_every_recipe_into_the_package():
     """pyproject's wheel `include` reaches each recipe in adapters/, through the package's link, at the place
-    `dt_lora.recipes` reads them from (maturin puts files under python/ at their path inside it)."""
+    `dt_lora.recipes` reads them from (a wheel pattern is a path inside python-source, and so in the wheel)."""
     import tomllib
 
     from dt_lora.recipes import RECIPES_DIR
 
     root = Path(__file__).resolve().parents[1]
-    include = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["maturin"]["include"]
-    patterns = [entry["path"] for entry in include if entry.get("format") == "wheel"]
-    assert {path.name for pattern in patterns for path in root.glob(pattern)} == {
+    maturin = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["maturin"]
+    source = root / maturin["python-source"]
+    patterns = [entry["path"] for entry in maturin["include"] if entry.get("format") == "wheel"]
+    assert not any(any(root.glob(pattern)) for pattern in patterns)  # else newer maturin would take the root's files
+    assert {path.name for pattern in patterns for path in source.glob(pattern)} == {
         path.name for path in CHECKOUT_RECIPES.glob("*.toml")}
-    assert {(root / pattern).parent.relative_to(root / "python") for pattern in patterns} == {
-        Path(RECIPES_DIR.parent.name, RECIPES_DIR.name)}
+    assert {Path(pattern).parent for pattern in patterns} == {Path(RECIPES_DIR.parent.name, RECIPES_DIR.name)}
