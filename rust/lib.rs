@@ -154,7 +154,9 @@ mod python {
         let (tiles, codes) = run_detached(py, || {
             let (tiles, codes) = perm::batch_plan(&spec, n, seed, offset)?;
             let mut wide = perm::zeroed_vec::<i64>(tiles.len())?;
-            wide.iter_mut().zip(tiles).for_each(|(w, t)| *w = i64::from(t));
+            wide.iter_mut()
+                .zip(tiles)
+                .for_each(|(w, t)| *w = i64::from(t));
             Ok((wide, codes))
         })?;
         let tiles = PyArray1::from_vec(py, tiles).reshape([n, rows, cols])?;
