@@ -90,6 +90,31 @@ def test_eval_overwrite_refuses_a_folder_dt_lora_did_not_write(adapter, tmp_path
     assert sorted(p.name for p in out.iterdir()) == ["holiday.jpg"]
 
 
+SMALL_RECIPE = """
+name = "toy-circle-small"
+[target]
+prompts = ["a red circle"]
+[anchors]
+prompts = ["a red square"]
+"""
+
+
+def test_eval_writes_a_marked_report_and_overwrite_replaces_it(adapter, tmp_path, capsys):
+    recipe = tmp_path / "small.toml"
+    recipe.write_text(SMALL_RECIPE)
+    out = tmp_path / "report"
+    out.mkdir()  # an empty folder is free to use
+    args = ["eval", "--recipe", str(recipe), "--adapter", str(adapter), "-o", str(out), "--images-per-prompt", "2",
+            "--steps", "2"]
+    assert main(args) == 0
+    assert json.loads((out / OUTPUT_MARKER).read_text())["command"] == "eval" and (out / "report.json").is_file()
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    (out / "grids" / "stale.png").write_bytes(b"from an older report")
+    assert main([*args, "--overwrite"]) == 0
+    assert not (out / "grids" / "stale.png").exists()  # replaced whole, not mixed with the old report
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "small.toml"]  # no temporary folder left
+
+
 @pytest.mark.parametrize("command", ["merge", "export"])
 def test_file_outputs_overwrite_only_dt_lora_files(command, adapter, tmp_path, capsys):
     out = tmp_path / "out.safetensors"
