@@ -6,19 +6,38 @@
 pub mod grid;
 pub mod perm;
 
-/// An invalid shape, grid or plan. Surfaces in Python as `ValueError`.
+/// An invalid shape, grid or plan (surfaces in Python as `ValueError`), or
+/// memory that could not be allocated (`MemoryError`): the kernels return
+/// errors instead of aborting the interpreter.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GridError(String);
+pub struct GridError {
+    message: String,
+    out_of_memory: bool,
+}
 
 impl GridError {
     pub fn new(message: impl Into<String>) -> Self {
-        GridError(message.into())
+        GridError {
+            message: message.into(),
+            out_of_memory: false,
+        }
+    }
+
+    pub fn out_of_memory(message: impl Into<String>) -> Self {
+        GridError {
+            message: message.into(),
+            out_of_memory: true,
+        }
+    }
+
+    pub fn is_out_of_memory(&self) -> bool {
+        self.out_of_memory
     }
 }
 
 impl std::fmt::Display for GridError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
     }
 }
 
@@ -32,7 +51,7 @@ mod python {
         PyArray1, PyArray3, PyArrayMethods, PyReadonlyArray3, PyReadonlyArrayDyn,
         PyReadwriteArrayDyn, PyUntypedArrayMethods,
     };
-    use pyo3::exceptions::{PyRuntimeError, PyValueError};
+    use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyValueError};
     use pyo3::prelude::*;
 
     use crate::GridError;
@@ -41,7 +60,11 @@ mod python {
 
     impl From<GridError> for PyErr {
         fn from(err: GridError) -> PyErr {
-            PyValueError::new_err(err.0)
+            if err.out_of_memory {
+                PyMemoryError::new_err(err.message)
+            } else {
+                PyValueError::new_err(err.message)
+            }
         }
     }
 
@@ -128,8 +151,14 @@ mod python {
             derange,
             flips,
         };
-        let (tiles, codes) = run_detached(py, || perm::batch_plan(&spec, n, seed, offset))?;
-        let tiles: Vec<i64> = tiles.into_iter().map(i64::from).collect();
+        let (tiles, codes) = run_detached(py, || {
+            let (tiles, codes) = perm::batch_plan(&spec, n, seed, offset)?;
+            let mut wide = perm::zeroed_vec::<i64>(tiles.len())?;
+            wide.iter_mut()
+                .zip(tiles)
+                .for_each(|(w, t)| *w = i64::from(t));
+            Ok((wide, codes))
+        })?;
         let tiles = PyArray1::from_vec(py, tiles).reshape([n, rows, cols])?;
         let codes = PyArray1::from_vec(py, codes).reshape([n, rows, cols])?;
         Ok((tiles, codes))

@@ -124,6 +124,25 @@ fn fill_image_plan(
     }
 }
 
+/// Most tiles (images x tiles per image) one `batch_plan` call returns: about
+/// 3.5 GB with the int64 copy Python gets. Larger requests are errors, not
+/// allocations that abort the process; split them with `offset`.
+pub const MAX_PLAN_TILES: usize = 1 << 28;
+
+/// `len` zeros, or an error if the memory cannot be had (instead of the
+/// allocation-failure abort of `vec![0; len]`).
+pub fn zeroed_vec<T: Copy + Default>(len: usize) -> Result<Vec<T>, GridError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| {
+        GridError::out_of_memory(format!(
+            "cannot allocate {len} x {} bytes",
+            std::mem::size_of::<T>()
+        ))
+    })?;
+    v.resize(len, T::default());
+    Ok(v)
+}
+
 /// Plans for `n` images whose first one has index `offset` in the run.
 /// Returns `(tiles, transforms)`, each `n * rows * cols` long, image-major.
 pub fn batch_plan(
@@ -141,9 +160,15 @@ pub fn batch_plan(
     }
     let total = n
         .checked_mul(per_image)
-        .ok_or_else(|| GridError::new(format!("{n} images x {per_image} tiles is too large")))?;
-    let mut tiles = vec![0u32; total];
-    let mut transforms = vec![0u8; total];
+        .filter(|&total| total <= MAX_PLAN_TILES)
+        .ok_or_else(|| {
+            GridError::new(format!(
+                "a plan for {n} images x {per_image} tiles exceeds the limit of {MAX_PLAN_TILES} \
+                 tiles per call; plan in smaller batches with `offset` (the plans are identical)"
+            ))
+        })?;
+    let mut tiles = zeroed_vec::<u32>(total)?;
+    let mut transforms = zeroed_vec::<u8>(total)?;
     if total > 0 {
         tiles
             .par_chunks_mut(per_image)
@@ -335,6 +360,19 @@ mod tests {
             counts.iter().all(|&c| (9_000..11_000).contains(&c)),
             "{counts:?}"
         );
+    }
+
+    #[test]
+    fn huge_batches_are_errors_not_aborts() {
+        let s = spec(4, 4, true, false);
+        let err = batch_plan(&s, 1_000_000_000_000, 0, 0).unwrap_err();
+        assert!(!err.is_out_of_memory());
+        assert!(err.to_string().contains("offset"), "{err}");
+        assert!(batch_plan(&s, MAX_PLAN_TILES / 16 + 1, 0, 0).is_err());
+        assert!(batch_plan(&s, usize::MAX, 0, 0).is_err());
+        // Within the bound an impossible allocation is still an error.
+        let err = zeroed_vec::<u64>(usize::MAX / 8).unwrap_err();
+        assert!(err.is_out_of_memory(), "{err}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -46,7 +47,10 @@ def test_scramble_folder(in_dir: Path, tmp_path: Path, capsys: pytest.CaptureFix
     out_dir = tmp_path / "out"
     assert main(["scramble", str(in_dir), str(out_dir), "--grid", "4", "--seed", "0"]) == 0
     sources = sorted(p for p in in_dir.iterdir() if p.suffix in (".png", ".jpg"))
-    assert sorted(p.name for p in out_dir.iterdir()) == sorted(f"{p.stem}.png" for p in sources)
+    written = sorted(f"{p.stem}.png" for p in sources)
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted([*written, "dt_lora.json"])
+    # the marker lists what dt-lora wrote, so a later --overwrite may replace exactly those files
+    assert json.loads((out_dir / "dt_lora.json").read_text())["files"] == written
     for index, src in enumerate(sources):
         before, after = read(src), read(out_dir / f"{src.stem}.png")
         assert after.shape == before.shape and after.dtype == np.uint8

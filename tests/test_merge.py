@@ -97,7 +97,7 @@ def test_generate_cli_stacks_adapters(two_adapters, tmp_path, capsys):
     out = tmp_path / "images"
     code = main(["generate", "a red circle", "-o", str(out), "--adapter", str(a), "--adapter", f"{b}:0.5",
                  "-n", "2", "--steps", "4"])
-    assert code == 0 and sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png"]
+    assert code == 0 and sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png"]
     assert main(["generate", "a red circle", "-o", str(out), "-n", "1", "--steps", "2"]) == 2
 
 

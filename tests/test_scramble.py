@@ -366,3 +366,29 @@ def test_native_layer_validates_on_its_own() -> None:
         _native.prepare_f32(np.zeros((1, 4, 4, 3), np.uint8), np.empty((1, 4, 4, 3), np.float32), ok_tiles, codes)
     with pytest.raises(TypeError):  # dtype mismatch is caught by the bindings
         _native.scramble_u16(x, out, False, ok_tiles, codes)
+
+
+def test_huge_plan_is_an_exception_not_an_abort() -> None:
+    """A plan too large to allocate raises in Python instead of aborting the interpreter (run in a child
+    process, so that a regression fails this test rather than killing the test run)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from dt_lora import _native, grid_plan\n"
+        "for call in (lambda: grid_plan(10**12, 4, (64, 64), 0),\n"
+        "             lambda: _native.grid_plan(10**12, 4, 4, True, 0, 0, True, False),\n"
+        "             lambda: grid_plan(1, 20_000, (20_000, 20_000), 0)):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except ValueError as error:\n"
+        "        print('ValueError:', error)\n"
+    )
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr[-2000:]
+    lines = child.stdout.splitlines()
+    assert len(lines) == 3 and all("exceeds the limit" in line and "offset" in line for line in lines), lines
+    # Below the bound nothing changed: splitting with offset still equals one call.
+    whole = grid_plan(6, 4, (8, 8), 5)
+    first, rest = grid_plan(2, 4, (8, 8), 5), grid_plan(4, 4, (8, 8), 5, offset=2)
+    np.testing.assert_array_equal(whole.tiles, np.concatenate([first.tiles, rest.tiles]))

@@ -64,18 +64,21 @@ def fuse_adapters(pipeline, adapters, weights=None, *, force: bool = False) -> l
 
 
 def bake(base: str, adapters, out: str | Path, *, format: str = "diffusers", weights=None,
-         dtype: torch.dtype = torch.float16, force: bool = False, overwrite: bool = False) -> BakeResult:
-    """Load `base`, fuse `adapters` into its UNet and write the full model to `out` in `format`."""
-    from .io import atomic_directory
+         dtype: torch.dtype = torch.float16, force: bool = False, overwrite: bool = False,
+         allow_pickle: bool | None = None) -> BakeResult:
+    """Load `base`, fuse `adapters` into its UNet and write the full model to `out` in `format`.
+
+    With `overwrite`, an existing `out` is replaced only if dt-lora wrote it (`io.check_output`).
+    """
+    from .io import atomic_directory, check_output
 
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    check_output(out, overwrite, folder=format == "diffusers")
     if format == "single-file" and out.suffix != ".safetensors":
         raise ValueError(f"--format single-file writes one .safetensors file; got {out}")
-    pipeline = load_pipeline(base)
+    pipeline = load_pipeline(base, allow_pickle=allow_pickle)
     concepts = fuse_adapters(pipeline, adapters, weights, force=force)
     with diffusers_errors_only():  # "modules that should be kept in float32: []": SD has none
         pipeline.to(dtype)

@@ -1,19 +1,60 @@
 """Base models: `toy` (the embedded toy world), a local diffusers folder, or a Hugging Face Hub id.
 
 Every command that takes `--base` loads it here, through the ordinary diffusers `from_pretrained`.
+Weights are read from .safetensors only (`use_safetensors=True`): a pickled `.bin`/`.ckpt` can run
+code when loaded, so it is refused unless the caller trusts the folder (`allow_pickle=True`, the
+`--allow-pickle` flag, or `DT_LORA_ALLOW_PICKLE=1` for any command).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import UnsafeWeights, UserError
+
 TOY = "toy"
+ALLOW_PICKLE_ENV = "DT_LORA_ALLOW_PICKLE"
+ALLOW_PICKLE_FLAG = "--allow-pickle"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-class BaseModelNotFound(FileNotFoundError):
+class BaseModelNotFound(UserError, FileNotFoundError):
     """The base model could not be found locally (and, offline, could not be fetched)."""
+
+
+def pickle_allowed(allow_pickle: bool | None = None) -> bool:
+    """`allow_pickle` if given, else whether the environment variable DT_LORA_ALLOW_PICKLE is set to 1/true/yes."""
+    if allow_pickle is not None:
+        return bool(allow_pickle)
+    return os.environ.get(ALLOW_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def _unsafe_weights_message(where: str) -> str:
+    return (f"{where}; dt-lora loads .safetensors weights only, because loading a pickle can run arbitrary code. "
+            f"If you trust this model, pass {ALLOW_PICKLE_FLAG} (or set {ALLOW_PICKLE_ENV}=1; in Python "
+            "allow_pickle=True), or convert it once with save_pretrained(..., safe_serialization=True)")
+
+
+def _refuse_pickle_only_components(folder: Path) -> None:
+    """Raise `UnsafeWeights` if a component of the pipeline `folder` has pickled weights and no safetensors."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"base model folder {folder}: cannot read model_index.json ({error})") from None
+    if not isinstance(index, dict):
+        raise UserError(f"base model folder {folder}: model_index.json is not a JSON object")
+    for name, entry in index.items():
+        component = folder / name
+        if not (isinstance(entry, list) and entry and entry[0] and component.is_dir()):
+            continue
+        files = [f for f in component.iterdir() if f.is_file()]
+        pickled = sorted(f.name for f in files if f.suffix.lower() in _PICKLE_SUFFIXES)
+        if pickled and not any(f.name.endswith(".safetensors") for f in files):
+            raise UnsafeWeights(_unsafe_weights_message(
+                f"base model folder {folder}: component {name} has pickled weights only ({name}/{pickled[0]})"))
 
 
 def describe(base: str | os.PathLike) -> str:
@@ -25,8 +66,12 @@ def describe(base: str | os.PathLike) -> str:
     return str(path.resolve()) if path.exists() else base
 
 
-def load_pipeline(base: str | os.PathLike = TOY, *, device: str = "cpu", dtype=None):
-    """A `StableDiffusionPipeline` for `base`, in `dtype` (float32 by default) on `device`."""
+def load_pipeline(base: str | os.PathLike = TOY, *, device: str = "cpu", dtype=None,
+                  allow_pickle: bool | None = None):
+    """A `StableDiffusionPipeline` for `base`, in `dtype` (float32 by default) on `device`.
+
+    Only .safetensors weights are loaded unless `allow_pickle` (default: `DT_LORA_ALLOW_PICKLE`).
+    """
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -45,14 +90,22 @@ def load_pipeline(base: str | os.PathLike = TOY, *, device: str = "cpu", dtype=N
                 f"base model folder {path} is not a diffusers pipeline: {path / 'model_index.json'} "
                 "is missing. Pass a folder saved with `save_pretrained` (or `dt-lora bake --format diffusers`)."
             )
-        pipeline = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None)
+        if not pickle_allowed(allow_pickle):
+            _refuse_pickle_only_components(path)
+        pipeline = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
+                                                           use_safetensors=_use_safetensors(allow_pickle))
     else:
-        pipeline = _from_hub(base, dtype)
+        pipeline = _from_hub(base, dtype, allow_pickle)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 
 
-def _from_hub(model_id: str, dtype):
+def _use_safetensors(allow_pickle: bool | None) -> bool | None:
+    """diffusers' `use_safetensors`: True (safetensors or fail), or None (prefer them) when pickle is allowed."""
+    return None if pickle_allowed(allow_pickle) else True
+
+
+def _from_hub(model_id: str, dtype, allow_pickle: bool | None = None):
     """Load a Hub id from the local cache; fetch it only when the Hub is reachable and allowed."""
     from diffusers import StableDiffusionPipeline
 
@@ -61,16 +114,21 @@ def _from_hub(model_id: str, dtype):
     for local_only in (True,) if offline else (True, False):
         try:
             return StableDiffusionPipeline.from_pretrained(
-                model_id, dtype=dtype, safety_checker=None, local_files_only=local_only
+                model_id, dtype=dtype, safety_checker=None, local_files_only=local_only,
+                use_safetensors=_use_safetensors(allow_pickle),
             )
         except (OSError, ValueError) as error:  # diffusers reports a missing repo or file as either
             errors.append(error)
+    hint = ""
+    if not pickle_allowed(allow_pickle) and "safetensors" in str(errors[-1]):
+        hint = (f" If the model has pickled weights only, dt-lora loads them only when you trust it: "
+                f"pass {ALLOW_PICKLE_FLAG} (or set {ALLOW_PICKLE_ENV}=1).")
     raise BaseModelNotFound(
         f"base model {model_id!r} is not in the local Hugging Face cache"
         + (" and HF_HUB_OFFLINE is set" if offline else " and could not be downloaded")
         + f" ({type(errors[-1]).__name__}: {str(errors[-1]).splitlines()[0]}). Download the pipeline "
         "where the Hub is reachable and pass its local folder instead, e.g. --base /models/sd15, "
-        "or use --base toy."
+        "or use --base toy." + hint
     ) from None
 
 

@@ -2,7 +2,12 @@
 
 Each subcommand is a pair: `add_<name>_command(subparsers)` declares its
 arguments and `run_<name>(args) -> int` calls the library. To add one, write
-the pair and list the adder in `COMMANDS`.
+the pair and list the adder in `COMMANDS`. Options several commands share
+(`--base`, `--adapter`, `--overwrite`) are declared by the `_add_*_argument`
+helpers, so they mean the same everywhere.
+
+Exit codes (see `dt_lora.errors`): 0 done, 2 user error, 1 runtime failure,
+130 interrupted. Expected errors print one line `dt-lora CMD: error: ...`.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dt_lora import __version__
+from dt_lora.errors import EXIT_INTERRUPTED, EXIT_USER, exit_code, one_line
 
-EXIT_USAGE = 2  # same code argparse uses for bad arguments
+EXIT_USAGE = EXIT_USER  # same code argparse uses for bad arguments
 
 
 def _grid_arg(text: str) -> int | tuple[int, int]:
@@ -31,9 +37,36 @@ def _grid_arg(text: str) -> int | tuple[int, int]:
     raise argparse.ArgumentTypeError(f"expected N or ROWSxCOLS, got {text!r}")
 
 
-def _refuse_overwrite(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+def _adapter_arg(text: str) -> tuple[Path, float]:
+    """`a.safetensors` or `a.safetensors:0.8` -> (path, weight)."""
+    path, sep, weight = text.rpartition(":")
+    if sep and path:
+        try:
+            return Path(path), float(weight)
+        except ValueError:
+            pass
+    return Path(text), 1.0
+
+
+# ---------------------------------------------------------------- shared options
+
+
+def _add_base_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--base` and `--allow-pickle` (base models load from .safetensors only unless trusted)."""
+    parser.add_argument("--base", default="toy", help="toy (default), a diffusers folder, or a Hub id")
+    parser.add_argument("--allow-pickle", action="store_true", default=None,
+                        help="also load pickled .bin/.ckpt weights (only for a model you trust: unpickling "
+                        "can run code); or set DT_LORA_ALLOW_PICKLE=1")
+
+
+def _add_adapter_argument(parser, *, required: bool = False, help: str = "a shield adapter; repeat to stack several"):
+    parser.add_argument("--adapter", type=_adapter_arg, action="append", default=None if required else [],
+                        required=required, metavar="FILE[:WEIGHT]", help=help)
+
+
+def _add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output that dt-lora wrote (never anything else)")
 
 
 # ---------------------------------------------------------------- scramble
@@ -57,7 +90,7 @@ def add_scramble_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--no-derange", dest="derange", action="store_false", help="allow tiles to stay in place"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace existing files in OUT_DIR")
+    _add_overwrite_argument(parser)
     parser.set_defaults(run=run_scramble)
 
 
@@ -105,7 +138,7 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--out", type=Path, help="adapter file (default: <recipe folder>/<name>.safetensors)")
     parser.add_argument("--cache-dir", type=Path, default=Path(".dt-lora-cache"),
                         help="where generated data and latents are cached (default: .dt-lora-cache)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing adapter file")
+    _add_overwrite_argument(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     recipe_flags = parser.add_argument_group("recipe keys (override the file)")
     for dotted, annotation in override_keys():
@@ -116,6 +149,7 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from dt_lora.io import check_output
     from dt_lora.recipe import load_recipe
     from dt_lora.recipes import recipe_path
     from dt_lora.train import TrainingDiverged, train_adapter
@@ -123,6 +157,7 @@ def run_train(args: argparse.Namespace) -> int:
     overrides = {k[len("set:"):]: v for k, v in vars(args).items() if k.startswith("set:") and v is not None}
     recipe = load_recipe(recipe_path(args.recipe) if args.recipe else None, overrides)
     out = args.out or (args.recipe.parent if args.recipe else Path(".")) / f"{recipe.name}.safetensors"
+    check_output(out, args.overwrite)
     try:
         result = train_adapter(recipe, out, cache_dir=args.cache_dir, overwrite=args.overwrite,
                                progress=not args.quiet)
@@ -140,17 +175,6 @@ def run_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- generate
 
 
-def _adapter_arg(text: str) -> tuple[Path, float]:
-    """`a.safetensors` or `a.safetensors:0.8` -> (path, weight)."""
-    path, sep, weight = text.rpartition(":")
-    if sep and path:
-        try:
-            return Path(path), float(weight)
-        except ValueError:
-            pass
-    return Path(text), 1.0
-
-
 def add_generate_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "generate",
@@ -160,15 +184,14 @@ def add_generate_command(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("prompt", metavar="PROMPT")
     parser.add_argument("-o", "--out", type=Path, required=True, metavar="OUT_DIR")
-    parser.add_argument("--base", default="toy", help="toy (default), a diffusers folder, or a Hub id")
-    parser.add_argument("--adapter", type=_adapter_arg, action="append", default=[], metavar="FILE[:WEIGHT]",
-                        help="a shield adapter; repeat to stack several")
+    _add_base_arguments(parser)
+    _add_adapter_argument(parser)
     parser.add_argument("-n", "--num-images", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=25, help="sampler steps (default: 25)")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default: 5)")
     parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--overwrite", action="store_true", help="replace existing images in OUT_DIR")
+    _add_overwrite_argument(parser)
     parser.set_defaults(run=run_generate)
 
 
@@ -178,20 +201,27 @@ def run_generate(args: argparse.Namespace) -> int:
     from dt_lora.adapters import load_adapters
     from dt_lora.base import load_pipeline
     from dt_lora.generate import generate_images
-    from dt_lora.io import atomic_write
+    from dt_lora.io import atomic_write, check_output_files, record_output_files
 
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
     names = [args.out / f"{args.seed + i:06d}.png" for i in range(args.num_images)]
-    for path in names:
-        _refuse_overwrite(path, args.overwrite)
-    pipeline = load_pipeline(args.base)
+    check_output_files(args.out, [path.name for path in names], args.overwrite)
+    pipeline = load_pipeline(args.base, allow_pickle=args.allow_pickle)
     if args.adapter:
         load_adapters(pipeline, [p for p, _ in args.adapter], [w for _, w in args.adapter])
     images = generate_images(pipeline, [args.prompt] * args.num_images, seed=args.seed, steps=args.steps,
                              guidance=args.guidance, negative_prompt=args.negative_prompt, progress=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    for path, image in zip(names, images):
-        with atomic_write(path) as f:
-            Image.fromarray(image).save(f, format="PNG")
+    written = []
+    try:
+        for path, image in zip(names, images):
+            with atomic_write(path) as f:
+                Image.fromarray(image).save(f, format="PNG")
+            written.append(path.name)
+    finally:  # also on Ctrl-C: what was written is ours, so a later --overwrite may replace it
+        if written:
+            record_output_files(args.out, written, "generate")
     print(f"wrote {len(names)} image(s) to {args.out}")
     return 0
 
@@ -213,15 +243,16 @@ def add_merge_command(subparsers: argparse._SubParsersAction) -> None:
                         help="comma-separated weight per adapter (default: all 1)")
     parser.add_argument("--rank", type=int, default=None, help="compact merge to this rank")
     parser.add_argument("--force", action="store_true", help="merge adapters trained on different bases")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    _add_overwrite_argument(parser)
     parser.set_defaults(run=run_merge)
 
 
 def run_merge(args: argparse.Namespace) -> int:
     from dt_lora.adapters import write_adapter
+    from dt_lora.io import check_output
     from dt_lora.merge import merge_adapters
 
-    _refuse_overwrite(args.out, args.overwrite)
+    check_output(args.out, args.overwrite)
     if args.rank is not None and args.rank < 1:
         raise ValueError(f"--rank must be at least 1, got {args.rank}")
     result = merge_adapters(args.adapters, args.weights, rank=args.rank, force=args.force)
@@ -249,15 +280,16 @@ def add_export_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("adapter", type=Path, metavar="ADAPTER")
     parser.add_argument("-o", "--out", type=Path, required=True)
     parser.add_argument("--format", choices=["kohya"], default="kohya")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    _add_overwrite_argument(parser)
     parser.set_defaults(run=run_export)
 
 
 def run_export(args: argparse.Namespace) -> int:
     from dt_lora.adapters import read_adapter
     from dt_lora.export import write_kohya
+    from dt_lora.io import check_output
 
-    _refuse_overwrite(args.out, args.overwrite)
+    check_output(args.out, args.overwrite)
     adapter = read_adapter(args.adapter)
     write_kohya(args.out, adapter)
     print(f"wrote {args.out} ({args.format}, rank {adapter.rank}, alpha {adapter.alpha:g})")
@@ -279,14 +311,13 @@ def add_bake_command(subparsers: argparse._SubParsersAction) -> None:
         ".safetensors in the original SD layout (model.diffusion_model.*, first_stage_model.*, "
         "cond_stage_model.*) for AUTOMATIC1111 and ComfyUI.",
     )
-    parser.add_argument("--base", default="toy", help="toy (default), a diffusers folder, or a Hub id")
-    parser.add_argument("--adapter", type=_adapter_arg, action="append", required=True, metavar="FILE[:WEIGHT]",
-                        help="a shield adapter; repeat to bake several")
+    _add_base_arguments(parser)
+    _add_adapter_argument(parser, required=True, help="a shield adapter; repeat to bake several")
     parser.add_argument("-o", "--out", type=Path, required=True, help="output folder or .safetensors file")
     parser.add_argument("--format", choices=["diffusers", "single-file"], default="diffusers")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="weights dtype (default: float16)")
     parser.add_argument("--force", action="store_true", help="bake adapters trained on another base")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _add_overwrite_argument(parser)
     parser.set_defaults(run=run_bake)
 
 
@@ -297,7 +328,7 @@ def run_bake(args: argparse.Namespace) -> int:
 
     result = bake(args.base, [p for p, _ in args.adapter], args.out, format=args.format,
                   weights=[w for _, w in args.adapter], dtype=getattr(torch, DTYPES[args.dtype]),
-                  force=args.force, overwrite=args.overwrite)
+                  force=args.force, overwrite=args.overwrite, allow_pickle=args.allow_pickle)
     names = ", ".join(c.get("name", "?") for c in result.concepts)
     print(f"wrote {result.out} ({args.format}, {args.dtype}): shields {names}; UNet fingerprint {result.unet_fingerprint}")
     return 0
@@ -319,10 +350,9 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--recipe", type=Path, action="append", required=True, help="a shield's recipe; repeat")
     parser.add_argument("-o", "--out", type=Path, required=True, metavar="OUT_DIR")
-    parser.add_argument("--base", default="toy", help="the unmodified model: toy (default), a folder, a Hub id")
+    _add_base_arguments(parser)
     shield = parser.add_mutually_exclusive_group(required=True)
-    shield.add_argument("--adapter", type=_adapter_arg, action="append", default=[], metavar="FILE[:WEIGHT]",
-                        help="a shield adapter stacked on the base; repeat")
+    _add_adapter_argument(shield, help="a shield adapter stacked on the base; repeat")
     shield.add_argument("--shielded", metavar="MODEL", help="a baked model (diffusers folder) instead of adapters")
     parser.add_argument("--negative-prompt", metavar="TEXT",
                         help="also draw with the base model and TEXT as negative prompt (the baseline DT improves on)")
@@ -338,17 +368,18 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
     quality.add_argument("--reference-images", type=Path, metavar="DIR", help="real images for FID")
     quality.add_argument("--inception-weights", type=Path, metavar="FILE",
                          help="FID Inception weights as .safetensors (see `python -m pydoc dt_lora.metrics`)")
-    parser.add_argument("--overwrite", action="store_true", help="write into an existing OUT_DIR")
+    _add_overwrite_argument(parser)
     parser.set_defaults(run=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from dt_lora.base import load_pipeline
     from dt_lora.evaluate import ClipScorer, QualityRequest, ToyScorer, evaluate_shields
+    from dt_lora.io import atomic_directory, check_output, mark_output_folder
     from dt_lora.metrics import read_captions
     from dt_lora.recipe import load_recipe
 
-    _refuse_overwrite(args.out, args.overwrite)
+    check_output(args.out, args.overwrite, folder=True)
     recipes = [load_recipe(path) for path in args.recipe]
     quality = None
     if args.captions:
@@ -363,12 +394,15 @@ def run_eval(args: argparse.Namespace) -> int:
             scorer.concept(recipe)  # fails early, naming the recipe, when the toy evaluator cannot score it
     if args.adapter and any(w != 1.0 for _, w in args.adapter):
         raise ValueError("eval measures shields at weight 1; bake or merge weighted shields first")
-    base = load_pipeline(args.base)
-    report = evaluate_shields(
-        base, recipes, args.out, adapters=[p for p, _ in args.adapter],
-        shielded_pipeline=load_pipeline(args.shielded) if args.shielded else None, scorer=scorer,
-        negative_prompt=args.negative_prompt, images_per_prompt=args.images_per_prompt, steps=args.steps,
-        guidance=args.guidance, seed=args.seed, quality=quality)
+    base = load_pipeline(args.base, allow_pickle=args.allow_pickle)
+    shielded = load_pipeline(args.shielded, allow_pickle=args.allow_pickle) if args.shielded else None
+    # the report is built under a temporary name and moved into place complete, marked as dt-lora's
+    with atomic_directory(args.out, overwrite=args.overwrite) as folder:
+        report = evaluate_shields(
+            base, recipes, folder, adapters=[p for p, _ in args.adapter], shielded_pipeline=shielded,
+            scorer=scorer, negative_prompt=args.negative_prompt, images_per_prompt=args.images_per_prompt,
+            steps=args.steps, guidance=args.guidance, seed=args.seed, quality=quality)
+        mark_output_folder(folder, "eval")
     print(report.table())
     print(f"wrote {args.out / 'report.html'} (and report.md, report.json, grids/)")
     return 0
@@ -452,17 +486,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code. Expected failures (bad input,
-    missing files) print one line to stderr and return 2, no traceback."""
+    """Run the CLI; returns the exit code. Expected failures print one line to stderr, no traceback,
+    and return 2 (user error: bad input, missing files, an output in the way), 1 (runtime failure)
+    or 130 (interrupted). Anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     # bitsandbytes warns at import, on CPUs with AVX-512 BF16, that its 4-bit inference kernel package is
     # missing; dt-lora uses only its 8-bit optimizer, so the line is noise in every command's output
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         return args.run(args)
-    except (ValueError, OSError) as exc:
-        print(f"dt-lora {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"dt-lora {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        code = exit_code(exc)
+        if code is None:
+            raise
+        print(f"dt-lora {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

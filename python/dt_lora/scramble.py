@@ -301,6 +301,20 @@ def list_images(folder: Path) -> list[Path]:
     )
 
 
+def _read_pixels(path: Path) -> np.ndarray:
+    """The decoded pixels of one image file (L, LA, RGB or RGBA); a damaged file is a ValueError naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "LA", "RGB", "RGBA"):
+                im = im.convert("RGBA" if "A" in im.getbands() or "transparency" in im.info else "RGB")
+            return np.asarray(im)  # decodes the whole file: a truncated one fails here
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        # PIL reports damaged files as OSError (truncated), SyntaxError (broken chunks) or ValueError
+        raise ValueError(f"cannot read image {path}: {exc}") from None
+
+
 def scramble_folder(
     in_dir: str | Path,
     out_dir: str | Path,
@@ -316,14 +330,16 @@ def scramble_folder(
 
     Image i of the name-sorted listing uses stream `offset = i`, so the output
     is reproducible. Everything is checked before anything is written: missing
-    folder, no images, name clashes, existing outputs (unless `overwrite`),
-    sizes not divisible by the grid. Each file is written atomically.
-    Returns the written paths.
+    folder, no images, name clashes, existing outputs (unless `overwrite`, and
+    then only files an earlier dt-lora run wrote there, see
+    `dt_lora.io.check_output_files`), damaged images (every file is decoded),
+    sizes not divisible by the grid. Each file is written atomically and
+    recorded in `out_dir`'s `dt_lora.json`. Returns the written paths.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
     from tqdm import tqdm
 
-    from dt_lora.io import atomic_write
+    from dt_lora.io import atomic_write, check_output_files, record_output_files
 
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if not in_dir.is_dir():
@@ -341,30 +357,26 @@ def scramble_folder(
         if target.resolve() == src.resolve():
             raise ValueError(f"output {target} would overwrite its own input; use another OUT_DIR")
         targets[target] = src
-    if not overwrite:
-        existing = [t for t in targets if t.exists()]
-        if existing:
-            raise FileExistsError(
-                f"{len(existing)} output file(s) already exist in {out_dir}, e.g. {existing[0].name}; "
-                "pass --overwrite (overwrite=True) to replace them"
-            )
-    for src in sources:
-        try:
-            with Image.open(src) as im:
-                width, height = im.size
-        except (UnidentifiedImageError, OSError) as exc:
-            raise ValueError(f"cannot read image {src}: {exc}") from exc
-        _tile_shape(height, width, rows, cols, what=f"image {src.name}")
+    check_output_files(out_dir, [t.name for t in targets], overwrite)
+    for src in sources:  # decoded twice (here and below) so that a damaged file stops the run before any output
+        pixels = _read_pixels(src)
+        _tile_shape(pixels.shape[0], pixels.shape[1], rows, cols, what=f"image {src.name}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    for index, (target, src) in enumerate(tqdm(targets.items(), desc="scramble", unit="img", disable=not progress)):
-        with Image.open(src) as im:
-            if im.mode not in ("L", "LA", "RGB", "RGBA"):
-                im = im.convert("RGBA" if "A" in im.getbands() or "transparency" in im.info else "RGB")
-            pixels = np.asarray(im)
-        hwc = pixels[..., None] if pixels.ndim == 2 else np.ascontiguousarray(pixels)
-        scrambled = scramble_grid(hwc, (rows, cols), seed, layout="NHWC", derange=derange, flips=flips, offset=index)
-        image = Image.fromarray(scrambled[..., 0] if pixels.ndim == 2 else scrambled)
-        with atomic_write(target) as f:
-            image.save(f, format="PNG")
-    return list(targets)
+    written: list[Path] = []
+    try:
+        for index, (target, src) in enumerate(
+            tqdm(targets.items(), desc="scramble", unit="img", disable=not progress)
+        ):
+            pixels = _read_pixels(src)
+            hwc = pixels[..., None] if pixels.ndim == 2 else np.ascontiguousarray(pixels)
+            scrambled = scramble_grid(hwc, (rows, cols), seed, layout="NHWC", derange=derange, flips=flips,
+                                      offset=index)
+            image = Image.fromarray(scrambled[..., 0] if pixels.ndim == 2 else scrambled)
+            with atomic_write(target) as f:
+                image.save(f, format="PNG")
+            written.append(target)
+    finally:  # also on Ctrl-C: what was written is ours, so a later --overwrite may replace it
+        if written:
+            record_output_files(out_dir, [t.name for t in written], "scramble")
+    return written
