@@ -65,6 +65,8 @@ def bake(base: str, adapters, out: str | Path, *, format: str = "diffusers", wei
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     if format == "single-file" and out.suffix != ".safetensors":
         raise ValueError(f"--format single-file writes one .safetensors file; got {out}")
+    for path in adapters:
+        read_adapter(path)  # a malformed adapter fails now, not after loading a large base model
     pipeline = load_pipeline(base)
     concepts = fuse_adapters(pipeline, adapters, weights, force=force)
     with diffusers_errors_only():  # "modules that should be kept in float32: []": SD has none
