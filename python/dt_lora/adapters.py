@@ -103,7 +103,6 @@ def write_adapter(path: str | Path, adapter: AdapterFile) -> Path:
     return path
 
 
-
 class LoraLayer(NamedTuple):
     """One adapted layer: it adds `scale · B @ A` to the layer's (out × in) weight."""
 
@@ -324,7 +323,7 @@ def _diffusers_warnings():
         for record in records:
             message = record.getMessage()
             if any(text in message for text in _UNPLACED):
-                unplaced.append(message.strip())
+                unplaced.append(" ".join(message.split()))  # one line, for the CLI's error
             elif _TEXT_ENCODER_NOTICE not in message and root.isEnabledFor(record.levelno):
                 root.handle(record)
 
