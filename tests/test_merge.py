@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dt_lora.adapters import AdapterError, load_adapters, read_adapter, unload_adapters, write_adapter
+from dt_lora.base import unet_fingerprint
 from dt_lora.cli import main
 from dt_lora.merge import merge_adapters
 from lora_helpers import random_adapter, unet_output
@@ -22,8 +23,9 @@ LAYERS_B = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
 
 @pytest.fixture
 def two_adapters(toy_pipeline, tmp_path):
-    a = write_adapter(tmp_path / "a.safetensors", random_adapter(toy_pipeline.unet, LAYERS_A, 4, 2.0, 1, "circle"))
-    b = write_adapter(tmp_path / "b.safetensors", random_adapter(toy_pipeline.unet, LAYERS_B, 8, 16.0, 2, "red"))
+    fingerprint = unet_fingerprint(toy_pipeline.unet)  # generate and export check the adapters fit the base
+    a = write_adapter(tmp_path / "a.safetensors", random_adapter(toy_pipeline.unet, LAYERS_A, 4, 2.0, 1, "circle", fingerprint))
+    b = write_adapter(tmp_path / "b.safetensors", random_adapter(toy_pipeline.unet, LAYERS_B, 8, 16.0, 2, "red", fingerprint))
     return a, b
 
 

@@ -12,9 +12,14 @@ An adapter is one .safetensors file that diffusers' `load_lora_weights` loads as
 from __future__ import annotations
 
 import json
+import logging
+import math
 import time
+from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -42,6 +47,11 @@ class AdapterFile:
     @property
     def alpha(self) -> float:
         return float(self.lora_config["lora_alpha"])
+
+    @property
+    def scale(self) -> float:
+        """What peft multiplies B·A by: alpha/r, or alpha/√r for rank-stabilised LoRA."""
+        return self.alpha / (math.sqrt(self.rank) if self.lora_config.get("use_rslora") else self.rank)
 
     @classmethod
     def from_training(cls, weights: dict[str, torch.Tensor], *, recipe, base: str, base_fingerprint: str,
@@ -80,6 +90,7 @@ def write_adapter(path: str | Path, adapter: AdapterFile) -> Path:
     from safetensors.torch import save
 
     path = Path(path)
+    lora_layers(adapter, source=path)  # never write a file that read_adapter would refuse
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {UNET_PREFIX + k: v.contiguous() for k, v in adapter.weights.items()}
     metadata = {
@@ -92,7 +103,95 @@ def write_adapter(path: str | Path, adapter: AdapterFile) -> Path:
     return path
 
 
+class LoraLayer(NamedTuple):
+    """One adapted layer: it adds `scale · B @ A` to the layer's (out × in) weight."""
+
+    A: torch.Tensor  # (rank, in)
+    B: torch.Tensor  # (out, rank)
+    scale: float
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The (out, in) shape of the weight this layer adapts."""
+        return self.B.shape[0], self.A.shape[1]
+
+    def delta(self) -> torch.Tensor:
+        """The float32 weight delta this layer adds."""
+        return self.scale * (self.B.float() @ self.A.float())
+
+
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+# peft options under which a layer's delta is not scale · B @ A, or not one scale for the whole file
+_UNSUPPORTED = {"use_dora": "DoRA", "rank_pattern": "per-layer ranks (rank_pattern)",
+                "alpha_pattern": "per-layer alphas (alpha_pattern)", "lora_bias": "LoRA biases (lora_bias)"}
+
+
+def lora_layers(adapter: AdapterFile, *, source: str | Path | None = None) -> dict[str, LoraLayer]:
+    """layer → its validated `LoraLayer`, in layer-name order; every reader of adapter weights uses this.
+
+    Raises `AdapterError` naming `source` and the tensor when the adapter is malformed: an A without
+    its B (or the reverse), rank 0, A and B whose inner dimensions disagree or whose rank is not the
+    config's r, tensors that are not floating-point matrices, NaN or inf weights.
+    """
+    where = f"{source}: " if source is not None else ""
+    rank = _checked_config(adapter.lora_config, where)
+    scale = adapter.scale
+    layers = {}
+    for key in sorted(adapter.weights):
+        if key.endswith(_B):
+            if key[: -len(_B)] + _A not in adapter.weights:
+                raise AdapterError(f"{where}tensor {UNET_PREFIX}{key} has no matching {UNET_PREFIX}{key[:-len(_B)]}{_A}")
+            continue
+        if not key.endswith(_A):
+            raise AdapterError(f"{where}unexpected tensor {UNET_PREFIX}{key!r} (expected unet.*.lora_A/B.weight)")
+        layer = key[: -len(_A)]
+        if layer + _B not in adapter.weights:
+            raise AdapterError(f"{where}tensor {UNET_PREFIX}{key} has no matching {UNET_PREFIX}{layer}{_B}")
+        a, b = adapter.weights[key], adapter.weights[layer + _B]
+        for name, tensor in ((key, a), (layer + _B, b)):
+            _check_tensor(tensor, where + f"tensor {UNET_PREFIX}{name}")
+        if a.shape[0] != b.shape[1]:
+            raise AdapterError(f"{where}tensor {UNET_PREFIX}{layer}{_A} is {_dims(a)} and {UNET_PREFIX}{layer}{_B} "
+                               f"is {_dims(b)}: their inner dimensions (the rank) must be equal")
+        if a.shape[0] != rank:
+            raise AdapterError(f"{where}tensor {UNET_PREFIX}{key} has rank {a.shape[0]} but the metadata "
+                               f"'{LORA_METADATA_KEY}' says unet.r = {rank}")
+        layers[layer] = LoraLayer(a, b, scale)
+    if not layers:
+        raise AdapterError(f"{where}holds no LoRA tensors")
+    return layers
+
+
+def _checked_config(config: dict, where: str) -> int:
+    rank, alpha = config.get("r"), config.get("lora_alpha")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise AdapterError(f"{where}metadata '{LORA_METADATA_KEY}' has unet.r = {rank!r}; the rank must be an integer >= 1")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise AdapterError(f"{where}metadata '{LORA_METADATA_KEY}' has unet.lora_alpha = {alpha!r}; expected a finite number")
+    for option, what in _UNSUPPORTED.items():
+        if config.get(option):
+            raise AdapterError(f"{where}uses {what}, which dt-lora does not support")
+    return rank
+
+
+def _check_tensor(tensor: torch.Tensor, what: str) -> None:
+    if tensor.ndim != 2:
+        raise AdapterError(f"{what} has shape {tuple(tensor.shape)}; expected a matrix (2 dimensions)")
+    if 0 in tensor.shape:
+        raise AdapterError(f"{what} is {_dims(tensor)}: rank 0 or an empty layer")
+    if not tensor.is_floating_point():
+        raise AdapterError(f"{what} has dtype {tensor.dtype}; expected floating point")
+    if not torch.isfinite(tensor).all():
+        nan, inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
+        raise AdapterError(f"{what} holds {nan} NaN and {inf} inf value(s)")
+
+
+def _dims(tensor: torch.Tensor) -> str:
+    return "×".join(str(n) for n in tensor.shape)
+
+
 def read_adapter(path: str | Path) -> AdapterFile:
+    """Read and validate an adapter file (see `lora_layers`); every problem is an `AdapterError`."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -109,42 +208,124 @@ def read_adapter(path: str | Path) -> AdapterFile:
     try:
         lora = json.loads(metadata[LORA_METADATA_KEY])
         concepts = json.loads(metadata.get(DT_METADATA_KEY, '{"concepts": []}'))["concepts"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        config = {k[len(UNET_PREFIX):]: v for k, v in lora.items() if k.startswith(UNET_PREFIX)}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
         raise AdapterError(f"{path}: damaged metadata ({error})") from None
-    config = {k[len(UNET_PREFIX):]: v for k, v in lora.items() if k.startswith(UNET_PREFIX)}
     if "r" not in config or "lora_alpha" not in config:
         raise AdapterError(f"{path}: metadata '{LORA_METADATA_KEY}' lacks unet.r / unet.lora_alpha")
+    if not isinstance(concepts, list) or not all(isinstance(c, dict) for c in concepts):
+        raise AdapterError(f"{path}: damaged metadata ('{DT_METADATA_KEY}' concepts is not a list of objects)")
     weights = {}
     for key, value in tensors.items():
-        if not key.startswith(UNET_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+        if not key.startswith(UNET_PREFIX) or not key.endswith((_A, _B)):
             raise AdapterError(f"{path}: unexpected tensor {key!r} (expected unet.*.lora_A/B.weight)")
         weights[key[len(UNET_PREFIX):]] = value
-    if not weights:
-        raise AdapterError(f"{path}: holds no LoRA tensors")
-    return AdapterFile(weights, config, concepts)
+    adapter = AdapterFile(weights, config, concepts)
+    lora_layers(adapter, source=path)
+    return adapter
 
 
-def load_adapters(pipeline, paths, weights=None) -> list[str]:
+def check_fits(adapters: Sequence[AdapterFile], unet, *, force: bool = False,
+               sources: Sequence[str | Path] | None = None) -> None:
+    """Refuse adapters that do not fit `unet`: raises `AdapterError` naming the file and the layer.
+
+    Every adapted layer must be a Linear layer of the UNet whose weight is (out × in) as the adapter's
+    B·A; and each shielded concept must have been trained on this UNet (its recorded fingerprint equals
+    `unet_fingerprint(unet)`) unless `force`. Adapters already loaded on `unet` do not change the answer.
+    """
+    from .base import unet_fingerprint
+
+    sources = [str(s) for s in sources] if sources is not None else [f"adapter {i}" for i in range(len(adapters))]
+    modules = dict(unet.named_modules())
+    for adapter, source in zip(adapters, sources):
+        for layer, lora in lora_layers(adapter, source=source).items():
+            module = modules.get(layer)
+            module = getattr(module, "base_layer", module)  # a layer that already carries a peft adapter
+            if not isinstance(module, torch.nn.Linear):
+                have = "no such layer" if module is None else f"the base's is a {type(module).__name__}, not a Linear layer"
+            elif tuple(module.weight.shape) != lora.shape:
+                have = f"the base's is {_dims(module.weight)}"
+            else:
+                continue
+            raise AdapterError(f"{source}: adapter layer {layer} ({lora.shape[0]}×{lora.shape[1]}) does not fit "
+                               f"this base: {have}")
+    if force or not any(c.get("base_fingerprint") for adapter in adapters for c in adapter.concepts):
+        return
+    fingerprint = unet_fingerprint(unet)  # costly on a real UNet: once for all adapters
+    for adapter, source in zip(adapters, sources):
+        foreign = [c.get("name", "?") for c in adapter.concepts if c.get("base_fingerprint") not in (None, fingerprint)]
+        if foreign:
+            raise AdapterError(f"{source}: shield(s) {', '.join(foreign)} were trained on another base model (UNet "
+                               f"fingerprint differs from this base's {fingerprint}); pass --force to use them anyway")
+
+
+def load_adapters(pipeline, paths, weights=None, *, force: bool = False) -> list[str]:
     """Stack adapters on a pipeline (diffusers `load_lora_weights` + `set_adapters`); returns their names.
 
+    Each adapter is read and checked to fit the pipeline's UNet (`check_fits`; `force` accepts one
+    trained on another base) before diffusers sees it; a layer diffusers still cannot place is an
+    `AdapterError`, not a warning, and the pipeline is left without the adapters of this call.
     Names are `shield0`, `shield1`, …; `unload_adapters(pipeline)` removes them again.
     """
     paths = [Path(p) for p in paths]
     weights = list(weights) if weights is not None else [1.0] * len(paths)
     if len(weights) != len(paths):
         raise ValueError(f"got {len(paths)} adapters but {len(weights)} weights")
-    from .base import diffusers_errors_only
+    check_fits([read_adapter(p) for p in paths], pipeline.unet, force=force, sources=paths)
 
     names = []
-    for index, path in enumerate(paths):
-        read_adapter(path)  # clear errors for missing, damaged or foreign files before diffusers sees them
-        name = f"shield{index}"
-        # shields hold UNet layers only; diffusers would warn that the text encoder got none
-        with diffusers_errors_only():
-            pipeline.load_lora_weights(str(path), adapter_name=name)
-        names.append(name)
-    pipeline.set_adapters(names, adapter_weights=weights)
+    try:
+        for index, path in enumerate(paths):
+            name = f"shield{index}"
+            with _diffusers_warnings() as unplaced:
+                pipeline.load_lora_weights(str(path), adapter_name=name)
+            names.append(name)
+            if unplaced:
+                raise AdapterError(f"{path}: diffusers could not apply every layer: {' '.join(unplaced)}")
+        pipeline.set_adapters(names, adapter_weights=weights)
+    except BaseException:
+        if names:
+            pipeline.delete_adapters(names)
+        raise
     return names
+
+
+# diffusers' warnings while loading a LoRA: a layer it could not place (`_maybe_warn_for_unhandled_keys`)
+# is an error for dt-lora; the notice that the text encoder got no LoRA keys is expected (shields hold
+# UNet layers only) and dropped
+_UNPLACED = ("unexpected keys", "missing keys")
+_TEXT_ENCODER_NOTICE = "No LoRA keys associated to CLIPTextModel"
+
+
+@contextmanager
+def _diffusers_warnings():
+    """Yields a list that collects the messages of diffusers' warnings about unplaced LoRA keys (the
+    caller raises on them); every other diffusers log record but the text-encoder notice is printed as
+    usual when the block ends."""
+    from diffusers.utils import logging as diffusers_logging
+
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    root = diffusers_logging.get_logger()
+    handlers, level, propagate = root.handlers[:], root.level, root.propagate
+    root.handlers, root.propagate = [Collect()], False
+    root.setLevel(min(root.getEffectiveLevel(), logging.WARNING))
+    unplaced: list[str] = []
+    try:
+        yield unplaced
+    finally:
+        root.handlers, root.propagate = handlers, propagate
+        root.setLevel(level)
+        for record in records:
+            message = record.getMessage()
+            if any(text in message for text in _UNPLACED):
+                unplaced.append(" ".join(message.split()))  # one line, for the CLI's error
+            elif _TEXT_ENCODER_NOTICE not in message and root.isEnabledFor(record.levelno):
+                root.handle(record)
 
 
 def unload_adapters(pipeline) -> None:

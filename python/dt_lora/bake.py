@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import DT_METADATA_KEY, AdapterError
+from .adapters import DT_METADATA_KEY, check_fits, lora_layers, read_adapter
 from .base import describe, diffusers_errors_only, load_pipeline, unet_fingerprint
 from .merge import merge_adapters
 
@@ -38,28 +38,18 @@ class BakeResult:
 def fuse_adapters(pipeline, adapters, weights=None, *, force: bool = False) -> list[dict]:
     """Add the adapters' deltas to `pipeline.unet`'s weights in place; returns their concepts.
 
-    Refuses adapters trained on another base than this UNet (their recorded fingerprint differs)
-    unless `force`.
+    Refuses adapters that do not fit this UNet (`check_fits`: a missing or differently shaped layer;
+    a base fingerprint other than this UNet's, unless `force`) before any weight changes.
     """
-    merged = merge_adapters(adapters, weights, force=force).adapter
-    if not force:
-        fingerprint = unet_fingerprint(pipeline.unet)
-        foreign = [c.get("name", "?") for c in merged.concepts if c.get("base_fingerprint") not in (None, fingerprint)]
-        if foreign:
-            raise AdapterError(f"shield(s) {', '.join(foreign)} were trained on another base model (UNet "
-                               f"fingerprint differs from this base's {fingerprint}); pass --force to bake anyway")
-    parameters = dict(pipeline.unet.named_parameters())
+    paths = [Path(p) for p in adapters]
+    read = [read_adapter(p) for p in paths]
+    check_fits(read, pipeline.unet, force=force, sources=paths)
+    merged = merge_adapters(read, weights, force=force).adapter
+    modules = dict(pipeline.unet.named_modules())
     with torch.no_grad():
-        for key, a in merged.weights.items():
-            if not key.endswith(".lora_A.weight"):
-                continue
-            layer = key[: -len(".lora_A.weight")]
-            b = merged.weights[f"{layer}.lora_B.weight"]
-            weight = parameters.get(f"{layer}.weight")
-            if weight is None or weight.shape != (b.shape[0], a.shape[1]):
-                have = "no such layer" if weight is None else f"the base's is {tuple(weight.shape)}"
-                raise AdapterError(f"adapter layer {layer} ({b.shape[0]}×{a.shape[1]}) does not fit this base: {have}")
-            weight.add_((b.float() @ a.float()).to(weight.dtype))
+        for layer, lora in lora_layers(merged).items():
+            weight = getattr(modules[layer], "base_layer", modules[layer]).weight  # check_fits: a Linear of this shape
+            weight.add_(lora.delta().to(weight.dtype))
     return merged.concepts
 
 
@@ -78,6 +68,8 @@ def bake(base: str, adapters, out: str | Path, *, format: str = "diffusers", wei
     check_output(out, overwrite, folder=format == "diffusers")
     if format == "single-file" and out.suffix != ".safetensors":
         raise ValueError(f"--format single-file writes one .safetensors file; got {out}")
+    for path in adapters:
+        read_adapter(path)  # a malformed adapter fails now, not after loading a large base model
     pipeline = load_pipeline(base, allow_pickle=allow_pickle)
     concepts = fuse_adapters(pipeline, adapters, weights, force=force)
     with diffusers_errors_only():  # "modules that should be kept in float32: []": SD has none

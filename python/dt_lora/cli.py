@@ -191,6 +191,7 @@ def add_generate_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=25, help="sampler steps (default: 25)")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default: 5)")
     parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--force", action="store_true", help="use adapters trained on another base")
     _add_overwrite_argument(parser)
     parser.set_defaults(run=run_generate)
 
@@ -209,7 +210,7 @@ def run_generate(args: argparse.Namespace) -> int:
     check_output_files(args.out, [path.name for path in names], args.overwrite)
     pipeline = load_pipeline(args.base, allow_pickle=args.allow_pickle)
     if args.adapter:
-        load_adapters(pipeline, [p for p, _ in args.adapter], [w for _, w in args.adapter])
+        load_adapters(pipeline, [p for p, _ in args.adapter], [w for _, w in args.adapter], force=args.force)
     images = generate_images(pipeline, [args.prompt] * args.num_images, seed=args.seed, steps=args.steps,
                              guidance=args.guidance, negative_prompt=args.negative_prompt, progress=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -368,6 +369,7 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
     quality.add_argument("--reference-images", type=Path, metavar="DIR", help="real images for FID")
     quality.add_argument("--inception-weights", type=Path, metavar="FILE",
                          help="FID Inception weights as .safetensors (see `python -m pydoc dt_lora.metrics`)")
+    parser.add_argument("--force", action="store_true", help="use adapters trained on another base")
     _add_overwrite_argument(parser)
     parser.set_defaults(run=run_eval)
 
@@ -401,7 +403,7 @@ def run_eval(args: argparse.Namespace) -> int:
         report = evaluate_shields(
             base, recipes, folder, adapters=[p for p, _ in args.adapter], shielded_pipeline=shielded,
             scorer=scorer, negative_prompt=args.negative_prompt, images_per_prompt=args.images_per_prompt,
-            steps=args.steps, guidance=args.guidance, seed=args.seed, quality=quality)
+            steps=args.steps, guidance=args.guidance, seed=args.seed, quality=quality, force=args.force)
         mark_output_folder(folder, "eval")
     print(report.table())
     print(f"wrote {args.out / 'report.html'} (and report.md, report.json, grids/)")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import DT_METADATA_KEY, AdapterFile
+from .adapters import DT_METADATA_KEY, AdapterFile, lora_layers
 from .io import atomic_write
 
 KOHYA_PREFIX = "lora_unet_"
@@ -25,15 +25,21 @@ def kohya_key(module: str) -> str:
     return KOHYA_PREFIX + module.replace(".", "_")
 
 
+def kohya_alpha(adapter: AdapterFile) -> float:
+    """The alpha for which kohya's scale, alpha/rank, is the adapter's scale."""
+    if adapter.lora_config.get("use_rslora"):  # peft's scale is alpha/√rank there
+        return adapter.scale * adapter.rank
+    return adapter.alpha
+
+
 def to_kohya(adapter: AdapterFile) -> dict[str, torch.Tensor]:
+    alpha = kohya_alpha(adapter)
     tensors = {}
-    for key, value in adapter.weights.items():
-        if key.endswith(".lora_A.weight"):
-            module = key[: -len(".lora_A.weight")]
-            name = kohya_key(module)
-            tensors[f"{name}.lora_down.weight"] = value.contiguous()
-            tensors[f"{name}.lora_up.weight"] = adapter.weights[f"{module}.lora_B.weight"].contiguous()
-            tensors[f"{name}.alpha"] = torch.tensor(adapter.alpha, dtype=torch.float32)
+    for module, lora in lora_layers(adapter).items():
+        name = kohya_key(module)
+        tensors[f"{name}.lora_down.weight"] = lora.A.contiguous()
+        tensors[f"{name}.lora_up.weight"] = lora.B.contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     return tensors
 
 
@@ -44,7 +50,7 @@ def write_kohya(path: str | Path, adapter: AdapterFile) -> Path:
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(adapter.rank),
-        "ss_network_alpha": str(adapter.alpha),
+        "ss_network_alpha": str(kohya_alpha(adapter)),
         DT_METADATA_KEY: json.dumps({"concepts": adapter.concepts}),
     }
     with atomic_write(path) as f:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import AdapterError, AdapterFile, read_adapter
+from .adapters import AdapterError, AdapterFile, lora_layers, read_adapter
 
 
 @dataclass
@@ -29,15 +29,10 @@ class MergeResult:
         return max(self.layer_errors.values(), default=0.0)
 
 
-def _layers(adapter: AdapterFile) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """layer → (A, B·scale): each adapter's own alpha/rank folded into B."""
-    scale = adapter.alpha / adapter.rank
-    layers = {}
-    for key in adapter.weights:
-        if key.endswith(".lora_A.weight"):
-            name = key[: -len(".lora_A.weight")]
-            layers[name] = (adapter.weights[key].float(), adapter.weights[f"{name}.lora_B.weight"].float() * scale)
-    return layers
+def _layers(adapter: AdapterFile, source) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """layer → (A, B·scale): each adapter's own scale (alpha/rank) folded into B."""
+    return {layer: (lora.A.float(), lora.B.float() * lora.scale)
+            for layer, lora in lora_layers(adapter, source=source).items()}
 
 
 def check_same_base(adapters: list[AdapterFile], names: list[str]) -> None:
@@ -51,25 +46,27 @@ def check_same_base(adapters: list[AdapterFile], names: list[str]) -> None:
         raise AdapterError(f"adapters were trained on different base models ({detail}); pass --force to merge anyway")
 
 
-def merge_adapters(paths, weights=None, *, rank: int | None = None, force: bool = False) -> MergeResult:
-    paths = [Path(p) for p in paths]
-    if not paths:
+def merge_adapters(adapters, weights=None, *, rank: int | None = None, force: bool = False) -> MergeResult:
+    """Merge `adapters` (paths, or `AdapterFile`s already read) with `weights` (default: all 1)."""
+    adapters = list(adapters)
+    if not adapters:
         raise ValueError("nothing to merge: give at least one adapter")
-    weights = list(weights) if weights is not None else [1.0] * len(paths)
-    if len(weights) != len(paths):
-        raise ValueError(f"got {len(paths)} adapters but {len(weights)} weights")
-    adapters = [read_adapter(p) for p in paths]
+    weights = list(weights) if weights is not None else [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise ValueError(f"got {len(adapters)} adapters but {len(weights)} weights")
+    sources = [f"adapter {i}" if isinstance(a, AdapterFile) else str(a) for i, a in enumerate(adapters)]
+    adapters = [a if isinstance(a, AdapterFile) else read_adapter(a) for a in adapters]
     if not force:
-        check_same_base(adapters, [p.name for p in paths])
-    per_adapter = [_layers(a) for a in adapters]
+        check_same_base(adapters, [Path(s).name for s in sources])
+    per_adapter = [_layers(a, source) for a, source in zip(adapters, sources)]
     names = sorted(set().union(*per_adapter))
 
     shapes: dict[str, tuple[int, int]] = {}
-    for layers, path in zip(per_adapter, paths):
+    for layers, source in zip(per_adapter, sources):
         for name, (a, b) in layers.items():
             shape = (b.shape[0], a.shape[1])
             if shapes.setdefault(name, shape) != shape:
-                raise AdapterError(f"{path}: layer {name} is {shape[0]}×{shape[1]}, another adapter's is "
+                raise AdapterError(f"{source}: layer {name} is {shape[0]}×{shape[1]}, another adapter's is "
                                    f"{shapes[name][0]}×{shapes[name][1]}; these adapters cannot be merged")
 
     out: dict[str, torch.Tensor] = {}
@@ -100,6 +97,8 @@ def merge_adapters(paths, weights=None, *, rank: int | None = None, force: bool 
             errors[name] = float((delta - b @ a).norm() / norm) if norm > 0 else 0.0
 
     targets = sorted({t for adapter in adapters for t in adapter.lora_config.get("target_modules", [])})
-    config = {**adapters[0].lora_config, "r": merged_rank, "lora_alpha": merged_rank, "target_modules": targets}
+    # scale 1 (each adapter's own scale is folded into B), whatever options the first adapter had
+    config = {**adapters[0].lora_config, "r": merged_rank, "lora_alpha": merged_rank, "target_modules": targets,
+              "use_rslora": False}
     concepts = [{**c, "merge_weight": w} for adapter, w in zip(adapters, weights) for c in adapter.concepts]
     return MergeResult(AdapterFile(out, config, concepts), errors)

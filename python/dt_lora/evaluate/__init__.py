@@ -65,16 +65,18 @@ def evaluate_shields(
     seed: int = EVAL_SEED,
     quality: QualityRequest | None = None,
     progress: bool = True,
+    force: bool = False,
 ) -> EvalReport:
     """Generate, score and write `report.json`, `report.md`, `report.html` and PNG grids to `out_dir`.
 
     The shielded model is `base_pipeline` with `adapters` stacked, or `shielded_pipeline` (a baked one).
     With `quality`, every condition also draws one image per caption and gets FID / IS / CLIP score.
+    `force` accepts adapters trained on another base.
     """
-    from ..adapters import load_adapters, read_adapter, unload_adapters
+    from ..adapters import check_fits, load_adapters, read_adapter, unload_adapters
 
-    for path in adapters:
-        read_adapter(path)  # a damaged adapter fails now, not after the base model has drawn everything
+    # a damaged or misfitting adapter fails now, not after the base model has drawn everything
+    check_fits([read_adapter(p) for p in adapters], base_pipeline.unet, force=force, sources=adapters)
     if not recipes:
         raise ValueError("nothing to evaluate: give at least one recipe")
     if bool(adapters) == (shielded_pipeline is not None):
@@ -99,7 +101,7 @@ def evaluate_shields(
 
         images = {"base": run(base_pipeline)}
         if adapters:
-            load_adapters(base_pipeline, adapters)
+            load_adapters(base_pipeline, adapters, force=force)
             try:
                 images["shielded"] = run(base_pipeline)
             finally:
