@@ -96,8 +96,11 @@ def image_folder_digest(folder: str | Path) -> str:
     """SHA-256 of the folder's images (names and bytes, in `list_images` order): what the cache keys on."""
     import hashlib
 
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"target.image_folder {folder} is not a folder")
     digest = hashlib.sha256()
-    for path in list_images(Path(folder)):
+    for path in list_images(folder):
         digest.update(path.name.encode() + b"\0")
         with open(path, "rb") as f:
             digest.update(hashlib.file_digest(f, "sha256").digest())
