@@ -14,8 +14,9 @@ atomically once its batch is done, so an interrupted run resumes at the first mi
 that fails to load or has the wrong contents is rebuilt.
 
 On CUDA, when the recipe trains in fp16/bf16, the images are generated with the UNet in that half
-precision (half its memory; an 8 GB card fits SD 1.5's sampling); the text encoder and the VAE encode,
-whose outputs are cached, stay float32. Such data gets its own cache key. On CPU nothing changes.
+precision (half the UNet's weight memory, half-precision activations under autocast); the text encoder
+and the VAE encode, whose outputs are cached, stay float32. Such data gets its own cache key. On CPU
+nothing changes.
 """
 
 from __future__ import annotations

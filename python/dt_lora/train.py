@@ -122,9 +122,8 @@ def adapters_disabled(unet) -> Iterator[None]:
 
 
 CHECKPOINT = "checkpoint.safetensors"
-# recipe keys that do not change what is trained: a run may resume with them changed
-RESUMABLE_CHANGES = ("target.paraphrases", "train.checkpoint_every", "train.sample_every",
-                     "train.gradient_checkpointing")
+# recipe keys that change neither the data nor what is trained: a run may resume with them changed
+RESUMABLE_CHANGES = ("train.checkpoint_every", "train.sample_every", "train.gradient_checkpointing")
 
 
 def run_identity(recipe: Recipe, base_fingerprint: str, data: str) -> dict:
