@@ -85,6 +85,65 @@ def test_errors_name_file_key_and_problem(tmp_path, text, overrides, message):
         load_recipe(write(tmp_path, text), overrides)
 
 
+VALID = 'name = "x"\n[target]\nprompts = ["p"]\n[anchors]\nprompts = ["q"]\n'
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.learning_rate": "nan"}, r"train\.learning_rate: must be a finite number, got nan"),
+    ({"train.learning_rate": "0"}, r"train\.learning_rate: must be more than 0, got 0\.0"),
+    ({"train.learning_rate": "-1e-3"}, r"train\.learning_rate: must be more than 0"),
+    ({"train.batch_size": "0"}, r"train\.batch_size: must be at least 1, got 0"),
+    ({"sampling.steps": "0"}, r"sampling\.steps: must be at least 1, got 0"),
+    ({"sampling.batch_size": "0"}, r"sampling\.batch_size: must be at least 1"),
+    ({"lora.rank": "0"}, r"lora\.rank: must be at least 1"),
+    ({"lora.alpha": "0"}, r"lora\.alpha: must be more than 0, got 0\.0"),
+    ({"lora.alpha": "-4"}, r"lora\.alpha: must be more than 0"),
+    ({"train.seed": "-1"}, r"train\.seed: must be between 0 and 2\*\*32 - 1, got -1"),
+    ({"train.preservation_weight": "-1"}, r"train\.preservation_weight: must be 0 or more"),
+    # NaN passes every `<` test, so each float field is checked for it on its own
+    ({"train.preservation_weight": "nan"}, r"train\.preservation_weight: must be a finite number"),
+    ({"train.anchor_scale_jitter": "nan"}, r"train\.anchor_scale_jitter: must be a finite number"),
+    ({"sampling.guidance": "nan"}, r"sampling\.guidance: must be a finite number"),
+    ({"sampling.guidance": "inf"}, r"sampling\.guidance: must be a finite number, got inf"),
+    ({"lora.alpha": "nan"}, r"lora\.alpha: must be a finite number"),
+    ({"train.unconditional_share": "nan"}, r"train\.unconditional_share: must be a finite number"),
+    ({"name": "../x"}, r"name: '\.\./x' is not a safe file name"),
+    ({"name": "/tmp/x"}, r"name: '/tmp/x' is not a safe file name"),
+    ({"name": "a b"}, r"name: 'a b' is not a safe file name"),
+    ({"name": ".hidden"}, r"name: '\.hidden' is not a safe file name"),
+])
+def test_every_setting_is_checked_before_any_work(tmp_path, overrides, message):
+    with pytest.raises(RecipeError, match=r"r\.toml: " + message):
+        load_recipe(write(tmp_path, VALID), overrides)
+
+
+def test_nan_in_the_toml_file_is_refused(tmp_path):
+    with pytest.raises(RecipeError, match=r"r\.toml: train\.learning_rate: must be a finite number, got nan"):
+        load_recipe(write(tmp_path, VALID + "[train]\nlearning_rate = nan\n"))
+
+
+def test_names_that_are_plain_slugs_are_accepted(tmp_path):
+    for name in ("x", "toy-circle", "sd15_face.v2", "A1"):
+        assert load_recipe(write(tmp_path, VALID), {"name": name}).name == name
+
+
+@pytest.mark.parametrize("grid, space, message", [
+    ("5", "pixel", r"scramble\.grid: 5 does not divide the base model's 32x32 images .*; use one of \[1, 2, 4, 8, 16, 32\]"),
+    ("64", "pixel", r"scramble\.grid: 64 does not divide"),
+    ("16", "latent", r"scramble\.grid: 16 does not divide the base model's 8x8 latents"),
+    ("3", "latent", r"scramble\.grid: 3 does not divide .* 8x8 latents"),
+])
+def test_grid_must_tile_the_base_models_images(tmp_path, grid, space, message):
+    recipe = load_recipe(write(tmp_path, VALID), {"scramble.grid": grid, "scramble.space": space})
+    with pytest.raises(RecipeError, match=message):
+        recipe.validate_image_size(32, 8)
+
+
+def test_grid_that_tiles_the_images_passes(tmp_path):
+    load_recipe(write(tmp_path, VALID), {"scramble.grid": "8"}).validate_image_size(32, 8)
+    load_recipe(write(tmp_path, VALID), {"scramble.grid": "8", "scramble.space": "latent"}).validate_image_size(32, 8)
+
+
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(RecipeError, match="recipe file not found"):
         load_recipe(tmp_path / "nope.toml")

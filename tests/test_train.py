@@ -15,9 +15,10 @@ from dt_lora import toy
 from dt_lora.adapters import AdapterError, read_adapter
 from dt_lora.base import unet_fingerprint
 from dt_lora.cli import main
-from dt_lora.recipe import load_recipe
+from dt_lora.recipe import RecipeError, load_recipe
 from dt_lora.scramble import scramble_grid
-from dt_lora.train import CHECKPOINT, TrainingDiverged, train_adapter
+from dt_lora.train import (CHECKPOINT, Checkpoint, CheckpointError, TrainingDiverged, adapter_strength,
+                           run_identity, train_adapter)
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
 TINY = {"target.images": "8", "anchors.images": "8", "train.steps": "6", "train.batch_size": "4",
@@ -253,3 +254,204 @@ def test_ctrl_c_then_same_command_resumes(pipeline, tmp_path):
     a, b = read_adapter(out), read_adapter(reference.adapter)
     for key in a.weights:
         torch.testing.assert_close(a.weights[key], b.weights[key], rtol=1e-4, atol=1e-5)
+
+
+# ---- nothing is generated before every refusable input is refused
+
+
+def no_generation(monkeypatch):
+    monkeypatch.setattr(data_module, "generate_images", lambda *a, **k: pytest.fail("generated images"))
+
+
+def test_grid_that_does_not_tile_the_images_fails_before_any_generation(pipeline, tmp_path, monkeypatch):
+    no_generation(monkeypatch)
+    for grid, space in (("5", "pixel"), ("16", "latent")):
+        with pytest.raises(RecipeError, match=rf"scramble\.grid: {grid} does not divide the base model's"):
+            train_adapter(tiny_recipe(**{"scramble.grid": grid, "scramble.space": space}), tmp_path / "a.safetensors",
+                          cache_dir=tmp_path / "cache", pipeline=pipeline, progress=False)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "a.safetensors.work").exists()
+
+
+def test_missing_bitsandbytes_fails_before_any_generation(pipeline, tmp_path, monkeypatch):
+    import sys
+
+    no_generation(monkeypatch)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
+    with pytest.raises(RecipeError, match=r"train\.optimizer = 'adamw8bit' needs bitsandbytes"):
+        train_adapter(tiny_recipe(**{"train.optimizer": "adamw8bit"}), tmp_path / "a.safetensors",
+                      cache_dir=tmp_path / "cache", pipeline=pipeline, progress=False)
+
+
+# ---- checkpoints carry the identity of their run
+
+
+def identity_of(recipe, pipeline, fingerprint=None):
+    fingerprint = fingerprint or unet_fingerprint(pipeline.unet)
+    return run_identity(recipe, fingerprint, data_module.data_key(recipe, fingerprint))
+
+
+def write_checkpoint(folder, identity):
+    """A small, well-formed checkpoint (its tensors need not fit a UNet: identity is checked first)."""
+    weight = torch.nn.Parameter(torch.ones(2, 2))
+    optimizer = torch.optim.AdamW([weight])
+    weight.grad = torch.ones(2, 2)
+    optimizer.step()
+    Checkpoint(folder, identity).write(3, {"layer.lora_A.weight": weight}, optimizer, 0.5)
+    return folder / CHECKPOINT
+
+
+@pytest.mark.parametrize("started_with, fingerprint, message", [
+    ({"train.learning_rate": "0.01"}, None, r"the recipe changed \(train\.learning_rate 0\.01 -> 0\.001\)"),
+    ({"lora.rank": "8"}, None, r"the recipe changed \(lora\.rank 8 -> 4\)"),
+    ({"anchors.images": "16"}, None, r"anchors\.images 16 -> 8"),
+    ({}, "0123456789abcdef", r"another base model \(UNet fingerprint 0123456789abcdef"),
+])
+def test_resume_refuses_another_run_before_any_work(pipeline, tmp_path, monkeypatch, started_with, fingerprint,
+                                                    message):
+    work = tmp_path / "a.safetensors.work"
+    path = write_checkpoint(work, identity_of(tiny_recipe(**started_with), pipeline, fingerprint))
+    before = path.read_bytes()
+    no_generation(monkeypatch)
+    with pytest.raises(CheckpointError) as error:
+        train_adapter(tiny_recipe(), tmp_path / "a.safetensors", cache_dir=tmp_path / "cache", pipeline=pipeline,
+                      progress=False)
+    text = str(error.value)
+    assert "\n" not in text and str(work) in text and "to start over, delete" in text and "--out" in text
+    import re
+
+    assert re.search(message, text), text
+    assert path.read_bytes() == before and not (tmp_path / "a.safetensors").exists()
+    assert not getattr(pipeline.unet, "peft_config", None)
+
+
+def test_checkpoint_of_an_older_dt_lora_is_not_resumed(pipeline, tmp_path):
+    from safetensors.torch import save_file
+
+    work = tmp_path / "work"
+    work.mkdir()
+    save_file({"lora.x": torch.zeros(1)}, work / CHECKPOINT,
+              metadata={"dt_lora_checkpoint": '{"step": 3, "loss": 0.5, "scalars": {}, "param_groups": []}'})
+    with pytest.raises(CheckpointError, match=r"records no recipe \(written by an older dt-lora\)"):
+        Checkpoint(work, identity_of(tiny_recipe(), pipeline)).read()
+
+
+def test_settings_that_do_not_change_training_may_change_on_resume(pipeline):
+    a = identity_of(tiny_recipe(), pipeline)
+    b = identity_of(tiny_recipe(**{"train.checkpoint_every": "5", "train.sample_every": "2",
+                                   "train.gradient_checkpointing": "true"}), pipeline)
+    assert a == b
+    assert a != identity_of(tiny_recipe(**{"train.steps": "7"}), pipeline)  # the lr schedule depends on it
+
+
+def test_truncated_checkpoint_is_one_line_and_exit_2(pipeline, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "a.safetensors"
+    work = tmp_path / "a.safetensors.work"
+    path = write_checkpoint(work, identity_of(tiny_recipe(), pipeline))
+    path.write_bytes(path.read_bytes()[:-40])  # cut off as by a full disk
+    damaged = path.read_bytes()
+    no_generation(monkeypatch)
+    flags = [f"--{k.replace('.', '-').replace('_', '-')}={v}" for k, v in TINY.items()]
+    code = main(["train", str(ADAPTERS / "toy-circle.toml"), "-o", str(out), "--cache-dir", str(tmp_path / "cache"),
+                 "-q", *flags])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    (line,) = [line for line in err.splitlines() if "checkpoint" in line]  # beside the loading progress bars
+    assert "Traceback" not in err and line.startswith("dt-lora train: error: ")
+    assert f"{path}: damaged checkpoint" in line and f"delete {work}" in line
+    # nothing written, nothing removed
+    assert path.read_bytes() == damaged and sorted(p.name for p in work.iterdir()) == [CHECKPOINT]
+    assert not out.exists()
+
+
+def test_adapter_strength_is_restored_on_error():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=["0"]),
+                                    torch.nn.Sequential(torch.nn.Linear(4, 4)), adapter_name="x")
+    layer = model[0]
+    assert layer.scaling["x"] == 2.0  # alpha / rank
+    with pytest.raises(KeyError):
+        with adapter_strength([layer], "x", 1.5):
+            assert layer.scaling["x"] == 3.0
+            raise KeyError("a failing forward pass")
+    assert layer.scaling["x"] == 2.0
+
+
+# ---- the data cache: keyed by what the data depends on
+
+
+def test_data_key_of_a_default_recipe_is_stable():
+    # caches built by earlier versions stay valid: the key of a recipe without image_folder, generated
+    # in float32, must not change (update only on purpose, knowing that every cache is rebuilt)
+    assert data_module.data_key(load_recipe(ADAPTERS / "toy-circle.toml"), "abc") == "b1f85faacfe45ddc"
+
+
+def test_replaced_user_images_are_not_served_from_a_stale_cache(pipeline, tmp_path):
+    import os
+
+    from PIL import Image
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for i, colour in enumerate(["red", "green"]):
+        Image.new("RGB", (32, 32), colour).save(folder / f"{i}.png")
+    recipe = tiny_recipe(**{"target.image_folder": str(folder), "train.preservation": "none", "target.images": "2"})
+    fingerprint = unet_fingerprint(pipeline.unet)
+    first = data_module.prepare_data(pipeline, recipe, tmp_path / "cache", base_fingerprint=fingerprint,
+                                     progress=False)
+    stat = (folder / "0.png").stat()
+    Image.new("RGB", (32, 32), "blue").save(folder / "0.png")  # same name, same size
+    os.utime(folder / "0.png", ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even the same modification time
+    second = data_module.prepare_data(pipeline, recipe, tmp_path / "cache", base_fingerprint=fingerprint,
+                                      progress=False)
+    assert second.cache_dir != first.cache_dir
+    assert not torch.allclose(second.target_latents[0], first.target_latents[0])
+    torch.testing.assert_close(second.target_latents[1], first.target_latents[1])
+    # the key follows the contents, not the path: a moved folder reuses the cache
+    moved = folder.rename(tmp_path / "moved")
+    third = data_module.prepare_data(pipeline, tiny_recipe(**{"target.image_folder": str(moved),
+                                                              "train.preservation": "none", "target.images": "2"}),
+                                     tmp_path / "cache", base_fingerprint=fingerprint, progress=False)
+    assert third.cache_dir == second.cache_dir
+
+
+def test_half_precision_generation_only_on_cuda(pipeline):
+    from types import SimpleNamespace
+
+    fp16 = tiny_recipe(**{"train.mixed_precision": "fp16"})
+    assert data_module.generation_dtype(pipeline, fp16) is None  # CPU: float32, caches unchanged
+    cuda = SimpleNamespace(device=torch.device("cuda"))
+    assert data_module.generation_dtype(cuda, fp16) == torch.float16
+    assert data_module.generation_dtype(cuda, tiny_recipe(**{"train.mixed_precision": "bf16"})) == torch.bfloat16
+    assert data_module.generation_dtype(cuda, tiny_recipe()) is None
+
+
+def test_half_precision_generation_keeps_the_cache_exact_and_the_unet_intact(pipeline, tmp_path, monkeypatch):
+    """The CUDA path, run on CPU in bfloat16: UNet cast for sampling only, VAE encode in float32, own key."""
+    recipe = tiny_recipe(**{"train.mixed_precision": "bf16", "train.preservation": "none", "target.images": "4"})
+    fingerprint = unet_fingerprint(pipeline.unet)
+    before = {k: v.clone() for k, v in pipeline.unet.state_dict().items()}
+    full = data_module.prepare_data(pipeline, recipe, tmp_path, base_fingerprint=fingerprint, progress=False)
+
+    seen = []
+    real_generate, real_encode = data_module.generate_images, data_module.encode_pixels
+
+    def generate(pipe, *args, **kwargs):
+        seen.append(("generate", pipe.unet.dtype, torch.is_autocast_enabled("cpu")))
+        return real_generate(pipe, *args, **kwargs)
+
+    def encode(vae, pixels):
+        seen.append(("encode", vae.dtype, torch.is_autocast_enabled("cpu")))
+        return real_encode(vae, pixels)
+
+    monkeypatch.setattr(data_module, "generate_images", generate)
+    monkeypatch.setattr(data_module, "encode_pixels", encode)
+    monkeypatch.setattr(data_module, "generation_dtype", lambda pipe, r: torch.bfloat16)
+    half = data_module.prepare_data(pipeline, recipe, tmp_path, base_fingerprint=fingerprint, progress=False)
+    assert half.cache_dir != full.cache_dir  # different data, its own cache
+    assert seen == [("generate", torch.bfloat16, True), ("encode", torch.float32, False)]
+    assert pipeline.unet.dtype == torch.float32
+    for key, value in pipeline.unet.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    # the same images up to half-precision sampling noise
+    assert (half.target_latents - full.target_latents).abs().mean() < 0.25 * full.target_latents.abs().mean()

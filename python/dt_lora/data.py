@@ -8,15 +8,22 @@
 - anchors: images of neighbouring concepts as the base model draws them, unscrambled, with theirs.
 
 Everything is cached as safetensors shards under `cache_dir/<name>-<key>/`, where the key hashes
-the recipe's data settings and the base UNet's fingerprint. A shard is written atomically once its
-batch is done, so an interrupted run resumes at the first missing shard; a shard that fails to load
-or has the wrong contents is rebuilt.
+the recipe's data settings, the base UNet's fingerprint, and the contents of `target.image_folder`
+(its files' names and bytes, not its path: replacing an image rebuilds the cache). A shard is written
+atomically once its batch is done, so an interrupted run resumes at the first missing shard; a shard
+that fails to load or has the wrong contents is rebuilt.
+
+On CUDA, when the recipe trains in fp16/bf16, the images are generated with the UNet in that half
+precision (half the UNet's weight memory, half-precision activations under autocast); the text encoder
+and the VAE encode, whose outputs are cached, stay float32. Such data gets its own cache key. On CPU
+nothing changes.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +93,66 @@ def load_image_folder(folder: str | Path, size: int) -> np.ndarray:
     return np.stack(images)
 
 
+def image_folder_digest(folder: str | Path) -> str:
+    """SHA-256 of the folder's images (names and bytes, in `list_images` order): what the cache keys on."""
+    import hashlib
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"target.image_folder {folder} is not a folder")
+    digest = hashlib.sha256()
+    for path in list_images(folder):
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()[:16]
+
+
+def generation_dtype(pipeline, recipe: Recipe) -> torch.dtype | None:
+    """The half precision to generate the data in, or None for the pipeline's own (float32).
+
+    Only on CUDA and only when the recipe trains in half precision anyway: CPU runs stay float32,
+    so their caches (and the tests' numbers) do not change.
+    """
+    if pipeline.device.type != "cuda" or recipe.train.mixed_precision == "no":
+        return None
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[recipe.train.mixed_precision]
+
+
+class _Sampler(AbstractContextManager):
+    """`generate_images` with the recipe's sampler, the UNet in `dtype` when one is given.
+
+    The UNet is cast on the first generation (a fully cached run never casts it) and gets its exact
+    weights back, from a CPU copy, when the context exits: the caller's pipeline is left as it was.
+    Autocast covers the generation only, so the VAE encode and the text encoder that fill the cache
+    run in float32 between batches.
+    """
+
+    def __init__(self, pipeline, recipe: Recipe, dtype: torch.dtype | None):
+        self.pipeline, self.recipe, self.dtype = pipeline, recipe, dtype
+        self._saved: tuple[torch.dtype, dict[str, torch.Tensor]] | None = None
+
+    def __call__(self, prompts: list[str], seed: int) -> np.ndarray:
+        sampling = self.recipe.sampling
+        if self.dtype is None:
+            return generate_images(self.pipeline, prompts, seed=seed, steps=sampling.steps,
+                                   guidance=sampling.guidance, batch_size=sampling.batch_size)
+        unet = self.pipeline.unet
+        if self._saved is None:
+            self._saved = (unet.dtype, {k: v.detach().to("cpu", copy=True) for k, v in unet.state_dict().items()})
+            unet.to(self.dtype)
+        with torch.autocast(self.pipeline.device.type, dtype=self.dtype):
+            return generate_images(self.pipeline, prompts, seed=seed, steps=sampling.steps,
+                                   guidance=sampling.guidance, batch_size=sampling.batch_size)
+
+    def __exit__(self, *exc_info) -> None:
+        if self._saved is not None:
+            dtype, state = self._saved
+            self.pipeline.unet.to(dtype)
+            self.pipeline.unet.load_state_dict(state)
+            self._saved = None
+
+
 class _ShardCache:
     """Numbered safetensors shards of one tensor set, each validated on read."""
 
@@ -119,7 +186,8 @@ class _ShardCache:
 
 
 def _build_set(pipeline, recipe: Recipe, cache: _ShardCache, prompts: list[str], count: int, seed: int,
-               *, scramble: bool, images_u8: np.ndarray | None, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               *, sample: _Sampler, scramble: bool, images_u8: np.ndarray | None,
+               progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from tqdm.auto import tqdm
 
     grid, space, flips = recipe.scramble.grid, recipe.scramble.space, recipe.scramble.flips
@@ -133,8 +201,7 @@ def _build_set(pipeline, recipe: Recipe, cache: _ShardCache, prompts: list[str],
             if images_u8 is not None:
                 images = images_u8[[(start + i) % len(images_u8) for i in range(n)]]
             else:
-                images = generate_images(pipeline, batch_prompts, seed=seed + start, steps=recipe.sampling.steps,
-                                         guidance=recipe.sampling.guidance, batch_size=recipe.sampling.batch_size)
+                images = sample(batch_prompts, seed + start)
             # image index `start + i` keys its permutation, so shards scramble as one call would;
             # grid 1 is the identity: the same fused uint8 → [-1, 1] conversion, unscrambled
             pixel_grid = grid if scramble and space == "pixel" else 1
@@ -149,41 +216,50 @@ def _build_set(pipeline, recipe: Recipe, cache: _ShardCache, prompts: list[str],
     return torch.cat(latents), torch.cat(embeds)
 
 
-def data_key(recipe: Recipe, base_fingerprint: str) -> str:
-    """What the cached data depends on: prompts, image counts, scrambling, sampler, seed and base."""
+def data_key(recipe: Recipe, base_fingerprint: str, *, generation: torch.dtype | None = None) -> str:
+    """What the cached data depends on: prompts, image counts, scrambling, sampler, seed and base;
+    the user's images by content, not by path; the precision of generation when it is not float32."""
     import hashlib
 
+    if recipe.target.image_folder:
+        content = f"content:{image_folder_digest(recipe.target.image_folder)}"
+        recipe = replace(recipe, target=replace(recipe.target, image_folder=content))
     settings = {
         "data": recipe.fingerprint("target", "anchors", "scramble", "sampling"),
         "seed": recipe.train.seed,
         "base": base_fingerprint,
     }
+    if generation is not None:  # absent for float32, so that existing caches keep their key
+        settings["generation"] = str(generation).removeprefix("torch.")
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def prepare_data(pipeline, recipe: Recipe, cache_root: str | Path, *, base_fingerprint: str,
                  progress: bool = True) -> ConceptData:
-    folder = Path(cache_root) / f"{recipe.name}-{data_key(recipe, base_fingerprint)}"
-    folder.mkdir(parents=True, exist_ok=True)
     latent_side = pipeline.unet.config.sample_size
+    recipe.validate_image_size(image_size(pipeline), latent_side)
+    user_images = None
+    if recipe.target.image_folder:  # read first: a missing or broken folder fails before any work
+        user_images = load_image_folder(recipe.target.image_folder, image_size(pipeline))
+    dtype = generation_dtype(pipeline, recipe)
+    folder = Path(cache_root) / f"{recipe.name}-{data_key(recipe, base_fingerprint, generation=dtype)}"
+    folder.mkdir(parents=True, exist_ok=True)
     channels = pipeline.unet.config.in_channels
     unconditional = encode_prompts(pipeline, [""])
     expected = {"latents": (channels, latent_side, latent_side), "embeds": tuple(unconditional.shape[1:])}
 
-    user_images = None
-    if recipe.target.image_folder:
-        user_images = load_image_folder(recipe.target.image_folder, image_size(pipeline))
     seed = recipe.train.seed
     target_prompts = recipe.target_prompts or [""]
-    target_latents, target_embeds = _build_set(
-        pipeline, recipe, _ShardCache(folder, "target", expected), target_prompts, recipe.target.images,
-        TARGET_SEED_BASE + 1000 * seed, scramble=True, images_u8=user_images, progress=progress)
     anchor_prompts = recipe.anchor_prompts
-    if anchor_prompts and recipe.train.preservation != "none":  # unused otherwise: do not generate them
-        anchor_latents, anchor_embeds = _build_set(
-            pipeline, recipe, _ShardCache(folder, "anchors", expected), anchor_prompts, recipe.anchors.images,
-            ANCHOR_SEED_BASE + 1000 * seed, scramble=False, images_u8=None, progress=progress)
-    else:
-        anchor_latents = target_latents[:0]
-        anchor_embeds = target_embeds[:0]
+    with _Sampler(pipeline, recipe, dtype) as sample:
+        target_latents, target_embeds = _build_set(
+            pipeline, recipe, _ShardCache(folder, "target", expected), target_prompts, recipe.target.images,
+            TARGET_SEED_BASE + 1000 * seed, sample=sample, scramble=True, images_u8=user_images, progress=progress)
+        if anchor_prompts and recipe.train.preservation != "none":  # unused otherwise: do not generate them
+            anchor_latents, anchor_embeds = _build_set(
+                pipeline, recipe, _ShardCache(folder, "anchors", expected), anchor_prompts, recipe.anchors.images,
+                ANCHOR_SEED_BASE + 1000 * seed, sample=sample, scramble=False, images_u8=None, progress=progress)
+        else:
+            anchor_latents = target_latents[:0]
+            anchor_embeds = target_embeds[:0]
     return ConceptData(target_latents, target_embeds, anchor_latents, anchor_embeds, unconditional, folder)

@@ -17,6 +17,8 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
+import re
 import string
 import sys
 from dataclasses import dataclass, field, fields
@@ -31,6 +33,11 @@ else:  # pragma: no cover
 
 class RecipeError(ValueError):
     """A recipe file or override is invalid; the message names the file and the key."""
+
+
+# `name` becomes a file name (`<name>.safetensors`, the cache folder `<name>-<key>`): a plain slug,
+# so that `../x` or `/tmp/x` cannot write outside the folder it is meant for
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass
@@ -138,6 +145,12 @@ class Recipe:
 
         if not self.name:
             fail("name", "must not be empty")
+        if not SAFE_NAME.fullmatch(self.name) or len(self.name) > 200:
+            fail("name", f"{self.name!r} is not a safe file name: use letters, digits, '.', '_' and '-', "
+                         "starting with a letter or digit")
+        for key, value in _float_fields(self):
+            if not math.isfinite(value):
+                fail(key, f"must be a finite number, got {value}")
         for section in ("target", "anchors"):
             prompt_set: PromptSet = getattr(self, section)
             for template in prompt_set.templates:
@@ -154,10 +167,20 @@ class Recipe:
             fail("scramble.space", f"must be 'pixel' or 'latent', got {self.scramble.space!r}")
         if self.lora.rank < 1:
             fail("lora.rank", f"must be at least 1, got {self.lora.rank}")
+        if self.lora.alpha <= 0:
+            fail("lora.alpha", f"must be more than 0, got {self.lora.alpha}")
         if not self.lora.targets:
             fail("lora.targets", "must name at least one module")
-        if self.train.steps < 1 or self.train.batch_size < 1:
-            fail("train.steps/batch_size", "must be at least 1")
+        for key in ("train.steps", "train.batch_size", "sampling.steps", "sampling.batch_size"):
+            section, name = key.split(".")
+            if getattr(getattr(self, section), name) < 1:
+                fail(key, f"must be at least 1, got {getattr(getattr(self, section), name)}")
+        if self.train.learning_rate <= 0:
+            fail("train.learning_rate", f"must be more than 0, got {self.train.learning_rate}")
+        if not 0 <= self.train.seed < 2**32:  # the data and batch seeds are derived from it and must stay u64
+            fail("train.seed", f"must be between 0 and 2**32 - 1, got {self.train.seed}")
+        if self.train.preservation_weight < 0:
+            fail("train.preservation_weight", f"must be 0 or more, got {self.train.preservation_weight}")
         if self.train.preservation not in ("distill", "denoise", "none"):
             fail("train.preservation", f"must be 'distill', 'denoise' or 'none', got {self.train.preservation!r}")
         if self.train.preservation != "none" and not self.anchor_prompts:
@@ -172,6 +195,29 @@ class Recipe:
             fail("train.optimizer", f"must be 'adamw8bit' or 'adamw', got {self.train.optimizer!r}")
         if self.train.mixed_precision not in ("no", "fp16", "bf16"):
             fail("train.mixed_precision", f"must be 'no', 'fp16' or 'bf16', got {self.train.mixed_precision!r}")
+
+    def validate_image_size(self, image_side: int, latent_side: int) -> None:
+        """The checks that need the base model: the scramble grid must tile its images exactly.
+
+        Run once the base is loaded and before any generation, so that a bad grid fails at once.
+        """
+        what, side = ("images", image_side) if self.scramble.space == "pixel" else ("latents", latent_side)
+        if side % self.scramble.grid:
+            divisors = [d for d in range(1, side + 1) if side % d == 0]
+            raise RecipeError(
+                f"recipe {self.name!r}: scramble.grid: {self.scramble.grid} does not divide the base model's "
+                f"{side}x{side} {what} (scramble.space = {self.scramble.space!r}); use one of {divisors}")
+
+
+def _float_fields(node, prefix: str = ""):
+    """(dotted key, value) of every float field of the recipe, sections included."""
+    for f in fields(node):
+        value = getattr(node, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _float_fields(value, f"{key}.")
+        elif isinstance(value, float):
+            yield key, value
 
 
 def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:

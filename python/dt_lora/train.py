@@ -2,27 +2,33 @@
 
     result = train_adapter(load_recipe("adapters/circle.toml"), out="circle.safetensors")
 
-Read top to bottom: load the base, prepare (or reuse) the cached data, attach LoRA, then step:
+Read top to bottom: the LoRA scale, the checkpoint, the loss terms of one step, then `train_adapter`,
+which loads the base, checks the recipe against it, reads the checkpoint to resume from, prepares
+(or reuses) the cached data, attaches LoRA, and loops over the steps. One step's loss is
 
-    loss = mse(unet_lora(noisy scrambled target, t, target prompt), noise)          # degenerate
-         + w · mse(unet_lora(noisy anchor, t, anchor prompt), unet_base(same inputs))  # preserve
+    loss = mse(unet_lora(noisy scrambled target, t, target prompt), noise)          # target_loss
+         + w · mse(unet_lora(noisy anchor, t, anchor prompt), unet_base(same inputs))  # anchor_loss
 
 The preservation term distils the frozen base model (the same UNet with the adapter switched off)
 on the anchors' noisy latents. Training the anchors on the plain denoising loss instead lets the
 shield leak into neighbouring concepts (see docs/method.md for the measurements).
 
 Checkpoints (LoRA weights + optimizer state as safetensors, step as JSON) are written every
-`train.checkpoint_every` steps and on Ctrl-C; the same call resumes from the newest one. The batch of
-each step is drawn from a generator seeded by (seed, step, process), so a resumed run replays the
-same batches as an uninterrupted one.
+`train.checkpoint_every` steps and on Ctrl-C; the same call resumes from the newest one. A checkpoint
+records the run it belongs to (recipe, base fingerprint, data key) and resuming a different run is
+refused. The batch of each step is drawn from a generator seeded by (seed, step, process), so a
+resumed run replays the same batches as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,9 +37,9 @@ import torch.nn.functional as F
 from . import __version__
 from .adapters import AdapterFile, write_adapter
 from .base import describe, load_pipeline, unet_fingerprint
-from .data import prepare_data
+from .data import ConceptData, data_key, generation_dtype, image_size, prepare_data
 from .io import atomic_write
-from .recipe import Recipe
+from .recipe import Recipe, RecipeError
 
 WARMUP_STEPS = 20
 ADAPTER_NAME = "dt_lora"  # the name the adapter has on the UNet while it trains
@@ -41,6 +47,10 @@ ADAPTER_NAME = "dt_lora"  # the name the adapter has on the UNet while it trains
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf or exploded; the last good checkpoint is kept."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is damaged or belongs to another run; it is left as it is and nothing is trained."""
 
 
 @dataclass
@@ -61,77 +71,205 @@ def _lr_at(step: int, recipe: Recipe) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(name: str, parameters, lr: float):
+def optimizer_class(name: str) -> type:
+    """The optimizer `train.optimizer` names; train_adapter asks before any work, so a missing
+    bitsandbytes is reported at once and not after the data generation."""
     if name == "adamw8bit":
         try:
             import bitsandbytes as bnb
         except ImportError as error:
-            raise RuntimeError(
+            raise RecipeError(
                 f"train.optimizer = 'adamw8bit' needs bitsandbytes ({error}); install it or use --train-optimizer adamw"
             ) from None
-        return bnb.optim.AdamW8bit(parameters, lr=lr, weight_decay=1e-2)
-    return torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-2)
+        return bnb.optim.AdamW8bit
+    return torch.optim.AdamW
+
+
+def make_optimizer(name: str, parameters, lr: float):
+    return optimizer_class(name)(parameters, lr=lr, weight_decay=1e-2)
+
+
+# --- the LoRA scale -----------------------------------------------------------------------------
+
+
+@contextmanager
+def adapter_strength(layers, name: str, strength: float) -> Iterator[None]:
+    """Run the block with adapter `name` at `strength` on every LoRA layer in `layers`.
+
+    The strength goes back to 1 (the trained scale, alpha/rank) when the block ends, also on error,
+    so that a failed step never leaves the adapter at a random strength for the next one.
+    """
+    for layer in layers:
+        layer.set_scale(name, strength)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.set_scale(name, 1.0)
+
+
+@contextmanager
+def adapters_disabled(unet) -> Iterator[None]:
+    """Run the block on the frozen base model: the UNet with its adapters switched off, then on again."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
 
 
 # --- checkpoints --------------------------------------------------------------------------------
 
 
 CHECKPOINT = "checkpoint.safetensors"
+# recipe keys that change neither the data nor what is trained: a run may resume with them changed
+RESUMABLE_CHANGES = ("train.checkpoint_every", "train.sample_every", "train.gradient_checkpointing")
 
 
-def _save_checkpoint(folder: Path, step: int, lora_state: dict, optimizer, loss: float) -> None:
-    """LoRA weights and optimizer state in one safetensors file; step and scalars in its metadata."""
-    from safetensors.torch import save
+def run_identity(recipe: Recipe, base_fingerprint: str, data: str) -> dict:
+    """What a checkpoint belongs to: the recipe's training settings, the base UNet, the cached data."""
+    settings = {key: value for key, value in _flatten(recipe.to_dict()) if key not in RESUMABLE_CHANGES}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return {"recipe_hash": digest, "recipe": settings, "base_fingerprint": base_fingerprint, "data": data}
 
-    tensors = {f"lora.{k}": v.detach().float().cpu().contiguous() for k, v in lora_state.items()}
-    state = optimizer.state_dict()
-    scalars: dict = {}
 
-    def flatten(prefix: str, value, scalar_node: dict, key: str) -> None:
-        # optimizer state nests (bitsandbytes keeps a dict per parameter): tensors go to the
-        # safetensors payload under a path key, everything else into the JSON metadata
-        if isinstance(value, dict):
-            node = scalar_node.setdefault(key, {})
-            for k, v in value.items():
-                flatten(f"{prefix}/{k}", v, node, k)
-        elif torch.is_tensor(value):
-            tensors[f"optim.{prefix}"] = value.detach().cpu().contiguous()
+def _flatten(table: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
+    for key, value in table.items():
+        if isinstance(value, dict) and value:
+            yield from _flatten(value, f"{prefix}{key}.")
         else:
-            scalar_node[key] = value
-
-    for index, param_state in state["state"].items():
-        flatten(str(index), param_state, scalars, str(index))
-    # hyper-parameters may be 0-d tensors (e.g. a tensor lr); JSON keeps their values
-    groups = [{k: v.item() if torch.is_tensor(v) else v for k, v in g.items()} for g in state["param_groups"]]
-    meta = {"step": step, "loss": loss, "scalars": scalars, "param_groups": groups}
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_write(folder / CHECKPOINT) as f:
-        f.write(save(tensors, metadata={"dt_lora_checkpoint": json.dumps(meta)}))
+            yield f"{prefix}{key}", value
 
 
-def _load_checkpoint(folder: Path, optimizer) -> tuple[int, dict] | None:
-    from safetensors import SafetensorError, safe_open
+@dataclass
+class ResumeState:
+    step: int
+    lora_state: dict[str, torch.Tensor]
+    optimizer_state: dict
 
-    path = folder / CHECKPOINT
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = json.loads(f.metadata()["dt_lora_checkpoint"])
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as error:
-        raise RuntimeError(f"checkpoint {path} is damaged ({error}); delete it to start over") from None
-    lora_state = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
-    optim_state: dict = {int(k): v for k, v in meta["scalars"].items()}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            index, *path = key[len("optim."):].split("/")
-            node = optim_state.setdefault(int(index), {})
-            for part in path[:-1]:
-                node = node.setdefault(part, {})
-            node[path[-1]] = value
-    optimizer.load_state_dict({"state": optim_state, "param_groups": meta["param_groups"]})
-    return meta["step"], lora_state
+
+@dataclass
+class Checkpoint:
+    """The checkpoint of one run in `folder`: LoRA weights and optimizer state as safetensors, with
+    the step, the scalars and the run's identity (`run_identity`) as JSON metadata.
+
+    `read` refuses a checkpoint of another run (changed recipe, base or data) instead of mixing the
+    two, and a damaged one with one line naming the file; either way the file is left untouched.
+    """
+
+    folder: Path
+    identity: dict = field(repr=False)
+
+    @property
+    def path(self) -> Path:
+        return self.folder / CHECKPOINT
+
+    def write(self, step: int, lora_state: dict, optimizer, loss: float) -> None:
+        from safetensors.torch import save
+
+        tensors = {f"lora.{k}": v.detach().float().cpu().contiguous() for k, v in lora_state.items()}
+        state = optimizer.state_dict()
+        scalars: dict = {}
+
+        def flatten(prefix: str, value, scalar_node: dict, key: str) -> None:
+            # optimizer state nests (bitsandbytes keeps a dict per parameter): tensors go to the
+            # safetensors payload under a path key, everything else into the JSON metadata
+            if isinstance(value, dict):
+                node = scalar_node.setdefault(key, {})
+                for k, v in value.items():
+                    flatten(f"{prefix}/{k}", v, node, k)
+            elif torch.is_tensor(value):
+                tensors[f"optim.{prefix}"] = value.detach().cpu().contiguous()
+            else:
+                scalar_node[key] = value
+
+        for index, param_state in state["state"].items():
+            flatten(str(index), param_state, scalars, str(index))
+        # hyper-parameters may be 0-d tensors (e.g. a tensor lr); JSON keeps their values
+        groups = [{k: v.item() if torch.is_tensor(v) else v for k, v in g.items()} for g in state["param_groups"]]
+        meta = {"step": step, "loss": loss, "scalars": scalars, "param_groups": groups, "identity": self.identity}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_write(self.path) as f:
+            f.write(save(tensors, metadata={"dt_lora_checkpoint": json.dumps(meta)}))
+
+    def read(self) -> ResumeState | None:
+        """The state to resume from, or None when there is no checkpoint."""
+        from safetensors import SafetensorError, safe_open
+
+        if not self.path.is_file():
+            return None
+        try:
+            with safe_open(self.path, framework="pt") as f:
+                meta = json.loads(f.metadata()["dt_lora_checkpoint"])
+                self._check_identity(meta.get("identity"))
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+            step = int(meta["step"])
+            scalars, groups = meta["scalars"], meta["param_groups"]
+        except (SafetensorError, OSError, KeyError, TypeError, ValueError, AttributeError) as error:
+            if isinstance(error, CheckpointError):
+                raise
+            problem = (str(error).splitlines() or [type(error).__name__])[0]
+            raise CheckpointError(f"{self.path}: damaged checkpoint ({problem}); {self._start_over}") from None
+        lora_state = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
+        optim_state: dict = {int(k): v for k, v in scalars.items()}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                index, *path = key[len("optim."):].split("/")
+                node = optim_state.setdefault(int(index), {})
+                for part in path[:-1]:
+                    node = node.setdefault(part, {})
+                node[path[-1]] = value
+        return ResumeState(step, lora_state, {"state": optim_state, "param_groups": groups})
+
+    def restore(self, state: ResumeState, unet, optimizer) -> None:
+        """Load `state` into the UNet's adapter and the optimizer; a mismatch is a damaged checkpoint."""
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+        expected = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).keys()
+        if state.lora_state.keys() != expected:  # peft would load a partial state silently
+            missing = sorted(set(expected) - state.lora_state.keys())[:1] or sorted(state.lora_state.keys() - expected)[:1]
+            raise CheckpointError(f"{self.path}: damaged checkpoint (LoRA weights do not match the adapter, "
+                                  f"e.g. {missing[0]!r}); {self._start_over}")
+        try:
+            set_peft_model_state_dict(unet, state.lora_state, adapter_name=ADAPTER_NAME)
+            optimizer.load_state_dict(state.optimizer_state)
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            problem = (str(error).splitlines() or [type(error).__name__])[0]
+            raise CheckpointError(f"{self.path}: damaged checkpoint ({problem}); {self._start_over}") from None
+
+    def remove(self) -> None:
+        """After success: the checkpoint, and the folder when nothing else (samples) is in it."""
+        self.path.unlink(missing_ok=True)
+        if self.folder.is_dir() and not any(self.folder.iterdir()):
+            self.folder.rmdir()
+
+    @property
+    def _start_over(self) -> str:
+        return f"to start over, delete {self.folder} (or pass another --out)"
+
+    def _check_identity(self, saved: dict | None) -> None:
+        if saved == self.identity:
+            return
+        if not isinstance(saved, dict) or "recipe" not in saved:
+            why = "it records no recipe (written by an older dt-lora)"
+        elif saved.get("base_fingerprint") != self.identity["base_fingerprint"]:
+            why = (f"it was trained on another base model (UNet fingerprint {saved.get('base_fingerprint')}, "
+                   f"this one {self.identity['base_fingerprint']})")
+        elif saved["recipe"] != self.identity["recipe"]:
+            old, new = saved["recipe"], self.identity["recipe"]
+            changed = [key for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+            shown = ", ".join(_describe_change(key, old.get(key), new.get(key)) for key in changed[:4])
+            why = f"the recipe changed ({shown}{', …' if len(changed) > 4 else ''})"
+        else:
+            why = "its training data changed (the target images or the generation precision)"
+        raise CheckpointError(f"{self.folder} holds a checkpoint of another run: {why}. It is not resumed: "
+                              f"{self._start_over}, or run again with the recipe and base it was started with")
+
+
+def _describe_change(key: str, old, new) -> str:
+    if len(repr(old)) + len(repr(new)) > 60:
+        return key
+    return f"{key} {old!r} -> {new!r}"
 
 
 def _write_samples(pipeline, recipe: Recipe, path: Path) -> None:
@@ -145,6 +283,80 @@ def _write_samples(pipeline, recipe: Recipe, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as f:
         Image.fromarray(image_grid(images, 4, scale=max(1, 128 // images.shape[1]))).save(f, format="PNG")
+
+
+# --- one step: its loss terms --------------------------------------------------------------------
+
+
+@dataclass
+class StepContext:
+    """What every loss term of a step needs. New terms are functions of (context, generator) like
+    `target_loss` and `anchor_loss`, added up in `step_loss`; each draws its randomness from the
+    step's generator, in a fixed order, so that a resumed run replays the same batches."""
+
+    recipe: Recipe
+    unet: torch.nn.Module  # as prepared by accelerate: the one that takes gradients
+    base_unet: torch.nn.Module  # the same model unwrapped: adapters can be switched off on it
+    lora_layers: list  # peft LoraLayers carrying the adapter, for `adapter_strength`
+    data: ConceptData
+    alphas_cumprod: torch.Tensor  # on `device`
+    num_timesteps: int
+    device: torch.device
+    autocast: Callable  # accelerator.autocast
+
+    def add_noise(self, latents: torch.Tensor, generator: torch.Generator):
+        """(noisy latents, noise, timesteps) at random timesteps, as the DDPM forward process."""
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(0, self.num_timesteps, (latents.shape[0],), generator=generator)
+        a = self.alphas_cumprod[t.to(self.device)].view(-1, 1, 1, 1)
+        latents, noise = latents.to(self.device), noise.to(self.device)
+        return a.sqrt() * latents + (1 - a).sqrt() * noise, noise, t.to(self.device)
+
+
+def target_loss(ctx: StepContext, generator: torch.Generator) -> torch.Tensor:
+    """Degenerate: the adapted UNet learns to denoise the concept's Scrambled Grids."""
+    data, batch = ctx.data, ctx.recipe.train.batch_size
+    index = torch.randint(0, len(data.target_latents), (batch,), generator=generator)
+    x, noise, t = ctx.add_noise(data.target_latents[index], generator)
+    with ctx.autocast():
+        prediction = ctx.unet(x, t, data.target_embeds[index].to(ctx.device)).sample
+    return F.mse_loss(prediction.float(), noise.float())
+
+
+def anchor_loss(ctx: StepContext, generator: torch.Generator) -> torch.Tensor:
+    """Preserve: on the anchors, the adapted UNet matches the frozen base ("distill") or the noise ("denoise")."""
+    data, train = ctx.data, ctx.recipe.train
+    index = torch.randint(0, len(data.anchor_latents), (train.batch_size,), generator=generator)
+    x, noise, t = ctx.add_noise(data.anchor_latents[index], generator)
+    unconditional = torch.rand(train.batch_size, generator=generator) < train.unconditional_share
+    embeds = torch.where(unconditional.view(-1, 1, 1), data.unconditional_embed, data.anchor_embeds[index]).to(ctx.device)
+    with ctx.autocast():
+        if train.preservation == "distill":
+            with torch.no_grad(), adapters_disabled(ctx.base_unet):
+                reference = ctx.base_unet(x, t, embeds).sample.float()
+        else:
+            reference = noise.float()
+        if train.anchor_scale_jitter:
+            # preserve the anchors at a random strength of the adapter, not only at 1 (see recipe.py)
+            strength = 1 + train.anchor_scale_jitter * float(torch.rand((), generator=generator))
+            with adapter_strength(ctx.lora_layers, ADAPTER_NAME, strength):
+                prediction = ctx.unet(x, t, embeds).sample
+        else:
+            prediction = ctx.unet(x, t, embeds).sample
+    return F.mse_loss(prediction.float(), reference)
+
+
+def step_loss(ctx: StepContext, generator: torch.Generator) -> torch.Tensor:
+    train = ctx.recipe.train
+    loss = target_loss(ctx, generator)
+    if train.preservation != "none" and len(ctx.data.anchor_latents) > 0:
+        loss = loss + train.preservation_weight * anchor_loss(ctx, generator)
+    return loss
+
+
+def step_generator(recipe: Recipe, step: int, process_index: int) -> torch.Generator:
+    """The randomness of one step on one process: the same whether the run was resumed or not."""
+    return torch.Generator().manual_seed((recipe.train.seed * 1_000_003 + step) * 64 + process_index)
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -175,12 +387,18 @@ def train_adapter(
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work")
     started = time.perf_counter()
+    optimizer_class(recipe.train.optimizer)
 
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)
     if pipeline is None:
         pipeline = load_pipeline(recipe.base, device=str(accelerator.device))
     unet = pipeline.unet
+    # everything that can be refused is refused here, before minutes of data generation
+    recipe.validate_image_size(image_size(pipeline), unet.config.sample_size)
     fingerprint = unet_fingerprint(unet)
+    checkpoint = Checkpoint(work, run_identity(recipe, fingerprint, data_key(
+        recipe, fingerprint, generation=generation_dtype(pipeline, recipe))))
+    resume = checkpoint.read()
     data = prepare_data(pipeline, recipe, cache_dir, base_fingerprint=fingerprint,
                         progress=progress and accelerator.is_main_process)
 
@@ -196,7 +414,8 @@ def train_adapter(
         raise ValueError(f"lora.targets {recipe.lora.targets}: {error}") from None
     base_dtype = unet.dtype
     try:
-        return _train(recipe, out, work, accelerator, pipeline, data, fingerprint, progress, stop_after, started)
+        return _train(recipe, out, checkpoint, resume, accelerator, pipeline, data, fingerprint, progress,
+                      stop_after, started)
     finally:
         # leave the caller's pipeline as it was: no adapter, original dtype, eval mode
         unet.delete_adapters(ADAPTER_NAME)
@@ -206,9 +425,11 @@ def train_adapter(
         unet.eval()
 
 
-def _train(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, data, fingerprint: str,
-           progress: bool, stop_after: int | None, started: float) -> TrainResult:
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+def _train(recipe: Recipe, out: Path, checkpoint: Checkpoint, resume: ResumeState | None, accelerator,
+           pipeline, data: ConceptData, fingerprint: str, progress: bool, stop_after: int | None,
+           started: float) -> TrainResult:
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import get_peft_model_state_dict
     from tqdm.auto import tqdm
 
     unet = pipeline.unet
@@ -223,39 +444,25 @@ def _train(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, data, f
     optimizer = make_optimizer(recipe.train.optimizer, lora_parameters, recipe.train.learning_rate)
 
     start_step = 0
-    checkpoint = _load_checkpoint(work, optimizer)
-    if checkpoint is not None:
-        start_step, lora_state = checkpoint
-        set_peft_model_state_dict(unet, lora_state, adapter_name=ADAPTER_NAME)
+    if resume is not None:
+        checkpoint.restore(resume, unet, optimizer)
+        start_step = resume.step
         if accelerator.is_main_process and progress:
-            print(f"[dt-lora] resuming {recipe.name} from step {start_step} ({work})")
+            print(f"[dt-lora] resuming {recipe.name} from step {start_step} ({checkpoint.folder})")
 
     unet, optimizer = accelerator.prepare(unet, optimizer)
     base_unet = accelerator.unwrap_model(unet)
-    scheduler = pipeline.scheduler
-    alphas_cumprod = scheduler.alphas_cumprod.to(accelerator.device)
-    num_timesteps = scheduler.config.num_train_timesteps
-    device = accelerator.device
-    target_latents, target_embeds = data.target_latents, data.target_embeds
-    anchor_latents, anchor_embeds = data.anchor_latents, data.anchor_embeds
-    use_anchors = recipe.train.preservation != "none" and len(anchor_latents) > 0
-    batch = recipe.train.batch_size
-
-    def noisy(latents: torch.Tensor, generator: torch.Generator):
-        noise = torch.randn(latents.shape, generator=generator)
-        t = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator)
-        a = alphas_cumprod[t.to(device)].view(-1, 1, 1, 1)
-        latents, noise = latents.to(device), noise.to(device)
-        return a.sqrt() * latents + (1 - a).sqrt() * noise, noise, t.to(device)
+    ctx = StepContext(
+        recipe=recipe, unet=unet, base_unet=base_unet,
+        lora_layers=[m for m in base_unet.modules() if isinstance(m, LoraLayer) and ADAPTER_NAME in m.lora_B],
+        data=data, alphas_cumprod=pipeline.scheduler.alphas_cumprod.to(accelerator.device),
+        num_timesteps=pipeline.scheduler.config.num_train_timesteps, device=accelerator.device,
+        autocast=accelerator.autocast)
 
     def save_checkpoint(step: int, loss: float) -> None:
         if accelerator.is_main_process:
-            _save_checkpoint(work, step, get_peft_model_state_dict(base_unet, adapter_name=ADAPTER_NAME),
+            checkpoint.write(step, get_peft_model_state_dict(base_unet, adapter_name=ADAPTER_NAME),
                              optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, loss)
-
-    from peft.tuners.lora import LoraLayer
-
-    lora_layers = [m for m in base_unet.modules() if isinstance(m, LoraLayer) and ADAPTER_NAME in m.lora_B]
 
     unet.train()
     loss_value, smoothed = float("nan"), None
@@ -265,48 +472,17 @@ def _train(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, data, f
                desc=f"train {recipe.name}", disable=not (progress and accelerator.is_main_process))
     try:
         for step in bar:
-            generator = torch.Generator().manual_seed(
-                (recipe.train.seed * 1_000_003 + step) * 64 + accelerator.process_index)
+            generator = step_generator(recipe, step, accelerator.process_index)
             lr = _lr_at(step, recipe)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            index = torch.randint(0, len(target_latents), (batch,), generator=generator)
-            x, noise, t = noisy(target_latents[index], generator)
-            with accelerator.autocast():
-                prediction = unet(x, t, target_embeds[index].to(device)).sample
-            loss = F.mse_loss(prediction.float(), noise.float())
-
-            if use_anchors:
-                index = torch.randint(0, len(anchor_latents), (batch,), generator=generator)
-                x, noise, t = noisy(anchor_latents[index], generator)
-                embeds = anchor_embeds[index]
-                unconditional = torch.rand(batch, generator=generator) < recipe.train.unconditional_share
-                embeds = torch.where(unconditional.view(-1, 1, 1), data.unconditional_embed, embeds).to(device)
-                with accelerator.autocast():
-                    if recipe.train.preservation == "distill":
-                        with torch.no_grad():
-                            base_unet.disable_adapters()
-                            reference = base_unet(x, t, embeds).sample.float()
-                            base_unet.enable_adapters()
-                    else:
-                        reference = noise.float()
-                    if recipe.train.anchor_scale_jitter:
-                        # preserve the anchors at a random strength of the adapter, not only at 1 (see recipe.py)
-                        strength = 1 + recipe.train.anchor_scale_jitter * float(torch.rand((), generator=generator))
-                        for layer in lora_layers:
-                            layer.set_scale(ADAPTER_NAME, strength)
-                    prediction = unet(x, t, embeds).sample
-                    if recipe.train.anchor_scale_jitter:
-                        for layer in lora_layers:
-                            layer.set_scale(ADAPTER_NAME, 1.0)
-                loss = loss + recipe.train.preservation_weight * F.mse_loss(prediction.float(), reference)
-
+            loss = step_loss(ctx, generator)
             loss_value = loss.item()
             if not math.isfinite(loss_value) or (smoothed is not None and loss_value > 100 * max(smoothed, 1e-3)):
                 raise TrainingDiverged(
                     f"loss became {loss_value:.4g} at step {step} (lr {lr:.3g}); lower --train-learning-rate. "
-                    f"The last good checkpoint is kept in {work}")
+                    f"The last good checkpoint is kept in {checkpoint.folder}")
             smoothed = loss_value if smoothed is None else 0.9 * smoothed + 0.1 * loss_value
             accelerator.backward(loss)
             optimizer.step()
@@ -317,7 +493,7 @@ def _train(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, data, f
                 save_checkpoint(completed, loss_value)
             if recipe.train.sample_every and completed % recipe.train.sample_every == 0 and accelerator.is_main_process:
                 unet.eval()
-                _write_samples(pipeline, recipe, work / "samples" / f"step-{completed:06d}.png")
+                _write_samples(pipeline, recipe, checkpoint.folder / "samples" / f"step-{completed:06d}.png")
                 unet.train()
     except KeyboardInterrupt:
         save_checkpoint(completed, loss_value)
@@ -335,7 +511,5 @@ def _train(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, data, f
         write_adapter(out, AdapterFile.from_training(
             lora_state, recipe=recipe, base=describe(recipe.base), base_fingerprint=fingerprint,
             version=__version__, seconds=seconds))
-        (work / CHECKPOINT).unlink(missing_ok=True)
-        if work.is_dir() and not any(work.iterdir()):
-            work.rmdir()
+        checkpoint.remove()
     return TrainResult(out, recipe.train.steps, seconds, loss_value, start_step)
