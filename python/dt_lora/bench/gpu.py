@@ -500,15 +500,17 @@ def run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- the bundle for the device machine
 
 
-def _device_python_here() -> str:
-    """A local interpreter of the device's Python version, to build the native extension against."""
-    found = shutil.which(f"python{DEVICE_PYTHON}")
-    if found:
-        return found
-    candidates = sorted(Path.home().glob(f".pyenv/versions/{DEVICE_PYTHON}.*/bin/python{DEVICE_PYTHON}"))
-    if candidates:
-        return str(candidates[-1])
-    raise FileNotFoundError(f"no python{DEVICE_PYTHON} here to build the native extension for the device "
+def _device_python_here() -> tuple[str, str]:
+    """A local interpreter of the device's Python version (to build the native extension against) and its
+    extension suffix. pyenv's shim for it is on PATH even when that version is not selected: try each."""
+    candidates = [shutil.which(f"python{DEVICE_PYTHON}"),
+                  *map(str, sorted(Path.home().glob(f".pyenv/versions/{DEVICE_PYTHON}.*/bin/python{DEVICE_PYTHON}")))]
+    for python in filter(None, candidates):
+        found = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))"],
+                               capture_output=True, text=True, check=False)
+        if found.returncode == 0:
+            return python, found.stdout.strip()
+    raise FileNotFoundError(f"no working python{DEVICE_PYTHON} here to build the native extension for the device "
                             f"(e.g. `pyenv install {DEVICE_PYTHON}`)")
 
 
@@ -536,16 +538,22 @@ def _trim_bitsandbytes(wheel: Path) -> None:
 
 def prepare_bundle(folder: Path) -> int:
     """Build into `folder` what the device machine lacks: the native extension for its Python, and wheels."""
-    from importlib import metadata
-
     root = ADAPTERS.parent
     if not (root / "Cargo.toml").is_file():
         print(f"gpu check --prepare: run it from a dt-lora checkout ({root} has no Cargo.toml)", file=sys.stderr)
         return 2
+    try:
+        return _prepare_bundle(folder, root)
+    except (OSError, subprocess.CalledProcessError) as error:
+        print(f"gpu check --prepare: {error}", file=sys.stderr)
+        return 1
+
+
+def _prepare_bundle(folder: Path, root: Path) -> int:
+    from importlib import metadata
+
     folder.mkdir(parents=True, exist_ok=True)
-    python = _device_python_here()
-    suffix = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))"],
-                            capture_output=True, text=True, check=True).stdout.strip()
+    python, suffix = _device_python_here()
     target_dir = root / "target" / f"py{DEVICE_PYTHON}"
     print(f"building the native extension for {python} ({suffix}) in {target_dir} …", flush=True)
     subprocess.run(["cargo", "build", "--release", "--features", "python,pyo3/extension-module",
