@@ -36,6 +36,7 @@ def test_tiny_pipeline_has_sd15_layout_and_full_one_sd15_sizes():
     assert gpu._image_size(full) == 512 and gpu._image_size(tiny) == 64
 
 
+@pytest.mark.slow  # trains (a few steps) and generates: about a minute on 2 cores
 def test_stages_train_bake_generate_on_the_saved_pipeline(tmp_path):
     """build → `dt-lora train` (split into load, data, train) → `dt-lora bake` → generate, tiny, CPU."""
     work = str(tmp_path)
@@ -65,6 +66,7 @@ def test_stages_train_bake_generate_on_the_saved_pipeline(tmp_path):
     assert (tmp_path / "generated.png").is_file()
 
 
+@pytest.mark.slow  # trains (a few steps) and generates: about a minute on 2 cores
 def test_toy_stage_trains_and_evaluates(tmp_path):
     row = gpu.run_stage("toy", device="cpu", work=str(tmp_path), tiny=True)
     assert "error" not in row, row.get("traceback")

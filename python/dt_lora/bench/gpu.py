@@ -24,7 +24,7 @@ On the device machine (no network there; Python 3.12 with torch, transformers, a
 but no diffusers and no bitsandbytes, and no Rust toolchain; see /work/.library/device/KINDS.md):
 
   1. here, in the checkout's root (builds the native extension for Python 3.12 and downloads the
-     wheels the device lacks into the git-ignored folder .gpu/, about 12 MB):
+     wheels the device lacks into the git-ignored folder .gpu/, about 15 MB):
 
        python -m dt_lora.bench gpu --prepare .gpu
 
