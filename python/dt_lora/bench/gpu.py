@@ -82,6 +82,11 @@ TINY_UNET = {"block_out_channels": [32, 64, 96, 96], "cross_attention_dim": 32, 
 TINY_VAE = {"block_out_channels": [16, 32, 64, 64], "norm_num_groups": 16, "sample_size": 64}
 TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "projection_dim": 32}
 
+# SD 1.5's noise schedule (its scheduler_config.json), with DDIM as the toy world samples
+SD15_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
+                  "steps_offset": 1, "prediction_type": "epsilon"}
+
 # The device's Python and what it lacks (KINDS.md): these wheels travel in the bundle.
 DEVICE_PYTHON = "3.12"
 BUNDLE_PACKAGES = ("diffusers", "peft", "bitsandbytes")
@@ -127,7 +132,6 @@ def build_sd15_pipeline(*, tiny: bool = False, device: str = "cpu", seed: int = 
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from dt_lora.toy import MODEL_DIR
-    from dt_lora.toy.architecture import SCHEDULER_CONFIG  # SD's betas (scaled_linear 0.00085 → 0.012)
 
     tokenizer = CLIPTokenizer.from_pretrained(MODEL_DIR / "tokenizer", model_max_length=TEXT_TOKENS)
     text_config = _config("sd15_text_encoder.json", TINY_TEXT if tiny else None)
@@ -143,7 +147,7 @@ def build_sd15_pipeline(*, tiny: bool = False, device: str = "cpu", seed: int = 
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     pipeline = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        scheduler=DDIMScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
