@@ -1,5 +1,6 @@
 """`python -m dt_lora.bench scramble [--batch 64 --size 512 --grid 8 --repeats 5]`
 `python -m dt_lora.bench train [--models toy,sd15 --steps-toy 20 --steps-sd15 N --json PATH]`
+`python -m dt_lora.bench gpu [--out PATH] [--tiny --device cpu] [--prepare DIR]`
 """
 
 from __future__ import annotations
@@ -8,10 +9,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from dt_lora.bench import scramble, train
+from dt_lora.bench import gpu, scramble, train
 
 # name -> module with add_arguments(parser) and run(args) -> int
-BENCHMARKS = {"scramble": scramble, "train": train}
+BENCHMARKS = {"scramble": scramble, "train": train, "gpu": gpu}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -99,7 +99,7 @@ def _peak_rss_bytes() -> int:
 
 def measure(model: str, *, device: str = "cpu", gradient_checkpointing: bool = False,
             optimizer: str = "adamw", steps: int = 3, warmup: int = 1, rank: int = 8,
-            lr: float = 1e-4, seed: int = 0) -> dict:
+            lr: float = 1e-4, seed: int = 0, batch: int = 1) -> dict:
     """Build `model`'s UNet, attach LoRA and time `steps` training steps after `warmup` untimed ones.
 
     Returns a JSON-able dict: steps_per_s, s_per_step, trainable_params, peak_bytes,
@@ -114,8 +114,8 @@ def measure(model: str, *, device: str = "cpu", gradient_checkpointing: bool = F
 
     from dt_lora.train import make_optimizer
 
-    if steps < 1 or warmup < 0:
-        raise ValueError("need steps >= 1 and warmup >= 0")
+    if steps < 1 or warmup < 0 or batch < 1:
+        raise ValueError("need steps >= 1, warmup >= 0 and batch >= 1")
     cuda = torch.device(device).type == "cuda"
     generator = torch.Generator(device=device).manual_seed(seed)
     torch.manual_seed(seed)  # LoRA's gaussian init
@@ -139,10 +139,10 @@ def measure(model: str, *, device: str = "cpu", gradient_checkpointing: bool = F
     num_timesteps = 1000
 
     def step() -> torch.Tensor:
-        latents = torch.randn((1, channels, height, width), generator=generator, device=device)
-        noise = torch.randn((1, channels, height, width), generator=generator, device=device)
-        text = torch.randn((1, tokens, text_width), generator=generator, device=device)
-        t = torch.randint(0, num_timesteps, (1,), generator=generator, device=device)
+        latents = torch.randn((batch, channels, height, width), generator=generator, device=device)
+        noise = torch.randn((batch, channels, height, width), generator=generator, device=device)
+        text = torch.randn((batch, tokens, text_width), generator=generator, device=device)
+        t = torch.randint(0, num_timesteps, (batch,), generator=generator, device=device)
         with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
             prediction = unet(latents, t, text).sample
         loss = F.mse_loss(prediction.float(), noise)
@@ -176,6 +176,7 @@ def measure(model: str, *, device: str = "cpu", gradient_checkpointing: bool = F
         "gradient_checkpointing": gradient_checkpointing,
         "optimizer": optimizer,
         "rank": rank,
+        "batch": batch,
         "steps": steps,
         "warmup": warmup,
         "seconds": seconds,
@@ -201,8 +202,8 @@ def measure(model: str, *, device: str = "cpu", gradient_checkpointing: bool = F
     return result
 
 
-def _worker(spec: str) -> int:
-    """Subprocess entry: run one configuration, print its result (or error) as one tagged JSON line."""
+def _worker(spec: str, function=measure) -> int:
+    """Subprocess entry: run `function(**config)`, print its result (or error) as one tagged JSON line."""
     config = json.loads(spec)
     try:
         for name in ("diffusers", "transformers"):
@@ -210,7 +211,7 @@ def _worker(spec: str) -> int:
                 importlib.import_module(f"{name}.utils.logging").disable_progress_bar()
             except Exception:  # noqa: BLE001 - progress bars are cosmetic
                 pass
-        result = measure(**config)
+        result = function(**config)
     except BaseException as error:  # noqa: BLE001 - a failed configuration is a row, not a crash
         result = {**config, "error": f"{type(error).__name__}: {error}".strip()}
     print(RESULT_TAG + json.dumps(result), flush=True)
@@ -220,9 +221,13 @@ def _worker(spec: str) -> int:
 # ---------------------------------------------------------------- the bench (one subprocess per configuration)
 
 
-def run_configuration(config: dict, timeout: float | None = None) -> dict:
-    """Run `measure(**config)` in a fresh Python process and return its result (or a failed row)."""
-    command = [sys.executable, "-m", "dt_lora.bench.train", "--_worker", json.dumps(config)]
+def run_configuration(config: dict, timeout: float | None = None, module: str = "dt_lora.bench.train") -> dict:
+    """Run `measure(**config)` in a fresh Python process and return its result (or a failed row).
+
+    `module` is the worker's module: another bench's (`python -m MODULE --_worker SPEC`, answering with
+    the same tagged JSON line) runs its own function there.
+    """
+    command = [sys.executable, "-m", module, "--_worker", json.dumps(config)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
