@@ -72,9 +72,16 @@ class ScrambleConfig:
 
 @dataclass
 class LoraConfig:
-    rank: int = 8
-    alpha: float = 8.0
-    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # Text-local shields by default (locality.py): lora_A is fixed to the `rank` directions of the
+    # text embedding that the target's prompts use and retained prompts do not, and only lora_B
+    # trains, on the layers that see nothing but the text (cross-attention to_k / to_v). Such a
+    # shield leaves every prompt without its concept as the base draws it, so shields stack (toy
+    # world: six stacked keep everything else at 1.00 × base; the earlier free rank-8 LoRA on every
+    # attention projection, `text_local = false`, fell apart past two: docs/method.md).
+    rank: int = 2
+    alpha: float = 2.0
+    targets: list[str] = field(default_factory=lambda: ["attn2.to_k", "attn2.to_v"])
+    text_local: bool = True
 
 
 @dataclass
@@ -171,6 +178,8 @@ class Recipe:
             fail("lora.alpha", f"must be more than 0, got {self.lora.alpha}")
         if not self.lora.targets:
             fail("lora.targets", "must name at least one module")
+        if self.lora.text_local and any(t not in ("attn2.to_k", "attn2.to_v") for t in self.lora.targets):
+            fail("lora.targets", f"lora.text_local needs attn2.to_k / attn2.to_v only, got {self.lora.targets}")
         for key in ("train.steps", "train.batch_size", "sampling.steps", "sampling.batch_size"):
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 1:

@@ -39,6 +39,7 @@ from .adapters import AdapterFile, write_adapter
 from .base import describe, load_pipeline, unet_fingerprint
 from .data import ConceptData, data_key, generation_dtype, image_size, prepare_data
 from .io import atomic_write
+from .locality import shield_directions
 from .recipe import Recipe, RecipeError
 
 WARMUP_STEPS = 20
@@ -399,6 +400,7 @@ def train_adapter(
     checkpoint = Checkpoint(work, run_identity(recipe, fingerprint, data_key(
         recipe, fingerprint, generation=generation_dtype(pipeline, recipe))))
     resume = checkpoint.read()
+    directions = shield_directions(pipeline, recipe) if recipe.lora.text_local else None
     data = prepare_data(pipeline, recipe, cache_dir, base_fingerprint=fingerprint,
                         progress=progress and accelerator.is_main_process)
 
@@ -412,6 +414,8 @@ def train_adapter(
         unet.add_adapter(lora_config, adapter_name=ADAPTER_NAME)
     except ValueError as error:  # peft: "Target modules {...} not found in the base model"
         raise ValueError(f"lora.targets {recipe.lora.targets}: {error}") from None
+    if directions is not None:
+        _fix_lora_a(unet, directions)
     base_dtype = unet.dtype
     try:
         return _train(recipe, out, checkpoint, resume, accelerator, pipeline, data, fingerprint, progress,
@@ -423,6 +427,17 @@ def train_adapter(
             unet.to(base_dtype)
         unet.disable_gradient_checkpointing()
         unet.eval()
+
+
+def _fix_lora_a(unet, directions: torch.Tensor) -> None:
+    """Set every lora_A to the text-local directions and freeze it: only lora_B trains (locality.py)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in unet.modules():
+        if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
+            weight = module.lora_A[ADAPTER_NAME].weight
+            weight.data.copy_(directions.to(weight.device, weight.dtype))
+            weight.requires_grad_(False)
 
 
 def _train(recipe: Recipe, out: Path, checkpoint: Checkpoint, resume: ResumeState | None, accelerator,

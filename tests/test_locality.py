@@ -1,0 +1,77 @@
+"""Text-local shields (locality.py): the directions, and a trained shield that keeps to them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dt_lora import toy
+from dt_lora.adapters import read_adapter
+from dt_lora.data import encode_prompts
+from dt_lora.locality import concept_words, generic_prompts, text_local_directions
+from dt_lora.recipe import RecipeError, load_recipe
+from dt_lora.train import train_adapter
+
+ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+
+
+def test_directions_find_what_only_the_target_uses():
+    generator = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(16, 16, generator=generator))[0]
+    retained = torch.randn(400, 3, 12, generator=generator) @ basis[:, :12].T  # lives in 12 of 16 dims
+    secret = basis[:, 14]
+    target = torch.randn(50, 3, 12, generator=generator) @ basis[:, :12].T + 5 * secret
+    directions, ratios = text_local_directions(target, retained, 2)
+    assert directions.shape == (2, 16) and ratios[0] > 1e3 * ratios[1].clamp(min=1)
+    first = directions[0] / directions[0].norm()
+    assert abs(float(first @ secret)) > 0.99
+    # scaled so the retained prompts' mean squared response is 1 (up to the ridge)
+    response = (retained.reshape(-1, 16) @ directions.T).pow(2).mean(0)
+    assert response[1] == pytest.approx(1.0, rel=1e-2)
+
+
+def test_generic_prompts_leave_out_the_concept_and_repeat():
+    tokenizer = toy.load().tokenizer
+    prompts = generic_prompts(tokenizer, {"circle"}, count=300)
+    assert prompts == generic_prompts(tokenizer, {"circle"}, count=300)
+    assert len(prompts) == 300 and all(1 <= len(p.split()) <= 8 for p in prompts)
+    assert not any("circle" in p.split() for p in prompts)
+    assert any("square" in p.split() for p in prompts)
+
+
+def test_concept_words_are_what_no_anchor_says():
+    assert concept_words(["a red circle", "a photo of a red circle"], ["a red square", "a photo of a star"]) == {"circle"}
+
+
+def test_text_local_needs_cross_attention_keys_and_values():
+    with pytest.raises(RecipeError, match="lora.targets"):
+        load_recipe(ADAPTERS / "toy-circle.toml", {"lora.targets": "to_q,to_k"})
+    with pytest.raises(RecipeError, match="lora.rank"):  # the toy text encoder is 64 wide; refused before any work
+        train_adapter(load_recipe(ADAPTERS / "toy-circle.toml", {"lora.rank": "65"}), "unused.safetensors",
+                      pipeline=toy.load(), progress=False)
+
+
+def test_a_text_local_shield_moves_only_its_concepts_prompts(tmp_path):
+    pipeline = toy.load()
+    recipe = load_recipe(ADAPTERS / "toy-circle.toml", {
+        "target.images": "8", "anchors.images": "8", "train.steps": "20", "train.batch_size": "4",
+        "sampling.steps": "4"})
+    assert recipe.lora.text_local  # the default
+    result = train_adapter(recipe, tmp_path / "c.safetensors", cache_dir=tmp_path / "cache", pipeline=pipeline,
+                           progress=False)
+    adapter = read_adapter(result.adapter)
+    layers = [k[: -len(".lora_A.weight")] for k in adapter.weights if k.endswith(".lora_A.weight")]
+    assert layers and all(layer.endswith(("attn2.to_k", "attn2.to_v")) for layer in layers)
+    first_a = adapter.weights[f"{layers[0]}.lora_A.weight"]
+    for layer in layers:  # lora_A stayed the fixed directions, lora_B learnt
+        torch.testing.assert_close(adapter.weights[f"{layer}.lora_A.weight"], first_a)
+        assert adapter.weights[f"{layer}.lora_B.weight"].abs().max() > 0
+
+    def response(prompts):  # mean ‖A·x‖² over token positions
+        x = encode_prompts(pipeline, prompts).reshape(-1, first_a.shape[1])
+        return float((x @ first_a.T).pow(2).sum(1).mean())
+
+    others = ["a green star", "something purple", "a big yellow cross with a dark background", ""]
+    assert response(recipe.target.paraphrases) > 100 * response(others)
