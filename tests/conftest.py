@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_helpers import SHIELDED
+from lora_helpers import STACKED
 
 SLOW_FIXTURES = {"trained_shields"}
 
@@ -39,7 +39,7 @@ def trained_shields(toy_pipeline, tmp_path_factory) -> dict[str, Path]:
     return {
         concept: train_adapter(load_recipe(recipe_path(f"toy-{concept}")), folder / f"toy-{concept}.safetensors",
                                cache_dir=folder / "cache", pipeline=toy_pipeline, progress=False).adapter
-        for concept in SHIELDED
+        for concept in STACKED
     }
 
 

@@ -7,7 +7,8 @@ import torch
 
 from dt_lora.adapters import AdapterFile
 
-SHIELDED = ("circle", "red")  # one shape, one colour: the keys of the `trained_shields` fixture
+SHIELDED = ("circle", "red")  # one shape, one colour: measured alone and as a pair
+STACKED = ("circle", "red", "square", "blue")  # the keys of the `trained_shields` fixture: stacked all four
 
 
 def random_adapter(unet, layers, rank, alpha, seed, name, fingerprint="same-base") -> AdapterFile:

@@ -3,7 +3,10 @@
 For one shape and one colour: the target's prompts stop drawing it (≤ 10%, from ≥ 90%), held-out
 paraphrases too (≤ 20%), every other shape keeps ≥ 90% of its base rate and every colour ≥ 95%.
 Stacked, both stay shielded within 5 points of their single rate and the rest keeps ≥ 90% of base.
-Seeds of the measurement (1,000,000+) are never used in training.
+Four stacked (two shapes, two colours) meet the locality bar on the recipes' phrasings and on phrasings
+no recipe uses and no default was tuned on (`toy.phrasings.HELDOUT_FAMILIES`): every target ≤ 0.05, its
+paraphrases ≤ 0.10, every concept no shield names ≥ 0.95 × base.
+Seeds of the measurement (1,000,000+ and 3,000,000+) are never used in training.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import pytest
 
 from dt_lora import toy
 from dt_lora.toy.quality import shield_report, shield_reports
-from lora_helpers import SHIELDED
+from dt_lora.toy import phrasings
+from lora_helpers import SHIELDED, STACKED
 
 # every test draws hundreds of images, most with shields trained for the session
 pytestmark = pytest.mark.slow
@@ -72,3 +76,23 @@ def test_stacked_shields_hold_and_keep_the_rest(toy_pipeline, trained_shields, s
     for concept, rate in {**rest.shape_rates, **rest.colour_rates}.items():
         expected = {**base.shape_rates, **base.colour_rates}[concept]
         assert rate >= 0.90 * expected, (concept, rate, expected)
+
+
+def test_four_stacked_shields_keep_everything_else(toy_pipeline, trained_shields):
+    evaluator = toy.load_evaluator()
+    groups = {"standard": phrasings.STANDARD_FAMILIES, "paraphrases": phrasings.PARAPHRASE_FAMILIES,
+              "heldout": phrasings.HELDOUT_FAMILIES}
+    families = {f"{g}/{name}": templates for g, group in groups.items() for name, templates in group.items()}
+    base = phrasings.phrasing_report(toy_pipeline, evaluator, families=families)
+    stacked = phrasings.phrasing_report(toy_pipeline, evaluator, STACKED, families=families,
+                                        adapters=[trained_shields[t] for t in STACKED])
+    for target in STACKED:
+        assert stacked.subset("standard/").rate(target) <= 0.05, target
+        assert stacked.subset("paraphrases/").rate(target) <= 0.10, target
+    for group in ("standard/", "heldout/"):
+        mine, theirs = stacked.subset(group), base.subset(group, STACKED)
+        others = mine.others_vs(theirs)
+        assert len(others) == 6  # triangle, cross, star, green, yellow, purple
+        assert all(mine.count(c, excluding=STACKED) >= 20 for c in others)
+        for concept, ratio in others.items():
+            assert ratio >= 0.95, (group, concept, ratio)

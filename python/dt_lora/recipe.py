@@ -104,6 +104,11 @@ class TrainConfig:
     # 0.69 × base). Requiring the anchors to hold along a whole segment of strengths removes that:
     # 0.94 × base stacked, each shield alone unchanged (docs/method.md).
     anchor_scale_jitter: float = 1.0
+    # The target is degenerated with the adapter at a random strength s ∈ [target_scale_min, 1]. A
+    # text-local shield responds to how strongly a prompt moves the concept's text directions, and a
+    # paraphrase moves them less than the recipe's own templates; training at a weaker strength too
+    # makes the shield hold there.
+    target_scale_min: float = 1.0
     optimizer: str = "adamw8bit"  # "adamw8bit" | "adamw"
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
     gradient_checkpointing: bool = False
@@ -196,6 +201,8 @@ class Recipe:
             fail("anchors", f"train.preservation = {self.train.preservation!r} needs anchor prompts")
         if not 0 <= self.train.unconditional_share <= 1:
             fail("train.unconditional_share", f"must be between 0 and 1, got {self.train.unconditional_share}")
+        if not 0 < self.train.target_scale_min <= 1:
+            fail("train.target_scale_min", f"must be in (0, 1], got {self.train.target_scale_min}")
         if self.train.anchor_scale_jitter < 0:
             fail("train.anchor_scale_jitter", f"must be 0 or more, got {self.train.anchor_scale_jitter}")
         if self.train.checkpoint_every < 1 or self.train.sample_every < 0:

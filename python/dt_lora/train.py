@@ -319,7 +319,13 @@ def target_loss(ctx: StepContext, generator: torch.Generator) -> torch.Tensor:
     data, batch = ctx.data, ctx.recipe.train.batch_size
     index = torch.randint(0, len(data.target_latents), (batch,), generator=generator)
     x, noise, t = ctx.add_noise(data.target_latents[index], generator)
-    with ctx.autocast():
+    strength = 1.0
+    if ctx.recipe.train.target_scale_min < 1:
+        # degenerate also at a weaker strength: a phrasing nobody listed moves the shield's text
+        # directions less than the recipe's own prompts do (see recipe.py)
+        low = ctx.recipe.train.target_scale_min
+        strength = low + (1 - low) * float(torch.rand((), generator=generator))
+    with ctx.autocast(), adapter_strength(ctx.lora_layers, ADAPTER_NAME, strength):
         prediction = ctx.unet(x, t, data.target_embeds[index].to(ctx.device)).sample
     return F.mse_loss(prediction.float(), noise.float())
 

@@ -22,27 +22,31 @@ from ..recipes import recipe_path as shipped_recipe
 from ..toy.quality import shield_report
 from ..train import train_adapter
 
+# The earlier default: a free rank-8 LoRA (lora_A trained too) on the attention projections named.
+FREE = {"lora.text_local": "false", "lora.rank": "8", "lora.alpha": "8"}
+
 VARIANTS: dict[str, dict[str, str]] = {
     "default": {},
+    "rank 1": {"lora.rank": "1", "lora.alpha": "1"},
+    "rank 4": {"lora.rank": "4", "lora.alpha": "4"},
+    "300 steps": {"train.steps": "300"},
     "grid 2": {"scramble.grid": "2"},
     "grid 8": {"scramble.grid": "8"},
     "latent scrambling": {"scramble.space": "latent"},
     "flips": {"scramble.flips": "true"},
-    "self-attention only (attn1)": {"lora.targets": "attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0"},
-    "cross-attention only (attn2)": {"lora.targets": "attn2.to_q,attn2.to_k,attn2.to_v,attn2.to_out.0"},
-    "cross-attention to_k/to_v": {"lora.targets": "attn2.to_k,attn2.to_v"},
     "no preservation": {"train.preservation": "none"},
     "preservation by denoising": {"train.preservation": "denoise"},
     "unconditional distillation (share 0.25)": {"train.unconditional_share": "0.25"},
-    "distillation weight 0.3": {"train.preservation_weight": "0.3"},
-    "distillation weight 3": {"train.preservation_weight": "3"},
-    "distillation weight 10": {"train.preservation_weight": "10"},
-    "200 anchor images": {"anchors.images": "200"},
-    "distillation weight 3 + 200 anchor images": {"train.preservation_weight": "3", "anchors.images": "200"},
     "lr 3e-4": {"train.learning_rate": "3e-4"},
     "150 steps": {"train.steps": "150"},
     "600 steps": {"train.steps": "600"},
-    "rank 4": {"lora.rank": "4", "lora.alpha": "4"},
+    "free LoRA: every attention projection (earlier default)": {**FREE, "lora.targets": "to_q,to_k,to_v,to_out.0"},
+    "free LoRA: self-attention only (attn1)": {**FREE, "lora.targets": "attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0"},
+    "free LoRA: cross-attention only (attn2)": {**FREE, "lora.targets": "attn2.to_q,attn2.to_k,attn2.to_v,attn2.to_out.0"},
+    "free LoRA: cross-attention to_k/to_v": {**FREE, "lora.targets": "attn2.to_k,attn2.to_v"},
+    "free LoRA: distillation weight 0.3": {**FREE, "lora.targets": "to_q,to_k,to_v,to_out.0",
+                                           "train.preservation_weight": "0.3"},
+    "free LoRA: rank 4": {**FREE, "lora.targets": "to_q,to_k,to_v,to_out.0", "lora.rank": "4", "lora.alpha": "4"},
 }
 
 

@@ -1,13 +1,17 @@
-"""How shields hold up when stacked: 1, 2, 3 and 4 toy shields on one pipeline.
+"""How shields hold up when stacked, on the recipes' phrasings and on phrasings nobody tuned on.
 
     python -m dt_lora.research.stacking toy-circle.safetensors toy-red.safetensors toy-square.safetensors \
-        toy-blue.safetensors --out docs/stacking.json
+        toy-blue.safetensors toy-triangle.safetensors toy-green.safetensors --singles --merge-rank 6 --bake \
+        --out docs/stacking.json
 
-For k = 1 … n, the first k adapters are stacked; each target's rate is compared with its rate when
-its shield is alone, and every concept no shield names is compared with the base model. The bar: each
-target within 5 points of its single-shield rate, every other concept at ≥ 90% of base. With
-`--compact-rank R`, all n are also merged into one rank-R file by SVD (`merge --rank R`) and measured
-the same way: whether that truncation is acceptable is this table's call.
+For k = 1 … n the first k adapters are stacked (`load_lora_weights` + `set_adapters`, weight 1 each)
+and every prompt of `toy.phrasings`' families is drawn (2 images a prompt, seeds from 3,000,000):
+each target's rate over the prompts that name it, and every concept no stacked shield names compared
+with the base model on the same prompts and seeds. Families come in groups: `standard` (the recipes'
+templates and one attribute alone), `paraphrases` (the recipes' held-out paraphrases), `tuning`
+(phrasings looked at while choosing defaults) and `heldout` (phrasings for measuring only).
+`--singles` also measures each shield alone; `--merge-rank R` all n merged exactly and merged to rank
+R; `--bake` all n baked into the UNet's weights.
 """
 
 from __future__ import annotations
@@ -15,14 +19,21 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 from pathlib import Path
 
 from .. import toy
 from ..adapters import read_adapter, write_adapter
 from ..io import atomic_write
 from ..merge import merge_adapters
-from ..toy import world
-from ..toy.quality import shield_reports
+from ..toy import phrasings, world
+
+GROUPS = {
+    "standard": phrasings.STANDARD_FAMILIES,
+    "paraphrases": phrasings.PARAPHRASE_FAMILIES,
+    "tuning": phrasings.TUNING_FAMILIES,
+    "heldout": phrasings.HELDOUT_FAMILIES,
+}
 
 
 def toy_concept(adapter: Path) -> str:
@@ -36,51 +47,76 @@ def toy_concept(adapter: Path) -> str:
     return name
 
 
-def _row(label: str, targets: list[str], stacked: dict, single: dict, base_rest) -> dict:
-    any_report = next(iter(stacked.values()))
-    others = {**any_report.shape_rates, **any_report.colour_rates}
-    base_others = {**base_rest.shape_rates, **base_rest.colour_rates}
-    return {
-        "shields": label,
-        "targets": {t: {"single": single[t].target_rate, "stacked": stacked[t].target_rate,
-                        "paraphrase_single": single[t].paraphrase_rate,
-                        "paraphrase_stacked": stacked[t].paraphrase_rate} for t in targets},
-        "others_vs_base": {c: (others[c] / base_others[c] if base_others[c] else None) for c in others},
-        "worst_other_vs_base": min(others[c] / base_others[c] for c in others if base_others[c]),
-        "worst_target_increase": max(stacked[t].target_rate - single[t].target_rate for t in targets),
-    }
+def _families() -> dict[str, tuple[str, ...]]:
+    return {f"{group}/{name}": templates for group, families in GROUPS.items() for name, templates in families.items()}
 
 
-def run(adapters: list[Path], per_combination: int = 4, compact_rank: int | None = None) -> dict:
+def row(label: str, targets: list[str], shielded: phrasings.PhrasingReport, base: phrasings.PhrasingReport) -> dict:
+    """Per group: each target's rate, and every other concept's rate ÷ the base's."""
+    out = {"shields": label, "targets": targets}
+    for group in GROUPS:
+        mine, theirs = shielded.subset(group + "/", targets), base.subset(group + "/", targets)
+        others = mine.others_vs(theirs)
+        worst = min(others, key=others.get) if others else None
+        out[group] = {"targets": {t: mine.rate(t) for t in targets}, "others_vs_base": others,
+                      "worst_other": others.get(worst), "worst_concept": worst,
+                      "images_per_other_concept": min((mine.count(c, excluding=tuple(targets)) for c in others),
+                                                      default=0)}
+    return out
+
+
+def run(adapters: list[Path], *, singles: bool = False, merge_rank: int | None = None, bake: bool = False,
+        images_per_prompt: int = 2, progress: bool = True) -> dict:
     pipeline, evaluator = toy.load(), toy.load_evaluator()
     targets = [toy_concept(a) for a in adapters]
-    base = shield_reports(pipeline, evaluator, targets, per_combination=per_combination)
-    single = {t: shield_reports(pipeline, evaluator, [t], adapters=[a], per_combination=per_combination)[t]
-              for t, a in zip(targets, adapters)}
-    rows = []
-    for k in range(1, len(adapters) + 1):
-        stacked = shield_reports(pipeline, evaluator, targets[:k], adapters=adapters[:k],
-                                 per_combination=per_combination)
-        base_rest = shield_reports(pipeline, evaluator, targets[:k], per_combination=per_combination)[targets[0]]
-        rows.append(_row(" + ".join(targets[:k]), targets[:k], stacked, single, base_rest))
-    if compact_rank:
-        with tempfile.TemporaryDirectory() as folder:
-            merged = write_adapter(Path(folder) / "merged.safetensors",
-                                   merge_adapters(adapters, rank=compact_rank).adapter)
-            compact = shield_reports(pipeline, evaluator, targets, adapters=[merged], per_combination=per_combination)
-        rows.append(_row(f"all {len(targets)} merged to rank {compact_rank}", targets, compact, single, base_rest))
-    return {"base_target_rates": {t: base[t].target_rate for t in targets}, "stacks": rows,
-            "per_combination": per_combination}
+    families = _families()
+
+    def measure(label: str, chosen: list[str], stack=(), model=None) -> dict:
+        started = time.perf_counter()
+        report = phrasings.phrasing_report(model or pipeline, evaluator, chosen, families=families,
+                                           images_per_prompt=images_per_prompt, adapters=stack)
+        result = {**row(label, chosen, report, base), "seconds": round(time.perf_counter() - started, 1)}
+        if progress:
+            print(summary_line(result), flush=True)
+        return result
+
+    base = phrasings.phrasing_report(pipeline, evaluator, [], families=families, images_per_prompt=images_per_prompt)
+    rows = [measure(" + ".join(targets[:k]), targets[:k], adapters[:k]) for k in range(1, len(adapters) + 1)]
+    if singles:
+        rows += [measure(f"{t} alone", [t], [a]) for t, a in zip(targets[1:], adapters[1:])]
+    with tempfile.TemporaryDirectory() as folder:
+        if merge_rank:
+            for rank in (None, merge_rank):
+                merged = write_adapter(Path(folder) / f"merged-{rank}.safetensors",
+                                       merge_adapters(adapters, rank=rank).adapter)
+                label = f"all {len(targets)} merged " + (f"to rank {rank}" if rank else "exactly")
+                rows.append(measure(label, targets, [merged]))
+        if bake:
+            from ..bake import bake as bake_model
+
+            out = bake_model("toy", adapters, Path(folder) / "baked", dtype=pipeline.unet.dtype)
+            baked = toy.load(model_dir=out.out)
+            rows.append(measure(f"all {len(targets)} baked", targets, model=baked))
+    return {"images_per_prompt": images_per_prompt, "families": {k: list(v) for k, v in families.items()},
+            "rows": rows}
+
+
+def summary_line(result: dict) -> str:
+    parts = []
+    for group in GROUPS:
+        g = result[group]
+        worst_target = max(v for v in g["targets"].values() if v is not None)
+        parts.append(f"{group}: targets ≤ {worst_target:.2f}, others ≥ {g['worst_other']:.2f}× ({g['worst_concept']})")
+    return f"{result['shields']}: " + "; ".join(parts)
 
 
 def table(result: dict) -> str:
-    lines = ["| shields stacked | each target: alone → stacked | paraphrases: alone → stacked | other concepts, worst vs base |",
-             "|---|---|---|---|"]
-    for row in result["stacks"]:
-        targets = ", ".join(f"{t} {r['single']:.2f}→{r['stacked']:.2f}" for t, r in row["targets"].items())
-        paraphrases = ", ".join(f"{t} {r['paraphrase_single']:.2f}→{r['paraphrase_stacked']:.2f}"
-                                for t, r in row["targets"].items())
-        lines.append(f"| {row['shields']} | {targets} | {paraphrases} | {row['worst_other_vs_base']:.2f}× |")
+    lines = ["| shields | targets, worst (recipe templates / paraphrases / tuning / held-out) | "
+             "others, worst × base (standard / paraphrases / tuning / held-out) |", "|---|---|---|"]
+    for r in result["rows"]:
+        targets = " / ".join(f"{max(r[g]['targets'].values()):.2f}" for g in GROUPS)
+        others = " / ".join(f"{r[g]['worst_other']:.2f} ({r[g]['worst_concept']})" for g in GROUPS)
+        lines.append(f"| {r['shields']} | {targets} | {others} |")
     return "\n".join(lines)
 
 
@@ -88,14 +124,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dt_lora.research.stacking", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("adapters", type=Path, nargs="+", help="toy shields, stacked in this order")
-    parser.add_argument("--compact-rank", type=int, help="also measure all adapters merged to this rank")
+    parser.add_argument("--singles", action="store_true", help="also measure each shield alone")
+    parser.add_argument("--merge-rank", type=int, help="also measure all adapters merged exactly and to this rank")
+    parser.add_argument("--bake", action="store_true", help="also measure all adapters baked into the weights")
+    parser.add_argument("--images-per-prompt", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write the numbers as JSON here")
     args = parser.parse_args(argv)
-    result = run(args.adapters, compact_rank=args.compact_rank)
+    result = run(args.adapters, singles=args.singles, merge_rank=args.merge_rank, bake=args.bake,
+                 images_per_prompt=args.images_per_prompt)
     print(table(result))
     if args.out:
         with atomic_write(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
