@@ -406,8 +406,9 @@ def attack_shields(
     progress: bool = True,
     write: bool = True,
 ) -> AttackResult:
-    """Attack every recipe's concept on the shielded model (and, with `negative_prompts` — recipe name →
-    text —, on the base model with that negative prompt); write `attack.json`, `attack.md` and
+    """Attack every recipe's concept on the shielded model (adapters stacked on `base_pipeline`, or a
+    baked `shielded_pipeline`; neither: none) and, with `negative_prompts` (recipe name → text), on the
+    base model with that negative prompt; write `attack.json`, `attack.md` and
     `attack/*.png` strips (before: the target prompt; after: the found prompt) to `out_dir`.
     """
     from tqdm.auto import tqdm
@@ -415,8 +416,10 @@ def attack_shields(
     settings = settings or AttackSettings()
     settings.check()
     adapters = [Path(a) for a in adapters]
-    if bool(adapters) == (shielded_pipeline is not None):
-        raise ValueError("give either adapters or a shielded (baked) pipeline, not both and not neither")
+    if adapters and shielded_pipeline is not None:
+        raise ValueError("give either adapters or a shielded (baked) pipeline, not both")
+    if not adapters and shielded_pipeline is None and not negative_prompts:
+        raise ValueError("nothing to attack: give adapters, a shielded pipeline or negative prompts")
     check_inputs(base_pipeline, recipes, adapters)
     negative_prompts = negative_prompts or {}
     steps = steps or recipes[0].sampling.steps
@@ -491,8 +494,9 @@ def attack_shields(
                                             "seconds": round(time.perf_counter() - clock, 1)}
             return rows
 
-        with _shielded(base_pipeline, adapters, shielded_pipeline) as shielded:
-            victims_rates["shielded"] = run_victim(Victim("shielded", shielded))
+        if adapters or shielded_pipeline is not None:
+            with _shielded(base_pipeline, adapters, shielded_pipeline) as shielded:
+                victims_rates["shielded"] = run_victim(Victim("shielded", shielded))
         if recipe.name in negative_prompts:
             victims_rates["negative prompt"] = run_victim(
                 Victim("negative prompt", base_pipeline, negative_prompts[recipe.name]))

@@ -370,6 +370,96 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- attack
+
+
+def add_attack_command(subparsers: argparse._SubParsersAction) -> None:
+    from dt_lora.attack import AttackSettings
+
+    defaults = AttackSettings()
+    parser = subparsers.add_parser(
+        "attack",
+        help="red-team a shield: search for prompts that bring the concept back, report the success rate",
+        description="For each --recipe, attack some of its target prompts on the shielded model (--adapter, "
+        "stacked, or --shielded, a baked model) and on the base model with the concept as negative prompt: "
+        "a discrete prompt attack (free tokens before the prompt, gradient-guided coordinate search over the "
+        "vocabulary, UnlearnDiffAtk-style) and a soft-prompt attack (continuous token embeddings, the upper "
+        "bound). The objective is the victim's denoising loss towards the base model's images of the concept; "
+        "success is judged by eval's scorer on fresh seeds. Writes report.json, report.md, report.html and "
+        "before/after strips to OUT_DIR. Deterministic for a given --seed.",
+    )
+    parser.add_argument("--recipe", type=Path, action="append", required=True, help="a shield's recipe; repeat")
+    parser.add_argument("-o", "--out", type=Path, required=True, metavar="OUT_DIR")
+    parser.add_argument("--base", default="toy", help="the unmodified model: toy (default), a folder, a Hub id")
+    shield = parser.add_mutually_exclusive_group(required=True)
+    shield.add_argument("--adapter", type=_adapter_arg, action="append", default=[], metavar="FILE",
+                        help="a shield adapter stacked on the base; repeat")
+    shield.add_argument("--shielded", metavar="MODEL", help="a baked model (diffusers folder) instead of adapters")
+    parser.add_argument("--negative-prompt", metavar="TEXT",
+                        help="the negative-prompt baseline's text (default: the words all of a recipe's target "
+                        "prompts share, e.g. 'circle')")
+    parser.add_argument("--no-negative-prompt", action="store_true", help="do not attack the negative-prompt baseline")
+    parser.add_argument("--clip", type=Path, metavar="DIR", help="score with CLIP zero-shot from this local CLIP folder")
+    budget = parser.add_argument_group("attack budget")
+    budget.add_argument("--methods", default=",".join(defaults.methods), help="comma-separated: discrete,soft")
+    budget.add_argument("--prompts", type=int, default=defaults.prompts, help="target prompts attacked per concept")
+    budget.add_argument("--free-tokens", type=int, default=defaults.free_tokens)
+    budget.add_argument("--attack-steps", type=int, default=defaults.steps, help="discrete search iterations")
+    budget.add_argument("--candidates", type=int, default=defaults.candidates, help="swaps evaluated per iteration")
+    budget.add_argument("--soft-steps", type=int, default=defaults.soft_steps, help="soft-prompt optimiser steps")
+    budget.add_argument("--seeds", type=int, default=defaults.seeds, help="fresh images per found prompt")
+    budget.add_argument("--allow-concept-words", action="store_true",
+                        help="let the free tokens be the concept's own words (excluded by default)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="the attack's random seed")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the first recipe's)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance (default: the first recipe's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(run=run_attack)
+
+
+def run_attack(args: argparse.Namespace) -> int:
+    from dt_lora.attack import AttackSettings, attack_shields, check_inputs, default_negative_prompt
+    from dt_lora.base import load_pipeline
+    from dt_lora.evaluate import ClipScorer, ToyScorer
+    from dt_lora.io import atomic_directory
+    from dt_lora.recipe import load_recipe
+
+    _refuse_overwrite(args.out, args.overwrite)
+    settings = AttackSettings(prompts=args.prompts, free_tokens=args.free_tokens, steps=args.attack_steps,
+                              candidates=args.candidates, soft_steps=args.soft_steps, seeds=args.seeds,
+                              allow_concept_words=args.allow_concept_words, seed=args.seed,
+                              methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
+    settings.check()
+    recipes = [load_recipe(path) for path in args.recipe]
+    if args.adapter and any(w != 1.0 for _, w in args.adapter):
+        raise ValueError("attack measures shields at weight 1; bake or merge weighted shields first")
+    adapters = [p for p, _ in args.adapter]
+    for recipe in recipes:
+        if not recipe.target_prompts:  # before loading any model
+            raise ValueError(f"recipe {recipe.name!r} has no target prompts (only target.image_folder); "
+                             "the attack starts from the concept's prompts: add target.prompts or templates")
+    if args.clip:
+        scorer = ClipScorer(args.clip, recipes)
+    else:
+        scorer = ToyScorer()
+        for recipe in recipes:
+            scorer.concept(recipe)
+    base = load_pipeline(args.base)
+    check_inputs(base, recipes, adapters)  # a foreign adapter fails before any image is drawn
+    negative = {} if args.no_negative_prompt else {
+        r.name: args.negative_prompt or default_negative_prompt(r) for r in recipes}
+    with atomic_directory(args.out, overwrite=args.overwrite) as out:
+        result = attack_shields(
+            base, recipes, out, adapters=adapters,
+            shielded_pipeline=load_pipeline(args.shielded) if args.shielded else None, scorer=scorer,
+            negative_prompts=negative, settings=settings, steps=args.steps, guidance=args.guidance,
+            progress=not args.quiet)
+    print(result.table())
+    print(f"wrote {args.out / 'report.html'} (and report.md, report.json, attack/)")
+    return 0
+
+
 # ---------------------------------------------------------------- demo
 
 
@@ -401,7 +491,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_scramble_command, add_train_command, add_generate_command, add_merge_command, add_export_command,
-    add_bake_command, add_eval_command, add_demo_command,
+    add_bake_command, add_eval_command, add_attack_command, add_demo_command,
 ]
 
 
