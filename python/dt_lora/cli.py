@@ -334,6 +334,9 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
     quality.add_argument("--reference-images", type=Path, metavar="DIR", help="real images for FID")
     quality.add_argument("--inception-weights", type=Path, metavar="FILE",
                          help="FID Inception weights as .safetensors (see `python -m pydoc dt_lora.metrics`)")
+    parser.add_argument("--attack", action="store_true",
+                        help="also attack the shield (and the --negative-prompt baseline) with `dt-lora attack`'s "
+                        "default budget; the report gets an attack section")
     parser.add_argument("--overwrite", action="store_true", help="write into an existing OUT_DIR")
     parser.set_defaults(run=run_eval)
 
@@ -360,12 +363,20 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.adapter and any(w != 1.0 for _, w in args.adapter):
         raise ValueError("eval measures shields at weight 1; bake or merge weighted shields first")
     base = load_pipeline(args.base)
+    attack = None
+    if args.attack:
+        from dt_lora.attack import AttackSettings, check_inputs
+
+        attack = AttackSettings()
+        check_inputs(base, recipes, [p for p, _ in args.adapter])  # before anything is drawn
     report = evaluate_shields(
         base, recipes, args.out, adapters=[p for p, _ in args.adapter],
         shielded_pipeline=load_pipeline(args.shielded) if args.shielded else None, scorer=scorer,
         negative_prompt=args.negative_prompt, images_per_prompt=args.images_per_prompt, steps=args.steps,
-        guidance=args.guidance, seed=args.seed, quality=quality)
+        guidance=args.guidance, seed=args.seed, quality=quality, attack=attack)
     print(report.table())
+    if report.attack is not None:
+        print(report.attack.table())
     print(f"wrote {args.out / 'report.html'} (and report.md, report.json, grids/)")
     return 0
 

@@ -177,10 +177,14 @@ class EvalReport:
     distance: dict[str, float]  # "shielded" (base vs shielded) and "seed_to_seed" (base vs base, other seed)
     settings: dict
     quality: dict = field(default_factory=dict)  # FID / IS / CLIP score per condition, when asked for
+    attack: object = None  # attack.AttackResult, when asked for
 
     def as_dict(self) -> dict:
-        return {"scorer": self.scorer, "conditions": self.conditions, "shields": self.shields,
-                "image_distance": self.distance, "settings": self.settings, "quality": self.quality}
+        out = {"scorer": self.scorer, "conditions": self.conditions, "shields": self.shields,
+               "image_distance": self.distance, "settings": self.settings, "quality": self.quality}
+        if self.attack is not None:
+            out["attack"] = self.attack.as_dict()
+        return out
 
     def table(self) -> str:
         head = "| | " + " | ".join(self.conditions) + " |"
@@ -243,12 +247,15 @@ def evaluate_shields(
     guidance: float | None = None,
     seed: int = EVAL_SEED,
     quality: QualityRequest | None = None,
+    attack=None,
     progress: bool = True,
 ) -> EvalReport:
     """Generate, score and write `report.json`, `report.md`, `report.html` and PNG grids to `out_dir`.
 
     The shielded model is `base_pipeline` with `adapters` stacked, or `shielded_pipeline` (a baked one).
     With `quality`, every condition also draws one image per caption and gets FID / IS / CLIP score.
+    With `attack` (attack.AttackSettings), the shield is also attacked (`attack.attack_shields`; the
+    negative-prompt baseline too when `negative_prompt` is given) and the report gets an attack section.
     """
     from .adapters import load_adapters, read_adapter, unload_adapters
 
@@ -325,6 +332,13 @@ def evaluate_shields(
     report = EvalReport(scorer.name, conditions, shields, distance, settings)
     if quality is not None:
         report.quality = quality.measure(draw(quality.captions))
+    if attack is not None:
+        from .attack import attack_shields
+
+        report.attack = attack_shields(
+            base_pipeline, recipes, out_dir, adapters=adapters, shielded_pipeline=shielded_pipeline, scorer=scorer,
+            negative_prompts={r.name: negative_prompt for r in recipes} if negative_prompt else None,
+            settings=attack, steps=steps, guidance=guidance, progress=progress, write_report=False)
     write_report(report, out_dir, groups, position, drawn, images_per_prompt)
     return report
 
@@ -371,6 +385,11 @@ def write_report(report: EvalReport, out_dir: str | Path, groups, position: dict
         page.append(f"<h2>{html.escape(title)}</h2><p>Each row: {html.escape(columns)}, left to right.</p><table>")
         page += [f"<tr><td>{html.escape(prompt)}</td><td><img src='{path}'></td></tr>" for prompt, path in rows]
         page.append("</table>")
+    if report.attack is not None:
+        from .attack import attack_html, attack_markdown
+
+        md.append("\n" + attack_markdown(report.attack, level=2))
+        page.append(attack_html(report.attack))
     with atomic_write(out_dir / "report.md", "w") as f:
         f.write("\n".join(md) + "\n")
     with atomic_write(out_dir / "report.html", "w") as f:
