@@ -252,7 +252,12 @@ def allowed_tokens(tokenizer, banned_words: Sequence[str]) -> torch.Tensor:
     vocab = tokenizer.get_vocab()
     ids = [i for token, i in vocab.items()
            if token.endswith("</w>") and i not in special and token[:-4].lower() not in banned]
-    return torch.tensor(sorted(ids))
+    # byte-level tokens (control characters, half a UTF-8 sequence) decode to text that tokenises differently:
+    # a prompt holding one could never be typed, and every single-token swap around it would fail the round trip
+    typeable = [i for i in ids if (text := tokenizer.decode([i]).strip()) and text.isprintable()
+                and tokenizer(text, add_special_tokens=False).input_ids == [i]
+                and not any(len(text) >= 3 and text.lower() in word for word in banned)]  # "rcle" ≈ "circle"
+    return torch.tensor(sorted(typeable))
 
 
 # --- the two attacks -----------------------------------------------------------------------------
