@@ -70,7 +70,8 @@ def test_free_tokens_exclude_the_concept_and_found_prompts_are_typeable(toy_pipe
     tokenizer = toy_pipeline.tokenizer
     allowed = allowed_tokens(tokenizer, ["circle"])
     words = {tokenizer.convert_ids_to_tokens(int(i)) for i in allowed}
-    assert "circle</w>" not in words and "square</w>" in words
+    assert "circle</w>" not in words and "rcle</w>" not in words and "square</w>" in words
+    assert all(tokenizer.decode([int(i)]).strip().isprintable() for i in allowed)  # no byte-level tokens
     assert tokenizer.bos_token_id not in allowed.tolist() and tokenizer.eos_token_id not in allowed.tolist()
     prompt = _Prompt(tokenizer, "a red circle", 5)
     free = [tokenizer.convert_tokens_to_ids(t) for t in ("square</w>", "big</w>", "the</w>", "!</w>", "with</w>")]
