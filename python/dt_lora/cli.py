@@ -369,6 +369,9 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
     quality.add_argument("--reference-images", type=Path, metavar="DIR", help="real images for FID")
     quality.add_argument("--inception-weights", type=Path, metavar="FILE",
                          help="FID Inception weights as .safetensors (see `python -m pydoc dt_lora.metrics`)")
+    parser.add_argument("--attack", action="store_true",
+                        help="also attack the shield (and the --negative-prompt baseline) with `dt-lora attack`'s "
+                        "default budget; the report gets an attack section")
     parser.add_argument("--force", action="store_true", help="use adapters trained on another base")
     _add_overwrite_argument(parser)
     parser.set_defaults(run=run_eval)
@@ -398,15 +401,115 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError("eval measures shields at weight 1; bake or merge weighted shields first")
     base = load_pipeline(args.base, allow_pickle=args.allow_pickle)
     shielded = load_pipeline(args.shielded, allow_pickle=args.allow_pickle) if args.shielded else None
+    attack = None
+    if args.attack:
+        from dt_lora.attack import AttackSettings, check_inputs
+
+        attack = AttackSettings()
+        check_inputs(base, recipes, [p for p, _ in args.adapter])  # before anything is drawn
     # the report is built under a temporary name and moved into place complete, marked as dt-lora's
     with atomic_directory(args.out, overwrite=args.overwrite) as folder:
         report = evaluate_shields(
             base, recipes, folder, adapters=[p for p, _ in args.adapter], shielded_pipeline=shielded,
             scorer=scorer, negative_prompt=args.negative_prompt, images_per_prompt=args.images_per_prompt,
-            steps=args.steps, guidance=args.guidance, seed=args.seed, quality=quality, force=args.force)
+            steps=args.steps, guidance=args.guidance, seed=args.seed, quality=quality, force=args.force,
+            attack=attack)
         mark_output_folder(folder, "eval")
     print(report.table())
+    if report.attack is not None:
+        print(report.attack.table())
     print(f"wrote {args.out / 'report.html'} (and report.md, report.json, grids/)")
+    return 0
+
+
+# ---------------------------------------------------------------- attack
+
+
+def add_attack_command(subparsers: argparse._SubParsersAction) -> None:
+    from dt_lora.attack import AttackSettings
+
+    defaults = AttackSettings()
+    parser = subparsers.add_parser(
+        "attack",
+        help="red-team a shield: search for prompts that bring the concept back, report the success rate",
+        description="For each --recipe, attack some of its target prompts on the shielded model (--adapter, "
+        "stacked, or --shielded, a baked model) and on the base model with the concept as negative prompt: "
+        "a discrete prompt attack (free tokens before the prompt, gradient-guided coordinate search over the "
+        "vocabulary, UnlearnDiffAtk-style) and a soft-prompt attack (continuous token embeddings, the upper "
+        "bound). The objective is the victim's denoising loss towards the base model's images of the concept; "
+        "success is judged by eval's scorer on fresh seeds. Writes report.json, report.md, report.html and "
+        "before/after strips to OUT_DIR. Deterministic for a given --seed.",
+    )
+    parser.add_argument("--recipe", type=Path, action="append", required=True, help="a shield's recipe; repeat")
+    parser.add_argument("-o", "--out", type=Path, required=True, metavar="OUT_DIR")
+    _add_base_arguments(parser)
+    shield = parser.add_mutually_exclusive_group(required=True)
+    shield.add_argument("--adapter", type=_adapter_arg, action="append", default=[], metavar="FILE",
+                        help="a shield adapter stacked on the base; repeat")
+    shield.add_argument("--shielded", metavar="MODEL", help="a baked model (diffusers folder) instead of adapters")
+    parser.add_argument("--negative-prompt", metavar="TEXT",
+                        help="the negative-prompt baseline's text (default: the words all of a recipe's target "
+                        "prompts share, e.g. 'circle')")
+    parser.add_argument("--no-negative-prompt", action="store_true", help="do not attack the negative-prompt baseline")
+    parser.add_argument("--clip", type=Path, metavar="DIR", help="score with CLIP zero-shot from this local CLIP folder")
+    budget = parser.add_argument_group("attack budget")
+    budget.add_argument("--methods", default=",".join(defaults.methods), help="comma-separated: discrete,soft")
+    budget.add_argument("--prompts", type=int, default=defaults.prompts, help="target prompts attacked per concept")
+    budget.add_argument("--free-tokens", type=int, default=defaults.free_tokens)
+    budget.add_argument("--attack-steps", type=int, default=defaults.steps, help="discrete search iterations")
+    budget.add_argument("--candidates", type=int, default=defaults.candidates, help="swaps evaluated per iteration")
+    budget.add_argument("--soft-steps", type=int, default=defaults.soft_steps, help="soft-prompt optimiser steps")
+    budget.add_argument("--seeds", type=int, default=defaults.seeds, help="fresh images per found prompt")
+    budget.add_argument("--allow-concept-words", action="store_true",
+                        help="let the free tokens be the concept's own words (excluded by default)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="the attack's random seed")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the first recipe's)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance (default: the first recipe's)")
+    _add_overwrite_argument(parser)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(run=run_attack)
+
+
+def run_attack(args: argparse.Namespace) -> int:
+    from dt_lora.attack import AttackSettings, attack_shields, check_inputs, default_negative_prompt
+    from dt_lora.base import load_pipeline
+    from dt_lora.evaluate import ClipScorer, ToyScorer
+    from dt_lora.io import atomic_directory, check_output, mark_output_folder
+    from dt_lora.recipe import load_recipe
+
+    check_output(args.out, args.overwrite, folder=True)
+    settings = AttackSettings(prompts=args.prompts, free_tokens=args.free_tokens, steps=args.attack_steps,
+                              candidates=args.candidates, soft_steps=args.soft_steps, seeds=args.seeds,
+                              allow_concept_words=args.allow_concept_words, seed=args.seed,
+                              methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
+    settings.check()
+    recipes = [load_recipe(path) for path in args.recipe]
+    if args.adapter and any(w != 1.0 for _, w in args.adapter):
+        raise ValueError("attack measures shields at weight 1; bake or merge weighted shields first")
+    adapters = [p for p, _ in args.adapter]
+    for recipe in recipes:
+        if not recipe.target_prompts:  # before loading any model
+            raise ValueError(f"recipe {recipe.name!r} has no target prompts (only target.image_folder); "
+                             "the attack starts from the concept's prompts: add target.prompts or templates")
+    if args.clip:
+        scorer = ClipScorer(args.clip, recipes)
+    else:
+        scorer = ToyScorer()
+        for recipe in recipes:
+            scorer.concept(recipe)
+    base = load_pipeline(args.base, allow_pickle=args.allow_pickle)
+    check_inputs(base, recipes, adapters)  # a foreign adapter fails before any image is drawn
+    negative = {} if args.no_negative_prompt else {
+        r.name: args.negative_prompt or default_negative_prompt(r) for r in recipes}
+    with atomic_directory(args.out, overwrite=args.overwrite) as out:
+        result = attack_shields(
+            base, recipes, out, adapters=adapters,
+            shielded_pipeline=load_pipeline(args.shielded, allow_pickle=args.allow_pickle) if args.shielded else None,
+            scorer=scorer, negative_prompts=negative, settings=settings, steps=args.steps, guidance=args.guidance,
+            progress=not args.quiet)
+        mark_output_folder(out, "attack")
+    print(result.table())
+    print(f"wrote {args.out / 'report.html'} (and report.md, report.json, attack/)")
     return 0
 
 
@@ -471,7 +574,7 @@ def run_recipes(args: argparse.Namespace) -> int:
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_scramble_command, add_train_command, add_generate_command, add_merge_command, add_export_command,
-    add_bake_command, add_eval_command, add_demo_command, add_recipes_command,
+    add_bake_command, add_eval_command, add_attack_command, add_demo_command, add_recipes_command,
 ]
 
 

@@ -66,12 +66,15 @@ def evaluate_shields(
     quality: QualityRequest | None = None,
     progress: bool = True,
     force: bool = False,
+    attack=None,
 ) -> EvalReport:
     """Generate, score and write `report.json`, `report.md`, `report.html` and PNG grids to `out_dir`.
 
     The shielded model is `base_pipeline` with `adapters` stacked, or `shielded_pipeline` (a baked one).
     With `quality`, every condition also draws one image per caption and gets FID / IS / CLIP score.
-    `force` accepts adapters trained on another base.
+    `force` accepts adapters trained on another base. With `attack` (attack.AttackSettings), the shield
+    is also attacked (`attack.attack_shields`; the negative-prompt baseline too when `negative_prompt` is
+    given) and the report gets an attack section.
     """
     from ..adapters import check_fits, load_adapters, read_adapter, unload_adapters
 
@@ -148,6 +151,15 @@ def evaluate_shields(
     report = EvalReport(scorer.name, conditions, shields, distance, settings)
     if quality is not None:
         report.quality = quality.measure(draw(quality.captions))
+    if attack is not None:
+        from ..attack import attack_markdown, attack_shields
+
+        report.attack = attack_shields(
+            base_pipeline, recipes, out_dir, adapters=adapters, shielded_pipeline=shielded_pipeline, scorer=scorer,
+            negative_prompts={r.name: negative_prompt for r in recipes} if negative_prompt else None,
+            settings=attack, steps=steps, guidance=guidance, progress=progress, write_report=False)
+        report.sections.append(ReportSection("Attack", attack_markdown(report.attack, level=3),
+                                             report.attack.as_dict()))
     write_report(report, out_dir, groups, position, drawn, images_per_prompt)
     return report
 

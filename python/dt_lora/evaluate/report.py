@@ -37,6 +37,7 @@ class EvalReport:
     settings: dict
     quality: dict = field(default_factory=dict)  # FID / IS / CLIP score per condition, when asked for
     sections: list[ReportSection] = field(default_factory=list)  # extra parts, rendered after the summary
+    attack: object = None  # attack.AttackResult, when eval was asked to attack (also one of `sections`)
 
     def as_dict(self) -> dict:
         out = {"scorer": self.scorer, "conditions": self.conditions, "shields": self.shields,

@@ -1,0 +1,122 @@
+"""`dt-lora attack`: the red team. Fast tests check the refusals and the prompt machinery; the slow
+ones run real attacks on the toy world (docs/attack.md has the full measurements)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dt_lora.adapters import write_adapter
+from dt_lora.attack import AttackSettings, _Prompt, allowed_tokens, attack_shields, concept_words
+from dt_lora.cli import main
+from dt_lora.evaluate import ToyScorer
+from dt_lora.recipe import load_recipe
+
+from lora_helpers import random_adapter
+
+ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+CIRCLE = ADAPTERS / "toy-circle.toml"
+TINY = ["--prompts", "1", "--attack-steps", "1", "--candidates", "2", "--soft-steps", "1", "--seeds", "1"]
+
+
+def _no_work(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("started work before checking the inputs")
+
+    monkeypatch.setattr("dt_lora.attack.generate_images", refuse)
+    monkeypatch.setattr("dt_lora.attack.concept_latents", refuse)
+
+
+def test_a_recipe_without_target_prompts_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    _no_work(monkeypatch)
+    monkeypatch.setattr("dt_lora.base.load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    (tmp_path / "images").mkdir()
+    recipe = tmp_path / "folder-only.toml"
+    recipe.write_text(f'name = "folder-only"\n[target]\nimage_folder = "{tmp_path / "images"}"\n'
+                      '[train]\npreservation = "none"\n')
+    adapter = tmp_path / "a.safetensors"
+    code = main(["attack", "--recipe", str(recipe), "--adapter", str(adapter), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "folder-only" in err and "no target prompts" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_for_another_base_is_refused_before_any_work(toy_pipeline, tmp_path, capsys, monkeypatch):
+    _no_work(monkeypatch)
+    foreign = tmp_path / "foreign.safetensors"
+    layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    write_adapter(foreign, random_adapter(toy_pipeline.unet, [layer], 2, 2, 0, "elsewhere", fingerprint="0123456789abcdef"))
+    code = main(["attack", "--recipe", str(CIRCLE), "--adapter", str(foreign), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # above it: the base model's loading bar
+    assert code == 2
+    assert err.startswith("dt-lora attack: error: ") and "foreign.safetensors" in err and "another base" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_budgets_are_refused(tmp_path, capsys):
+    code = main(["attack", "--recipe", str(CIRCLE), "--adapter", "x.safetensors", "-o", str(tmp_path / "o"),
+                 "--methods", "discrete,telepathy"])
+    assert code == 2 and "telepathy" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="seeds"):
+        AttackSettings(seeds=0).check()
+
+
+def test_free_tokens_exclude_the_concept_and_found_prompts_are_typeable(toy_pipeline):
+    recipe = load_recipe(CIRCLE)
+    assert concept_words(recipe) == ["circle"]
+    tokenizer = toy_pipeline.tokenizer
+    allowed = allowed_tokens(tokenizer, ["circle"])
+    words = {tokenizer.convert_ids_to_tokens(int(i)) for i in allowed}
+    assert "circle</w>" not in words and "rcle</w>" not in words and "square</w>" in words
+    assert all(tokenizer.decode([int(i)]).strip().isprintable() for i in allowed)  # no byte-level tokens
+    assert tokenizer.bos_token_id not in allowed.tolist() and tokenizer.eos_token_id not in allowed.tolist()
+    prompt = _Prompt(tokenizer, "a red circle", 5)
+    free = [tokenizer.convert_tokens_to_ids(t) for t in ("square</w>", "big</w>", "the</w>", "!</w>", "with</w>")]
+    ids = prompt.ids(__import__("torch").tensor([free]))[0].tolist()
+    typed = tokenizer(prompt.text(free), padding="max_length", max_length=tokenizer.model_max_length).input_ids
+    assert prompt.round_trips(free) and ids == typed
+    with pytest.raises(ValueError, match="no room"):
+        _Prompt(tokenizer, "a photo of a red circle", 12)
+
+
+@pytest.mark.slow
+def test_the_attack_beats_the_negative_prompt_baseline(toy_pipeline, tmp_path):
+    """The bar of issue 11: against the concept as negative prompt, the discrete attack brings the circle
+    back in at least 80 % of the attacked prompts."""
+    recipe = load_recipe(CIRCLE)
+    settings = AttackSettings(prompts=5, methods=("discrete",))
+    result = attack_shields(toy_pipeline, [recipe], tmp_path, scorer=ToyScorer(),
+                            negative_prompts={recipe.name: "circle"}, settings=settings, progress=False)
+    rows = result.rates[recipe.name]["negative prompt"]
+    assert rows["discrete attack"]["prompt_rate"] >= 0.8
+    found = rows["discrete attack"]["found"]
+    # in the toy world the negative prompt alone does not remove the circle (plain prompts: 1.00, see
+    # docs/attack.md), so also check that the search itself works: it lowers the objective
+    assert all(entry["loss_after"] < entry["loss_before"] for entry in found)
+    assert all("circle" not in entry["found"].split() for entry in found)  # concept words excluded
+    # deterministic: the same seed finds the same first prompt
+    again = attack_shields(toy_pipeline, [recipe], tmp_path / "again", scorer=ToyScorer(),
+                           negative_prompts={recipe.name: "circle"},
+                           settings=AttackSettings(prompts=1, methods=("discrete",)), progress=False, write=False)
+    assert again.rates[recipe.name]["negative prompt"]["discrete attack"]["found"][0]["found"] == found[0]["found"]
+
+
+@pytest.mark.slow
+def test_attack_command_writes_the_rates_and_pictures(trained_shields, tmp_path, capsys):
+    out = tmp_path / "report"
+    code = main(["attack", "--recipe", str(CIRCLE), "--adapter", str(trained_shields["circle"]), "-o", str(out), "-q",
+                 *TINY])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())["attack"]
+    victims = report["concepts"]["toy-circle"]
+    assert set(victims) == {"base", "shielded", "negative prompt"}
+    for victim in ("shielded", "negative prompt"):
+        for row in ("target prompts", "paraphrases", "discrete attack", "soft attack"):
+            assert 0 <= victims[victim][row]["prompt_rate"] <= 1
+        entry = victims[victim]["discrete attack"]["found"][0]
+        assert entry["source"] in entry["found"] and (out / entry["picture"]).is_file()
+    assert victims["base"]["target prompts"]["prompt_rate"] == 1.0
+    assert "discrete attack" in (out / "report.html").read_text()
