@@ -185,7 +185,7 @@ def test_generate_refuses_an_adapter_trained_on_another_base_unless_forced(toy_p
     assert "star" in err and "another base" in err and "--force" in err
     assert not out.exists()
     assert main(args + ["--force"]) == 0
-    assert [p.name for p in out.iterdir()] == ["000000.png"]
+    assert [p.name for p in out.glob("*.png")] == ["000000.png"]
 
 
 def test_eval_refuses_an_adapter_of_another_base_before_drawing(toy_pipeline, tmp_path, capsys, monkeypatch):

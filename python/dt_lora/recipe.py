@@ -108,7 +108,7 @@ class TrainConfig:
     # text-local shield responds to how strongly a prompt moves the concept's text directions, and a
     # paraphrase moves them less than the recipe's own templates; training at a weaker strength too
     # makes the shield hold there.
-    target_scale_min: float = 1.0
+    target_scale_min: float = 0.5
     optimizer: str = "adamw8bit"  # "adamw8bit" | "adamw"
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
     gradient_checkpointing: bool = False

@@ -1,6 +1,7 @@
 """Research scripts: measurements behind docs/method.md, each run as `python -m dt_lora.research.<name>`.
 
   ablation  which Degeneration-Tuning settings matter, one recipe key changed at a time
+  diagnose  where shields change the UNet: ‖ΔW·x‖ / ‖W·x‖ per layer type, off and on target
   stacking  how shields hold up when 1 … n are stacked, merged and baked, on phrasings nobody tuned on
 
 They use the product (`dt_lora.toy`, `dt_lora.train`, …); nothing in the product imports them.
