@@ -61,12 +61,14 @@ def test_adapter_carries_format_and_provenance(pipeline, tmp_path):
     adapter = read_adapter(result.adapter)
     assert adapter.rank == 4 and adapter.alpha == 2.0
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in adapter.weights)
-    assert any(".attn1.to_q." in k for k in adapter.weights) and any(".attn2.to_out.0." in k for k in adapter.weights)
+    # the default text-local shield: cross-attention keys and values only
+    assert {k.split(".")[-3] for k in adapter.weights} == {"to_k", "to_v"}
+    assert all(".attn2." in k for k in adapter.weights)
     (concept,) = adapter.concepts
     assert concept["name"] == "toy-circle" and concept["base"] == "toy"
     assert concept["base_fingerprint"] == unet_fingerprint(pipeline.unet)
     assert concept["scramble"]["grid"] == 4 and concept["train"]["steps"] == 6
-    assert "a red circle" in concept["prompts"]
+    assert "a red circle" in concept["prompts"] and concept["lora"]["text_local"] is True
 
 
 def test_diffusers_loads_the_adapter_with_its_alpha(pipeline, tmp_path):

@@ -552,9 +552,9 @@ def attack_markdown(result: AttackResult, level: int = 1) -> str:
 def attack_html(result: AttackResult) -> str:
     import html
 
-    from .evaluate import _markdown_table_to_html
+    from .evaluate.report import markdown_table_to_html
 
-    parts = ["<h2>Attack</h2>", _markdown_table_to_html(result.table()),
+    parts = ["<h2>Attack</h2>", markdown_table_to_html(result.table()),
              f"<p>{html.escape(result.settings['success'])}; per-image share in brackets.</p>"]
     for name, victims in result.rates.items():
         for victim, rows in victims.items():

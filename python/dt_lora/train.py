@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -111,12 +112,19 @@ def adapter_strength(layers, name: str, strength: float) -> Iterator[None]:
 
 @contextmanager
 def adapters_disabled(unet) -> Iterator[None]:
-    """Run the block on the frozen base model: the UNet with its adapters switched off, then on again."""
+    """Run the block on the frozen base model: the UNet with its adapters switched off, then on again.
+
+    peft's `enable_adapters` makes every adapter weight trainable again; the flags are put back as they
+    were, so a text-local shield's fixed lora_A stays frozen (gradient checkpointing would otherwise
+    recompute a step's forward pass with other tensors than it saved)."""
+    trainable = [(parameter, parameter.requires_grad) for name, parameter in unet.named_parameters() if ".lora_" in name]
     unet.disable_adapters()
     try:
         yield
     finally:
         unet.enable_adapters()
+        for parameter, requires_grad in trainable:
+            parameter.requires_grad_(requires_grad)
 
 
 # --- checkpoints --------------------------------------------------------------------------------
@@ -292,7 +300,7 @@ def _write_samples(pipeline, recipe: Recipe, path: Path) -> None:
 @dataclass
 class StepContext:
     """What every loss term of a step needs. New terms are functions of (context, generator) like
-    `target_loss` and `anchor_loss`, added up in `step_loss`; each draws its randomness from the
+    `target_loss` and `anchor_loss`, collected by `step_losses`; each draws its randomness from the
     step's generator, in a fixed order, so that a resumed run replays the same batches."""
 
     recipe: Recipe
@@ -314,7 +322,12 @@ class StepContext:
         return a.sqrt() * latents + (1 - a).sqrt() * noise, noise, t.to(self.device)
 
 
-def target_loss(ctx: StepContext, generator: torch.Generator) -> torch.Tensor:
+class LossTerm(NamedTuple):
+    value: torch.Tensor
+    strength: float  # the adapter strength the term was computed at, and must be back-propagated at
+
+
+def target_loss(ctx: StepContext, generator: torch.Generator) -> LossTerm:
     """Degenerate: the adapted UNet learns to denoise the concept's Scrambled Grids."""
     data, batch = ctx.data, ctx.recipe.train.batch_size
     index = torch.randint(0, len(data.target_latents), (batch,), generator=generator)
@@ -327,10 +340,10 @@ def target_loss(ctx: StepContext, generator: torch.Generator) -> torch.Tensor:
         strength = low + (1 - low) * float(torch.rand((), generator=generator))
     with ctx.autocast(), adapter_strength(ctx.lora_layers, ADAPTER_NAME, strength):
         prediction = ctx.unet(x, t, data.target_embeds[index].to(ctx.device)).sample
-    return F.mse_loss(prediction.float(), noise.float())
+    return LossTerm(F.mse_loss(prediction.float(), noise.float()), strength)
 
 
-def anchor_loss(ctx: StepContext, generator: torch.Generator) -> torch.Tensor:
+def anchor_loss(ctx: StepContext, generator: torch.Generator) -> LossTerm:
     """Preserve: on the anchors, the adapted UNet matches the frozen base ("distill") or the noise ("denoise")."""
     data, train = ctx.data, ctx.recipe.train
     index = torch.randint(0, len(data.anchor_latents), (train.batch_size,), generator=generator)
@@ -343,22 +356,28 @@ def anchor_loss(ctx: StepContext, generator: torch.Generator) -> torch.Tensor:
                 reference = ctx.base_unet(x, t, embeds).sample.float()
         else:
             reference = noise.float()
+        strength = 1.0
         if train.anchor_scale_jitter:
             # preserve the anchors at a random strength of the adapter, not only at 1 (see recipe.py)
             strength = 1 + train.anchor_scale_jitter * float(torch.rand((), generator=generator))
-            with adapter_strength(ctx.lora_layers, ADAPTER_NAME, strength):
-                prediction = ctx.unet(x, t, embeds).sample
-        else:
+        with adapter_strength(ctx.lora_layers, ADAPTER_NAME, strength):
             prediction = ctx.unet(x, t, embeds).sample
-    return F.mse_loss(prediction.float(), reference)
+    return LossTerm(train.preservation_weight * F.mse_loss(prediction.float(), reference), strength)
 
 
-def step_loss(ctx: StepContext, generator: torch.Generator) -> torch.Tensor:
-    train = ctx.recipe.train
-    loss = target_loss(ctx, generator)
-    if train.preservation != "none" and len(ctx.data.anchor_latents) > 0:
-        loss = loss + train.preservation_weight * anchor_loss(ctx, generator)
-    return loss
+def step_losses(ctx: StepContext, generator: torch.Generator) -> list[LossTerm]:
+    terms = [target_loss(ctx, generator)]
+    if ctx.recipe.train.preservation != "none" and len(ctx.data.anchor_latents) > 0:
+        terms.append(anchor_loss(ctx, generator))
+    return terms
+
+
+def backward(ctx: StepContext, accelerator, terms: list[LossTerm]) -> None:
+    """Back-propagate each term at the adapter strength it was computed at: gradient checkpointing
+    recomputes the forward pass during the backward one, and must see the same strength."""
+    for term in terms:
+        with adapter_strength(ctx.lora_layers, ADAPTER_NAME, term.strength):
+            accelerator.backward(term.value)
 
 
 def step_generator(recipe: Recipe, step: int, process_index: int) -> torch.Generator:
@@ -498,14 +517,14 @@ def _train(recipe: Recipe, out: Path, checkpoint: Checkpoint, resume: ResumeStat
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            loss = step_loss(ctx, generator)
-            loss_value = loss.item()
+            terms = step_losses(ctx, generator)
+            loss_value = sum(term.value.item() for term in terms)
             if not math.isfinite(loss_value) or (smoothed is not None and loss_value > 100 * max(smoothed, 1e-3)):
                 raise TrainingDiverged(
                     f"loss became {loss_value:.4g} at step {step} (lr {lr:.3g}); lower --train-learning-rate. "
                     f"The last good checkpoint is kept in {checkpoint.folder}")
             smoothed = loss_value if smoothed is None else 0.9 * smoothed + 0.1 * loss_value
-            accelerator.backward(loss)
+            backward(ctx, accelerator, terms)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             completed = step + 1

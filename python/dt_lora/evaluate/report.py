@@ -114,7 +114,7 @@ def write_report(report: EvalReport, out_dir: str | Path, groups, position: dict
     md = ["# dt-lora evaluation\n", f"Scored by the {report.scorer}; seeds from {report.settings['seed']}, "
           f"{report.settings['steps']} steps, guidance {report.settings['guidance']}, "
           f"{images_per_prompt} images per prompt.\n", report.table()]
-    page = [f"<h1>dt-lora evaluation</h1><p>{html.escape(md[1])}</p>", _markdown_table_to_html(report.table()),
+    page = [f"<h1>dt-lora evaluation</h1><p>{html.escape(md[1])}</p>", markdown_table_to_html(report.table()),
             f"<p>{html.escape(report.distance_line()) if report.distance else ''}</p>"]
     for section in report.sections:
         md.append(f"\n## {section.title}\n\n{section.markdown}")
@@ -166,7 +166,7 @@ def _write_overview(out_dir: Path, conditions: list[str], sections, per_section:
         canvas.save(f, format="PNG")
 
 
-def _markdown_table_to_html(table: str) -> str:
+def markdown_table_to_html(table: str) -> str:
     rows = [line.strip("|").split("|") for line in table.splitlines() if line.startswith("|") and not line.startswith("|---")]
     cells = ["<tr>" + "".join(f"<td>{html.escape(c.strip().replace('**', ''))}</td>" for c in row) + "</tr>"
              for row in rows]
@@ -178,7 +178,7 @@ def _markdown_to_html(text: str) -> str:
     out = []
     for block in text.strip().split("\n\n"):
         if block.lstrip().startswith("|"):
-            out.append(_markdown_table_to_html(block))
+            out.append(markdown_table_to_html(block))
         elif block.strip():
             out.append(f"<p>{html.escape(block.strip())}</p>")
     return "".join(out)
