@@ -87,7 +87,10 @@ def test_the_attack_beats_the_negative_prompt_baseline(toy_pipeline, tmp_path):
     """The bar of issue 11: against the concept as negative prompt, the discrete attack brings the circle
     back in at least 80 % of the attacked prompts."""
     recipe = load_recipe(CIRCLE)
-    settings = AttackSettings(prompts=5, methods=("discrete",))
+    # a small budget keeps the suite's time: 3 prompts, 8 search steps of 8 candidates (docs/attack.md has
+    # the full-budget numbers)
+    budget = {"steps": 8, "candidates": 8, "samples": 3, "methods": ("discrete",)}
+    settings = AttackSettings(prompts=3, **budget)
     result = attack_shields(toy_pipeline, [recipe], tmp_path, scorer=ToyScorer(),
                             negative_prompts={recipe.name: "circle"}, settings=settings, progress=False)
     rows = result.rates[recipe.name]["negative prompt"]
@@ -100,7 +103,7 @@ def test_the_attack_beats_the_negative_prompt_baseline(toy_pipeline, tmp_path):
     # deterministic: the same seed finds the same first prompt
     again = attack_shields(toy_pipeline, [recipe], tmp_path / "again", scorer=ToyScorer(),
                            negative_prompts={recipe.name: "circle"},
-                           settings=AttackSettings(prompts=1, methods=("discrete",)), progress=False, write=False)
+                           settings=AttackSettings(prompts=1, **budget), progress=False, write=False)
     assert again.rates[recipe.name]["negative prompt"]["discrete attack"]["found"][0]["found"] == found[0]["found"]
 
 
