@@ -99,7 +99,9 @@ def test_the_attack_beats_the_negative_prompt_baseline(toy_pipeline, tmp_path):
     # in the toy world the negative prompt alone does not remove the circle (plain prompts: 1.00, see
     # docs/attack.md), so also check that the search itself works: it lowers the objective
     assert all(entry["loss_after"] < entry["loss_before"] for entry in found)
-    assert all("circle" not in entry["found"].split() for entry in found)  # concept words excluded
+    for entry in found:  # free tokens before the attacked prompt, none of them the concept's word
+        assert entry["found"].endswith(entry["source"])
+        assert "circle" not in entry["found"][: -len(entry["source"])].split()
     # deterministic: the same seed finds the same first prompt
     again = attack_shields(toy_pipeline, [recipe], tmp_path / "again", scorer=ToyScorer(),
                            negative_prompts={recipe.name: "circle"},

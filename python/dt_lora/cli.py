@@ -64,6 +64,16 @@ def _add_adapter_argument(parser, *, required: bool = False, help: str = "a shie
                         required=required, metavar="FILE[:WEIGHT]", help=help)
 
 
+def _add_measurement_arguments(parser: argparse.ArgumentParser) -> None:
+    """What `eval` and `attack` measure: --recipe, -o, the base, and the shield (adapters or a baked model)."""
+    parser.add_argument("--recipe", type=Path, action="append", required=True, help="a shield's recipe; repeat")
+    parser.add_argument("-o", "--out", type=Path, required=True, metavar="OUT_DIR")
+    _add_base_arguments(parser)
+    shield = parser.add_mutually_exclusive_group(required=True)
+    _add_adapter_argument(shield, help="a shield adapter stacked on the base; repeat")
+    shield.add_argument("--shielded", metavar="MODEL", help="a baked model (diffusers folder) instead of adapters")
+
+
 def _add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output that dt-lora wrote (never anything else)")
@@ -349,12 +359,7 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
         "them (the toy evaluator, or CLIP zero-shot with --clip); write report.json, report.md, report.html "
         "and one before/after PNG per prompt to OUT_DIR.",
     )
-    parser.add_argument("--recipe", type=Path, action="append", required=True, help="a shield's recipe; repeat")
-    parser.add_argument("-o", "--out", type=Path, required=True, metavar="OUT_DIR")
-    _add_base_arguments(parser)
-    shield = parser.add_mutually_exclusive_group(required=True)
-    _add_adapter_argument(shield, help="a shield adapter stacked on the base; repeat")
-    shield.add_argument("--shielded", metavar="MODEL", help="a baked model (diffusers folder) instead of adapters")
+    _add_measurement_arguments(parser)
     parser.add_argument("--negative-prompt", metavar="TEXT",
                         help="also draw with the base model and TEXT as negative prompt (the baseline DT improves on)")
     parser.add_argument("--clip", type=Path, metavar="DIR", help="score with CLIP zero-shot from this local CLIP folder")
@@ -440,13 +445,7 @@ def add_attack_command(subparsers: argparse._SubParsersAction) -> None:
         "success is judged by eval's scorer on fresh seeds. Writes report.json, report.md, report.html and "
         "before/after strips to OUT_DIR. Deterministic for a given --seed.",
     )
-    parser.add_argument("--recipe", type=Path, action="append", required=True, help="a shield's recipe; repeat")
-    parser.add_argument("-o", "--out", type=Path, required=True, metavar="OUT_DIR")
-    _add_base_arguments(parser)
-    shield = parser.add_mutually_exclusive_group(required=True)
-    shield.add_argument("--adapter", type=_adapter_arg, action="append", default=[], metavar="FILE",
-                        help="a shield adapter stacked on the base; repeat")
-    shield.add_argument("--shielded", metavar="MODEL", help="a baked model (diffusers folder) instead of adapters")
+    _add_measurement_arguments(parser)
     parser.add_argument("--negative-prompt", metavar="TEXT",
                         help="the negative-prompt baseline's text (default: the words all of a recipe's target "
                         "prompts share, e.g. 'circle')")
