@@ -52,10 +52,11 @@ from pathlib import Path
 
 from dt_lora.bench import load_note
 from dt_lora.bench import train as train_bench
+from dt_lora.recipes import recipe_path
 
 GIB = 2**30
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-ADAPTERS = Path(__file__).resolve().parents[3] / "adapters"  # the checkout's recipes
+CHECKOUT = Path(__file__).resolve().parents[3]  # the source checkout, for --prepare (it builds the extension)
 SD15_RECIPE = "sd15-style-vangogh"
 TOY_RECIPE = "toy-red"
 TEXT_TOKENS = 77  # SD 1.5's prompt length; the toy tokenizer's vocabulary, padded to it
@@ -239,7 +240,7 @@ def stage_train(device: str, work: str, tiny: bool, optimizer: str | None = None
         flags["train-mixed-precision"] = "no"  # the recipe's fp16 autocast is for CUDA
     if optimizer:
         flags["train-optimizer"] = optimizer
-    argv = ["train", str(ADAPTERS / f"{SD15_RECIPE}.toml"), "--base", str(work / "sd15-random"),
+    argv = ["train", str(recipe_path(SD15_RECIPE)), "--base", str(work / "sd15-random"),
             "-o", str(work / f"{SD15_RECIPE}.safetensors"), "--cache-dir", str(work / "cache"),
             "--overwrite", "-q", *_flags(flags)]
     if not hasattr(training, "prepare_data"):
@@ -306,7 +307,7 @@ def stage_toy(device: str, work: str, tiny: bool) -> dict:
     work = Path(work) / "toy"
     meter = Meter(device)
     pipeline = toy.load(device=device)
-    recipe = load_recipe(ADAPTERS / f"{TOY_RECIPE}.toml", (TINY if tiny else FULL)["toy_overrides"])
+    recipe = load_recipe(recipe_path(TOY_RECIPE), (TINY if tiny else FULL)["toy_overrides"])
     adapter = work / f"{TOY_RECIPE}.safetensors"
     result = train_adapter(recipe, adapter, cache_dir=work / "cache", pipeline=pipeline, progress=False,
                            overwrite=True)
@@ -542,7 +543,7 @@ def _trim_bitsandbytes(wheel: Path) -> None:
 
 def prepare_bundle(folder: Path) -> int:
     """Build into `folder` what the device machine lacks: the native extension for its Python, and wheels."""
-    root = ADAPTERS.parent
+    root = CHECKOUT
     if not (root / "Cargo.toml").is_file():
         print(f"gpu check --prepare: run it from a dt-lora checkout ({root} has no Cargo.toml)", file=sys.stderr)
         return 2
