@@ -53,8 +53,8 @@ def exit_code(error: BaseException) -> int | None:
 
 
 def one_line(error: BaseException) -> str:
-    """The error's message on one line (the first line, or the class name if it has none)."""
-    text = str(error).strip()
+    """The error's message on one line (its lines joined by "; ", or the class name if it has none)."""
+    text = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
     if isinstance(error, MemoryError) and not text:
         text = "out of memory"
-    return text.splitlines()[0] if text else type(error).__name__
+    return text or type(error).__name__
