@@ -523,6 +523,15 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def _found_prompts(result: AttackResult):
+    """(concept, victim, row, its numbers) for every attack row that found prompts, in table order."""
+    for name, victims in result.rates.items():
+        for victim, rows in victims.items():
+            for row in ROWS:
+                if (rows.get(row) or {}).get("found"):
+                    yield name, victim, row, rows[row]
+
+
 def attack_markdown(result: AttackResult, level: int = 1) -> str:
     """The attack section: settings, the table and the found prompts with their pictures."""
     s = result.settings
@@ -533,19 +542,14 @@ def attack_markdown(result: AttackResult, level: int = 1) -> str:
              f"steps; {s['free_tokens']} free tokens; concept words "
              f"{'allowed' if s['allow_concept_words'] else 'excluded'}; {s['seconds']:.0f} s in all.\n",
              result.table()]
-    for name, victims in result.rates.items():
-        for victim, rows in victims.items():
-            for row in ROWS:
-                found = (rows.get(row) or {}).get("found")
-                if not found:
-                    continue
-                lines.append(f"\n{'#' * (level + 1)} {name}, {victim}: {row} ({rows[row]['seconds']:.0f} s)\n")
-                lines.append("Each picture: the target prompt, then the found prompt, same seeds.\n")
-                for entry in found:
-                    mark = "broken" if entry["broken"] else "held"
-                    lines.append(f"- {entry['source']} → `{entry['found']}`: {mark} "
-                                 f"({entry['images_showing_concept']:.2f}; loss {entry['loss_before']:.4f} → "
-                                 f"{entry['loss_after']:.4f})" + (f"<br>![]({entry['picture']})" if "picture" in entry else ""))
+    for name, victim, row, numbers in _found_prompts(result):
+        lines.append(f"\n{'#' * (level + 1)} {name}, {victim}: {row} ({numbers['seconds']:.0f} s)\n")
+        lines.append("Each picture: the target prompt, then the found prompt, same seeds.\n")
+        for entry in numbers["found"]:
+            mark = "broken" if entry["broken"] else "held"
+            lines.append(f"- {entry['source']} → `{entry['found']}`: {mark} "
+                         f"({entry['images_showing_concept']:.2f}; loss {entry['loss_before']:.4f} → "
+                         f"{entry['loss_after']:.4f})" + (f"<br>![]({entry['picture']})" if "picture" in entry else ""))
     return "\n".join(lines)
 
 
@@ -556,17 +560,12 @@ def attack_html(result: AttackResult) -> str:
 
     parts = ["<h2>Attack</h2>", markdown_table_to_html(result.table()),
              f"<p>{html.escape(result.settings['success'])}; per-image share in brackets.</p>"]
-    for name, victims in result.rates.items():
-        for victim, rows in victims.items():
-            for row in ROWS:
-                found = (rows.get(row) or {}).get("found")
-                if not found:
-                    continue
-                parts.append(f"<h3>{html.escape(f'{name}, {victim}: {row}')}</h3><table>")
-                parts += [f"<tr><td>{html.escape(e['source'])} → <code>{html.escape(e['found'])}</code> "
-                          f"({'broken' if e['broken'] else 'held'})</td>"
-                          + (f"<td><img src='{e['picture']}'></td>" if "picture" in e else "") + "</tr>" for e in found]
-                parts.append("</table>")
+    for name, victim, row, numbers in _found_prompts(result):
+        parts.append(f"<h3>{html.escape(f'{name}, {victim}: {row}')}</h3><table>")
+        parts += [f"<tr><td>{html.escape(e['source'])} → <code>{html.escape(e['found'])}</code> "
+                  f"({'broken' if e['broken'] else 'held'})</td>"
+                  + (f"<td><img src='{e['picture']}'></td>" if "picture" in e else "") + "</tr>" for e in numbers["found"]]
+        parts.append("</table>")
     return "\n".join(parts)
 
 
