@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dt_lora.adapters import write_adapter
-from dt_lora.attack import AttackSettings, _Prompt, allowed_tokens, attack_shields, concept_words
+from dt_lora.attack import AttackSettings, _Prompt, allowed_tokens, attack_shields, concept_words, nearest_anchors
 from dt_lora.cli import main
 from dt_lora.evaluate import ToyScorer
 from dt_lora.recipe import load_recipe
@@ -80,6 +80,18 @@ def test_free_tokens_exclude_the_concept_and_found_prompts_are_typeable(toy_pipe
     assert prompt.round_trips(free) and ids == typed
     with pytest.raises(ValueError, match="no room"):
         _Prompt(tokenizer, "a photo of a red circle", 12)
+    after = _Prompt(tokenizer, "a red circle", 5, placement="after")
+    assert after.text(free) == "a red circle square big the ! with" and after.round_trips(free)
+    assert after.ids(__import__("torch").tensor([free]))[0, after.slots].tolist() == free
+
+
+def test_the_contrast_objective_compares_with_the_nearest_anchors():
+    recipe = load_recipe(CIRCLE)
+    assert nearest_anchors(recipe, "a photo of a red circle", 4) == [
+        "a photo of a red square", "a photo of a red triangle", "a photo of a red cross", "a photo of a red star"]
+    assert all("green" in a for a in nearest_anchors(recipe, "green circle", 4))
+    with pytest.raises(ValueError, match="objective"):
+        AttackSettings(objective="psychic").check()
 
 
 @pytest.mark.slow

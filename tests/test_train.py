@@ -457,3 +457,38 @@ def test_half_precision_generation_keeps_the_cache_exact_and_the_unet_intact(pip
         assert torch.equal(value, before[key]), key
     # the same images up to half-precision sampling noise
     assert (half.target_latents - full.target_latents).abs().mean() < 0.25 * full.target_latents.abs().mean()
+
+
+def test_adversarial_training_adds_the_found_prompts_to_the_target(pipeline, tmp_path):
+    """One adversarial round: train, attack (two prompts), train again on the original prompts plus the found ones."""
+    recipe = tiny_recipe(**{"train.adversarial_rounds": "1", "train.adversarial_prompts": "2"})
+    result = train_adapter(recipe, tmp_path / "adv.safetensors", cache_dir=tmp_path / "cache", pipeline=pipeline,
+                           progress=False)
+    concept = read_adapter(result.adapter).concepts[0]
+    original = recipe.target_prompts
+    found = [p for p in concept["prompts"] if p not in original]
+    assert concept["prompts"][: len(found)] == found and set(original) <= set(concept["prompts"])
+    assert len(found) == 2 and all(any(p.endswith(" " + source) for source in original) for p in found)
+    assert all("circle" not in p.split()[:5] for p in found)  # five free tokens, none the concept's word
+    assert concept["train"]["adversarial_rounds"] == 1
+    assert not (tmp_path / "adv.safetensors.work").exists()  # rounds' adapters and records removed
+    assert not getattr(pipeline.unet, "peft_config", None)
+
+
+def test_adversarial_training_resumes_with_the_recorded_prompts(pipeline, tmp_path, monkeypatch):
+    """A round whose found prompts were recorded before an interruption is not attacked again."""
+    import json
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("attacked again")
+
+    monkeypatch.setattr("dt_lora.attack.find_prompts", refuse)
+    work = tmp_path / "adv.safetensors.work"
+    work.mkdir()
+    (work / "round-0.json").write_text(json.dumps({"round": 0, "found": ["zebra zebra a red circle"]}))
+    recipe = tiny_recipe(**{"train.adversarial_rounds": "1"})
+    result = train_adapter(recipe, tmp_path / "adv.safetensors", cache_dir=tmp_path / "cache", pipeline=pipeline,
+                           progress=False)
+    assert read_adapter(result.adapter).concepts[0]["prompts"][0] == "zebra zebra a red circle"
+    with pytest.raises(RecipeError, match="adversarial"):
+        tiny_recipe(**{"train.adversarial_rounds": "-1"})

@@ -441,7 +441,8 @@ def add_attack_command(subparsers: argparse._SubParsersAction) -> None:
         "stacked, or --shielded, a baked model) and on the base model with the concept as negative prompt: "
         "a discrete prompt attack (free tokens before the prompt, gradient-guided coordinate search over the "
         "vocabulary, UnlearnDiffAtk-style) and a soft-prompt attack (continuous token embeddings, the upper "
-        "bound). The objective is the victim's denoising loss towards the base model's images of the concept; "
+        "bound). The objective is the victim's denoising error on the base model's images of the concept, relative "
+        "to its error on images of the concept's neighbours (the recipe's anchors); "
         "success is judged by eval's scorer on fresh seeds. Writes report.json, report.md, report.html and "
         "before/after strips to OUT_DIR. Deterministic for a given --seed.",
     )
@@ -454,6 +455,11 @@ def add_attack_command(subparsers: argparse._SubParsersAction) -> None:
     budget = parser.add_argument_group("attack budget")
     budget.add_argument("--methods", default=",".join(defaults.methods), help="comma-separated: discrete,soft")
     budget.add_argument("--prompts", type=int, default=defaults.prompts, help="target prompts attacked per concept")
+    budget.add_argument("--objective", choices=("contrast", "denoise"), default=defaults.objective,
+                        help="contrast (default): the concept's denoising error relative to its neighbours' (the "
+                        "recipe's anchors); denoise: the concept's error alone (UnlearnDiffAtk)")
+    budget.add_argument("--placement", choices=("before", "after"), default=defaults.placement,
+                        help="where the free tokens go: before the target prompt (default) or after it")
     budget.add_argument("--free-tokens", type=int, default=defaults.free_tokens)
     budget.add_argument("--attack-steps", type=int, default=defaults.steps, help="discrete search iterations")
     budget.add_argument("--candidates", type=int, default=defaults.candidates, help="swaps evaluated per iteration")
@@ -480,6 +486,7 @@ def run_attack(args: argparse.Namespace) -> int:
     settings = AttackSettings(prompts=args.prompts, free_tokens=args.free_tokens, steps=args.attack_steps,
                               candidates=args.candidates, soft_steps=args.soft_steps, seeds=args.seeds,
                               allow_concept_words=args.allow_concept_words, seed=args.seed,
+                              objective=args.objective, placement=args.placement,
                               methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
     settings.check()
     recipes = [load_recipe(path) for path in args.recipe]

@@ -109,6 +109,11 @@ class TrainConfig:
     # paraphrase moves them less than the recipe's own templates; training at a weaker strength too
     # makes the shield hold there.
     target_scale_min: float = 0.5
+    # Adversarial training (AdvUnlearn-style, in rounds; adversarial.py): after training, attack the
+    # shield (`dt-lora attack`'s discrete attack on `adversarial_prompts` target prompts), add the
+    # prompts found to the target prompts, and train again; `adversarial_rounds` times. 0: off.
+    adversarial_rounds: int = 0
+    adversarial_prompts: int = 10
     optimizer: str = "adamw8bit"  # "adamw8bit" | "adamw"
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
     gradient_checkpointing: bool = False
@@ -201,6 +206,11 @@ class Recipe:
             fail("anchors", f"train.preservation = {self.train.preservation!r} needs anchor prompts")
         if not 0 <= self.train.unconditional_share <= 1:
             fail("train.unconditional_share", f"must be between 0 and 1, got {self.train.unconditional_share}")
+        if self.train.adversarial_rounds < 0 or self.train.adversarial_prompts < 1:
+            fail("train.adversarial_rounds", "rounds must be 0 or more and adversarial_prompts at least 1, got "
+                 f"{self.train.adversarial_rounds} and {self.train.adversarial_prompts}")
+        if self.train.adversarial_rounds and not self.target_prompts:
+            fail("train.adversarial_rounds", "adversarial training attacks the target prompts; add target.prompts")
         if not 0 < self.train.target_scale_min <= 1:
             fail("train.target_scale_min", f"must be in (0, 1], got {self.train.target_scale_min}")
         if self.train.anchor_scale_jitter < 0:

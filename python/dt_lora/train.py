@@ -406,18 +406,32 @@ def train_adapter(
     interruption would (tests use it to check that resuming is exact).
     """
     from accelerate import Accelerator
-    from peft import LoraConfig
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work")
-    started = time.perf_counter()
     optimizer_class(recipe.train.optimizer)
-
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)
     if pipeline is None:
         pipeline = load_pipeline(recipe.base, device=str(accelerator.device))
+
+    if recipe.train.adversarial_rounds:
+        from .adversarial import train_adversarial
+
+        def train_round(round_recipe: Recipe, round_out: Path, round_work: Path) -> TrainResult:
+            return _train_single(round_recipe, round_out, round_work, accelerator, pipeline, cache_dir, progress, None)
+
+        return train_adversarial(recipe, out, work, pipeline=pipeline, train_round=train_round, progress=progress)
+    return _train_single(recipe, out, work, accelerator, pipeline, cache_dir, progress, stop_after)
+
+
+def _train_single(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, cache_dir, progress: bool,
+                  stop_after: int | None) -> TrainResult:
+    """One training run of `recipe` on `pipeline`: data, adapter, steps, file."""
+    from peft import LoraConfig
+
+    started = time.perf_counter()
     unet = pipeline.unet
     # everything that can be refused is refused here, before minutes of data generation
     recipe.validate_image_size(image_size(pipeline), unet.config.sample_size)
