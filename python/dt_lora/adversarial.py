@@ -50,7 +50,9 @@ def train_adversarial(recipe: Recipe, out: Path, work: Path, *, pipeline, train_
                 print(f"[dt-lora] adversarial round {r + 1}/{rounds}: attacking {recipe.name}")
             settings = AttackSettings(prompts=recipe.train.adversarial_prompts, methods=("discrete",),
                                       seed=ATTACK_SEED_OFFSET + r)
-            found = find_prompts(pipeline, current, [adapter], settings)
+            # the recipe's own prompts are attacked, never found ones (a found prompt has no room left for
+            # more free tokens, and attacking it twice would stack contexts nobody types)
+            found = find_prompts(pipeline, recipe, [adapter], settings)
             with atomic_write(record, "w") as f:
                 json.dump({"round": r, "found": found}, f, indent=1)
         current = with_found_prompts(current, found)

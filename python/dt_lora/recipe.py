@@ -107,8 +107,10 @@ class TrainConfig:
     # The target is degenerated with the adapter at a random strength s ∈ [target_scale_min, 1]. A
     # text-local shield responds to how strongly a prompt moves the concept's text directions, and a
     # paraphrase moves them less than the recipe's own templates; training at a weaker strength too
-    # makes the shield hold there.
-    target_scale_min: float = 0.5
+    # makes the shield hold there. Lower holds more paraphrases, higher disturbs other concepts less
+    # when many shields are stacked: 1 let red's paraphrases through (0.25), 0.5 kept six stacked at
+    # 0.90 × base on phrasings nobody listed, 0.75 holds both (docs/method.md).
+    target_scale_min: float = 0.75
     # Adversarial training (AdvUnlearn-style, in rounds; adversarial.py): after training, attack the
     # shield (`dt-lora attack`'s discrete attack on `adversarial_prompts` target prompts), add the
     # prompts found to the target prompts, and train again; `adversarial_rounds` times. 0: off.
