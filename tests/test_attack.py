@@ -94,10 +94,28 @@ def test_the_contrast_objective_compares_with_the_nearest_anchors():
         AttackSettings(objective="psychic").check()
 
 
+def test_the_contrast_objective_prefers_the_concept_over_its_neighbours(toy_pipeline):
+    """On the base model, the concept's own prompt scores lower (more of the concept) than a neighbour's:
+    the objective reads "circle rather than square", where the plain denoising error hardly tells."""
+    from dt_lora.attack import Victim, _Objective, concept_latents, neighbour_latents
+    from dt_lora.data import encode_prompts
+
+    recipe = load_recipe(CIRCLE)
+    prompt = "a photo of a red circle"
+    objective = _Objective(Victim("base", toy_pipeline), concept_latents(toy_pipeline, recipe, prompt, 0, 4), 5.0, 16,
+                           neighbour_latents(toy_pipeline, recipe, prompt, 4))
+    batch = objective.draw(__import__("torch").Generator().manual_seed(0))
+    with __import__("torch").no_grad():
+        own, square, cross = objective.loss(encode_prompts(toy_pipeline, [prompt, "a photo of a red square",
+                                                                          "a photo of a red cross"]), batch).tolist()
+    assert own < min(square, cross) - 1  # log-ratio: about -3.4 against 0 ± 1 on three draws
+
+
 @pytest.mark.slow
 def test_the_attack_beats_the_negative_prompt_baseline(toy_pipeline, tmp_path):
     """The bar of issue 11: against the concept as negative prompt, the discrete attack brings the circle
-    back in at least 80 % of the attacked prompts."""
+    back in at least 80 % of the attacked prompts (the attacker keeps the better of the plain and the found
+    prompt; in the toy world the negative prompt alone does not remove the circle)."""
     recipe = load_recipe(CIRCLE)
     # a small budget keeps the suite's time: 3 prompts, 8 search steps of 8 candidates (docs/attack.md has
     # the full-budget numbers)
