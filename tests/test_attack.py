@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from dt_lora.adapters import write_adapter
 from dt_lora.attack import AttackSettings, _Prompt, allowed_tokens, attack_shields, concept_words, nearest_anchors
@@ -75,14 +76,14 @@ def test_free_tokens_exclude_the_concept_and_found_prompts_are_typeable(toy_pipe
     assert tokenizer.bos_token_id not in allowed.tolist() and tokenizer.eos_token_id not in allowed.tolist()
     prompt = _Prompt(tokenizer, "a red circle", 5)
     free = [tokenizer.convert_tokens_to_ids(t) for t in ("square</w>", "big</w>", "the</w>", "!</w>", "with</w>")]
-    ids = prompt.ids(__import__("torch").tensor([free]))[0].tolist()
+    ids = prompt.ids(torch.tensor([free]))[0].tolist()
     typed = tokenizer(prompt.text(free), padding="max_length", max_length=tokenizer.model_max_length).input_ids
     assert prompt.round_trips(free) and ids == typed
     with pytest.raises(ValueError, match="no room"):
         _Prompt(tokenizer, "a photo of a red circle", 12)
     after = _Prompt(tokenizer, "a red circle", 5, placement="after")
     assert after.text(free) == "a red circle square big the ! with" and after.round_trips(free)
-    assert after.ids(__import__("torch").tensor([free]))[0, after.slots].tolist() == free
+    assert after.ids(torch.tensor([free]))[0, after.slots].tolist() == free
 
 
 def test_the_contrast_objective_compares_with_the_nearest_anchors():
@@ -104,8 +105,8 @@ def test_the_contrast_objective_prefers_the_concept_over_its_neighbours(toy_pipe
     prompt = "a photo of a red circle"
     objective = _Objective(Victim("base", toy_pipeline), concept_latents(toy_pipeline, recipe, prompt, 0, 4), 5.0, 16,
                            neighbour_latents(toy_pipeline, recipe, prompt, 4))
-    batch = objective.draw(__import__("torch").Generator().manual_seed(0))
-    with __import__("torch").no_grad():
+    batch = objective.draw(torch.Generator().manual_seed(0))
+    with torch.no_grad():
         own, square, cross = objective.loss(encode_prompts(toy_pipeline, [prompt, "a photo of a red square",
                                                                           "a photo of a red cross"]), batch).tolist()
     assert own < min(square, cross) - 1  # log-ratio: about -3.4 against 0 ± 1 on three draws

@@ -445,16 +445,22 @@ def neighbour_latents(pipeline, recipe: Recipe, prompt: str, count: int) -> torc
     return encode_pixels(pipeline.vae, torch.from_numpy(prepare_images(images, 1, 0)))
 
 
+def _search_inputs(base_pipeline, recipe: Recipe, attacked: list[str], settings: AttackSettings):
+    """What the searches need, per attacked prompt: the base model's images of it and of its neighbours
+    (the objective's), and the tokens the free slots may take."""
+    latents = {p: concept_latents(base_pipeline, recipe, p, j, settings.concept_images) for j, p in enumerate(attacked)}
+    contrast = {p: neighbour_latents(base_pipeline, recipe, p, settings.concept_images)
+                if settings.objective == "contrast" else None for p in attacked}
+    allowed = allowed_tokens(base_pipeline.tokenizer, [] if settings.allow_concept_words else concept_words(recipe))
+    return latents, contrast, allowed
+
+
 def find_prompts(pipeline, recipe: Recipe, adapters: Sequence[Path], settings: AttackSettings) -> list[str]:
     """The discrete attack's found prompts against `adapters` on `pipeline`, without drawing or scoring
     them: adversarial training's new target prompts (adversarial.py). `pipeline` carries no adapter."""
     settings.check()
     attacked = _spread(recipe.target_prompts, settings.prompts)
-    # the objective's images come from the base model: drawn before the shield is loaded
-    latents = {p: concept_latents(pipeline, recipe, p, j, settings.concept_images) for j, p in enumerate(attacked)}
-    contrast = {p: neighbour_latents(pipeline, recipe, p, settings.concept_images)
-                if settings.objective == "contrast" else None for p in attacked}
-    allowed = allowed_tokens(pipeline.tokenizer, [] if settings.allow_concept_words else concept_words(recipe))
+    latents, contrast, allowed = _search_inputs(pipeline, recipe, attacked, settings)  # before the shield is loaded
     guidance = recipe.sampling.guidance
     with _shielded(pipeline, adapters, None) as shielded:
         victim = Victim("shielded", shielded)
@@ -513,12 +519,9 @@ def attack_shields(
 
     for r, recipe in enumerate(recipes):
         tokenizer = base_pipeline.tokenizer
-        allowed = allowed_tokens(tokenizer, [] if settings.allow_concept_words else concept_words(recipe))
         attacked = _spread(recipe.target_prompts, settings.prompts)
         paraphrases = _spread(recipe.target.paraphrases, settings.prompts)
-        latents = {p: concept_latents(base_pipeline, recipe, p, j, settings.concept_images) for j, p in enumerate(attacked)}
-        contrast = {p: neighbour_latents(base_pipeline, recipe, p, settings.concept_images)
-                    if settings.objective == "contrast" else None for p in attacked}
+        latents, contrast, allowed = _search_inputs(base_pipeline, recipe, attacked, settings)
 
         def seed_of(j: int) -> int:
             return ATTACK_SEED + 10_000 * r + 100 * j
