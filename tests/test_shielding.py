@@ -96,3 +96,18 @@ def test_four_stacked_shields_keep_everything_else(toy_pipeline, trained_shields
         assert all(mine.count(c, excluding=STACKED) >= 20 for c in others)
         for concept, ratio in others.items():
             assert ratio >= 0.95, (group, concept, ratio)
+
+
+def test_stacking_picture_shows_base_and_stack_per_family(trained_shields, tmp_path):
+    """`python -m dt_lora.research.stacking ... --picture`: one labelled row per family prompt, base | stacked."""
+    from PIL import Image
+
+    from dt_lora.research.stacking import GROUPS, picture
+
+    path = tmp_path / "stack.png"
+    picture([trained_shields["circle"], trained_shields["red"]], path, seeds=2)
+    families = sum(len(families) for families in GROUPS.values())
+    image = Image.open(path)
+    rows = (image.height - 20) // (32 * 3 + 4)  # 32 px images drawn at 3×, 4 px between rows
+    assert families < rows <= families + 4  # every family without a target, and up to four naming one
+    assert image.width == 260 + 2 * 2 * 32 * 3  # label column, then 2 seeds of the base and 2 stacked

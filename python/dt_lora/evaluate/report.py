@@ -140,17 +140,27 @@ def write_report(report: EvalReport, out_dir: str | Path, groups, position: dict
 
 def _write_overview(out_dir: Path, conditions: list[str], sections, per_section: int = 3) -> None:
     """overview.png: the first few prompts of each section, one strip per row, conditions labelled."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     labels: dict[str, str] = {}  # picture → its first label (recipes share anchors)
     for title, section in sections:
         if not title.endswith("paraphrases"):
             for prompt, path in section[:per_section]:
                 labels.setdefault(path, f"{title}: {prompt}")
-    rows = [(label, path) for path, label in labels.items()]
-    if not rows:
+    if not labels:
         return
-    strips = [Image.open(out_dir / path).convert("RGB") for _, path in rows]
+    canvas = labelled_strips([(label, Image.open(out_dir / path).convert("RGB")) for path, label in labels.items()],
+                             conditions)
+    with atomic_write(out_dir / "overview.png") as f:
+        canvas.save(f, format="PNG")
+
+
+def labelled_strips(rows: list, conditions: list[str]):
+    """One picture of (label, PIL strip) rows: each label left of its strip, the conditions named above
+    equal-width columns of the strips."""
+    from PIL import Image, ImageDraw
+
+    strips = [strip for _, strip in rows]
     label_width, header, height = 260, 20, strips[0].height + 4
     width = label_width + max(strip.width for strip in strips)
     canvas = Image.new("RGB", (width, header + height * len(strips)), "white")
@@ -162,8 +172,7 @@ def _write_overview(out_dir: Path, conditions: list[str], sections, per_section:
         y = header + k * height
         draw.text((4, y + strip.height // 2 - 6), label[:44], fill="black")
         canvas.paste(strip, (label_width, y))
-    with atomic_write(out_dir / "overview.png") as f:
-        canvas.save(f, format="PNG")
+    return canvas
 
 
 def markdown_table_to_html(table: str) -> str:

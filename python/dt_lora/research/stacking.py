@@ -11,7 +11,8 @@ with the base model on the same prompts and seeds. Families come in groups: `sta
 templates and one attribute alone), `paraphrases` (the recipes' held-out paraphrases), `tuning`
 (phrasings looked at while choosing defaults) and `heldout` (phrasings for measuring only).
 `--singles` also measures each shield alone; `--merge-rank R` all n merged exactly and merged to rank
-R; `--bake` all n baked into the UNet's weights.
+R; `--bake` all n baked into the UNet's weights; `--picture FILE` draws, for the first prompt of each
+family that names no shielded concept and of a few that name one, the base model and all n stacked.
 """
 
 from __future__ import annotations
@@ -101,6 +102,40 @@ def run(adapters: list[Path], *, singles: bool = False, merge_rank: int | None =
             "rows": rows}
 
 
+def picture(adapters: list[Path], path: Path, seeds: int = 3) -> None:
+    """Base model | all adapters stacked, `seeds` images each, on the first prompt of every family that
+    names no shielded concept and on the first few prompts that name one."""
+    import numpy as np
+    from PIL import Image
+
+    from ..adapters import load_adapters, unload_adapters
+    from ..evaluate.report import labelled_strips
+    from ..generate import generate_images, image_grid
+
+    pipeline, targets = toy.load(), [toy_concept(a) for a in adapters]
+    prompts, seen = [], set()
+    for prompt in phrasings.family_prompts(_families()):
+        named = any(prompt.names(t) for t in targets)
+        if (prompt.family, named) not in seen and (not named or sum(1 for _, n in seen if n) < 4):
+            seen.add((prompt.family, named))
+            prompts.append(prompt)
+    texts = [p.text for p in prompts for _ in range(seeds)]
+    sampler = {"seed": phrasings.PHRASING_SEED, "steps": toy.DEFAULT_STEPS, "guidance": toy.DEFAULT_GUIDANCE}
+    before = generate_images(pipeline, texts, **sampler)
+    load_adapters(pipeline, adapters)
+    try:
+        after = generate_images(pipeline, texts, **sampler)
+    finally:
+        unload_adapters(pipeline)
+    rows = []
+    for k, prompt in enumerate(prompts):
+        pair = np.concatenate([before[k * seeds:(k + 1) * seeds], after[k * seeds:(k + 1) * seeds]])
+        rows.append((f"{prompt.family.split('/')[0]}: {prompt.text}", Image.fromarray(image_grid(pair, 2 * seeds, 3))))
+    canvas = labelled_strips(rows, ["base", f"{len(adapters)} shields stacked: " + ", ".join(targets)])
+    with atomic_write(path) as f:
+        canvas.save(f, format="PNG")
+
+
 def summary_line(result: dict) -> str:
     parts = []
     for group in GROUPS:
@@ -129,7 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bake", action="store_true", help="also measure all adapters baked into the weights")
     parser.add_argument("--images-per-prompt", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write the numbers as JSON here")
+    parser.add_argument("--picture", type=Path, help="write a picture of base vs all stacked here (PNG)")
     args = parser.parse_args(argv)
+    if args.picture:
+        picture(args.adapters, args.picture)
     result = run(args.adapters, singles=args.singles, merge_rank=args.merge_rank, bake=args.bake,
                  images_per_prompt=args.images_per_prompt)
     print(table(result))
