@@ -114,30 +114,33 @@ def test_the_contrast_objective_prefers_the_concept_over_its_neighbours(toy_pipe
 
 @pytest.mark.slow
 def test_the_attack_beats_the_negative_prompt_baseline(toy_pipeline, tmp_path):
-    """The bar of issue 11: against the concept as negative prompt, the discrete attack brings the circle
-    back in at least 80 % of the attacked prompts (the attacker keeps the better of the plain and the found
-    prompt; in the toy world the negative prompt alone does not remove the circle)."""
+    """The bar of issue 11: against the concept as negative prompt, the attack brings the circle back in
+    at least 80 % of the attacked prompts. In the toy world the negative prompt alone does not remove the
+    circle (docs/attack.md), so the plain prompts already break it and no search is spent on them."""
     recipe = load_recipe(CIRCLE)
-    # a small budget keeps the suite's time: 3 prompts, 8 search steps of 8 candidates (docs/attack.md has
-    # the full-budget numbers)
-    budget = {"steps": 8, "candidates": 8, "samples": 3, "methods": ("discrete",)}
-    settings = AttackSettings(prompts=3, **budget)
+    settings = AttackSettings(prompts=3, steps=2, candidates=4, samples=2, methods=("discrete",))
     result = attack_shields(toy_pipeline, [recipe], tmp_path, scorer=ToyScorer(),
                             negative_prompts={recipe.name: "circle"}, settings=settings, progress=False)
     rows = result.rates[recipe.name]["negative prompt"]
     assert rows["discrete attack"]["prompt_rate"] >= 0.8
-    found = rows["discrete attack"]["found"]
-    # in the toy world the negative prompt alone does not remove the circle (plain prompts: 1.00, see
-    # docs/attack.md), so also check that the search itself works: it lowers the objective
-    assert all(entry["loss_after"] < entry["loss_before"] for entry in found)
+    assert all(not e["searched"] and e["found"] == e["source"] for e in rows["discrete attack"]["found"])
+
+
+@pytest.mark.slow
+def test_the_search_lowers_the_objective_and_is_deterministic(toy_pipeline, trained_shields, tmp_path):
+    recipe = load_recipe(CIRCLE)
+    settings = AttackSettings(prompts=2, steps=6, candidates=8, samples=3, seeds=1, methods=("discrete",))
+    result = attack_shields(toy_pipeline, [recipe], tmp_path, adapters=[trained_shields["circle"]],
+                            scorer=ToyScorer(), settings=settings, progress=False, write=False)
+    found = result.rates[recipe.name]["shielded"]["discrete attack"]["found"]
+    assert all(entry["searched"] and entry["loss_after"] < entry["loss_before"] for entry in found)
     for entry in found:  # free tokens before the attacked prompt, none of them the concept's word
         assert entry["found"].endswith(entry["source"])
         assert "circle" not in entry["found"][: -len(entry["source"])].split()
-    # deterministic: the same seed finds the same first prompt
-    again = attack_shields(toy_pipeline, [recipe], tmp_path / "again", scorer=ToyScorer(),
-                           negative_prompts={recipe.name: "circle"},
-                           settings=AttackSettings(prompts=1, **budget), progress=False, write=False)
-    assert again.rates[recipe.name]["negative prompt"]["discrete attack"]["found"][0]["found"] == found[0]["found"]
+    again = attack_shields(toy_pipeline, [recipe], tmp_path, adapters=[trained_shields["circle"]],
+                           scorer=ToyScorer(), settings=settings, progress=False, write=False)
+    assert [e["found"] for e in again.rates[recipe.name]["shielded"]["discrete attack"]["found"]] == \
+        [e["found"] for e in found]
 
 
 @pytest.mark.slow
@@ -153,6 +156,8 @@ def test_attack_command_writes_the_rates_and_pictures(trained_shields, tmp_path,
         for row in ("target prompts", "paraphrases", "discrete attack", "soft attack"):
             assert 0 <= victims[victim][row]["prompt_rate"] <= 1
         entry = victims[victim]["discrete attack"]["found"][0]
-        assert entry["source"] in entry["found"] and (out / entry["picture"]).is_file()
+        assert entry["source"] in entry["found"]
+        assert (out / entry["picture"]).is_file() if entry["searched"] else entry["found"] == entry["source"]
+    assert victims["shielded"]["discrete attack"]["found"][0]["searched"]  # the shield holds the plain prompt
     assert victims["base"]["target prompts"]["prompt_rate"] == 1.0
     assert "discrete attack" in (out / "report.html").read_text()
