@@ -57,6 +57,18 @@ def test_an_adapter_for_another_base_is_refused_before_any_work(toy_pipeline, tm
     assert not (tmp_path / "out").exists()
 
 
+def test_too_many_free_tokens_are_refused_before_any_work(toy_pipeline, tmp_path, capsys, monkeypatch):
+    _no_work(monkeypatch)
+    shield = tmp_path / "shield.safetensors"
+    layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    write_adapter(shield, random_adapter(toy_pipeline.unet, [layer], 2, 2, 0, "toy-circle"))
+    code = main(["attack", "--recipe", str(CIRCLE), "--adapter", str(shield), "-o", str(tmp_path / "out"),
+                 "--free-tokens", "12"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.startswith("dt-lora attack: error: ") and "no room for 12 free tokens" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_budgets_are_refused(tmp_path, capsys):
     code = main(["attack", "--recipe", str(CIRCLE), "--adapter", "x.safetensors", "-o", str(tmp_path / "o"),
                  "--methods", "discrete,telepathy"])

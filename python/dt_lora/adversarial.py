@@ -34,9 +34,11 @@ def train_adversarial(recipe: Recipe, out: Path, work: Path, *, pipeline, train_
     `train_round(recipe, out, work_dir)` trains one recipe (train.train_adapter's single run); the final
     round writes `out`, whose recorded recipe lists every found prompt among its target prompts.
     """
-    from .attack import AttackSettings, find_prompts
+    from .attack import AttackSettings, check_inputs, find_prompts
 
     rounds = recipe.train.adversarial_rounds
+    settings = AttackSettings(prompts=recipe.train.adversarial_prompts, methods=("discrete",))
+    check_inputs(pipeline, [recipe], [], settings)  # a prompt too long to attack fails before any training
     work.mkdir(parents=True, exist_ok=True)
     current = recipe
     for r in range(rounds):
@@ -48,11 +50,10 @@ def train_adversarial(recipe: Recipe, out: Path, work: Path, *, pipeline, train_
                 train_round(current, adapter, work / f"round-{r}.work")
             if progress:
                 print(f"[dt-lora] adversarial round {r + 1}/{rounds}: attacking {recipe.name}")
-            settings = AttackSettings(prompts=recipe.train.adversarial_prompts, methods=("discrete",),
-                                      seed=ATTACK_SEED_OFFSET + r)
             # the recipe's own prompts are attacked, never found ones (a found prompt has no room left for
             # more free tokens, and attacking it twice would stack contexts nobody types)
-            found = find_prompts(pipeline, recipe, [adapter], settings)
+            found = find_prompts(pipeline, recipe, [adapter],
+                                 dataclasses.replace(settings, seed=ATTACK_SEED_OFFSET + r))
             with atomic_write(record, "w") as f:
                 json.dump({"round": r, "found": found}, f, indent=1)
         current = with_found_prompts(current, found)

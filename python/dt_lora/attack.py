@@ -116,8 +116,10 @@ ROWS = ("target prompts", "paraphrases", "discrete attack", "soft attack")
 # --- checks that run before any work -------------------------------------------------------------
 
 
-def check_inputs(base_pipeline, recipes: Sequence[Recipe], adapters: Sequence[Path]) -> None:
-    """One-line errors for what would otherwise fail late: no prompts to attack, a foreign adapter."""
+def check_inputs(base_pipeline, recipes: Sequence[Recipe], adapters: Sequence[Path],
+                 settings: AttackSettings | None = None) -> None:
+    """One-line errors for what would otherwise fail late: no prompts to attack, a foreign adapter, and
+    (with `settings`) an attacked prompt that leaves no room for the free tokens."""
     from .adapters import AdapterError, read_adapter
     from .base import unet_fingerprint
 
@@ -127,6 +129,9 @@ def check_inputs(base_pipeline, recipes: Sequence[Recipe], adapters: Sequence[Pa
         if not recipe.target_prompts:
             raise ValueError(f"recipe {recipe.name!r} has no target prompts (only target.image_folder); "
                              "the attack starts from the concept's prompts: add target.prompts or templates")
+        if settings is not None:
+            for prompt in _spread(recipe.target_prompts, settings.prompts):
+                _Prompt(base_pipeline.tokenizer, prompt, settings.free_tokens, settings.placement)
     if adapters:
         fingerprint = unet_fingerprint(base_pipeline.unet)
         for path in adapters:
@@ -506,7 +511,7 @@ def attack_shields(
         raise ValueError("give either adapters or a shielded (baked) pipeline, not both")
     if not adapters and shielded_pipeline is None and not negative_prompts:
         raise ValueError("nothing to attack: give adapters, a shielded pipeline or negative prompts")
-    check_inputs(base_pipeline, recipes, adapters)
+    check_inputs(base_pipeline, recipes, adapters, settings)
     negative_prompts = negative_prompts or {}
     steps = steps or recipes[0].sampling.steps
     guidance = guidance if guidance is not None else recipes[0].sampling.guidance

@@ -411,7 +411,7 @@ def run_eval(args: argparse.Namespace) -> int:
         from dt_lora.attack import AttackSettings, check_inputs
 
         attack = AttackSettings()
-        check_inputs(base, recipes, [p for p, _ in args.adapter])  # before anything is drawn
+        check_inputs(base, recipes, [p for p, _ in args.adapter], attack)  # before anything is drawn
     # the report is built under a temporary name and moved into place complete, marked as dt-lora's
     with atomic_directory(args.out, overwrite=args.overwrite) as folder:
         report = evaluate_shields(
@@ -504,7 +504,7 @@ def run_attack(args: argparse.Namespace) -> int:
         for recipe in recipes:
             scorer.concept(recipe)
     base = load_pipeline(args.base, allow_pickle=args.allow_pickle)
-    check_inputs(base, recipes, adapters)  # a foreign adapter fails before any image is drawn
+    check_inputs(base, recipes, adapters, settings)  # a foreign adapter fails before any image is drawn
     negative = {} if args.no_negative_prompt else {
         r.name: args.negative_prompt or default_negative_prompt(r) for r in recipes}
     with atomic_directory(args.out, overwrite=args.overwrite) as out:
