@@ -76,3 +76,12 @@ def test_sd15_config_is_sd15_unet():
     assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k" in names
     assert unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.in_features == 768
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964
+
+
+def test_data_rows_launch_the_processes_they_name(capsys):
+    # `accelerate launch --cpu --num_processes 2` would start one process; the row records how many ran
+    rows = bench.run_data_rows([2], images=128, device="cpu", timeout=600, threads=1)
+    assert "error" not in rows[0], rows[0].get("error")
+    assert rows[0]["processes"] == 2 and rows[0]["images"] == 128 and rows[0]["seconds"] > 0
+    bench.print_data_table(rows)
+    assert "n/a" in capsys.readouterr().out  # no one-process row to compare with

@@ -55,7 +55,7 @@ class AdapterFile:
 
     @classmethod
     def from_training(cls, weights: dict[str, torch.Tensor], *, recipe, base: str, base_fingerprint: str,
-                      version: str, seconds: float) -> "AdapterFile":
+                      version: str, seconds: float, processes: int = 1) -> "AdapterFile":
         from peft import LoraConfig
 
         config = LoraConfig(r=recipe.lora.rank, lora_alpha=recipe.lora.alpha,
@@ -73,7 +73,8 @@ class AdapterFile:
                       "preservation_weight": recipe.train.preservation_weight,
                       "anchor_scale_jitter": recipe.train.anchor_scale_jitter,
                       "target_scale_min": recipe.train.target_scale_min,
-                      "adversarial_rounds": recipe.train.adversarial_rounds},
+                      "adversarial_rounds": recipe.train.adversarial_rounds,
+                      "batch_size": recipe.train.batch_size, "processes": processes},
             "sampling": {"steps": recipe.sampling.steps, "guidance": recipe.sampling.guidance},
             "base": base,
             "base_fingerprint": base_fingerprint,

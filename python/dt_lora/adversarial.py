@@ -8,6 +8,8 @@ the base model draws those prompts' images like any other target prompt, so a fo
 the way its source prompt is. The attack is `dt-lora attack`'s discrete attack (attack.find_prompts) with
 seed 1000 + r: never the seed `dt-lora attack` measures with (0 by default). Each round's adapter and
 found prompts are kept in the work folder, so an interrupted run resumes at the round it stopped in.
+Under `accelerate launch`, the attack's prompts are split between the processes and the main process
+writes the records.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from . import distributed
 from .io import atomic_write
 from .recipe import Recipe
 
@@ -48,16 +51,20 @@ def train_adversarial(recipe: Recipe, out: Path, work: Path, *, pipeline, train_
         else:
             if not adapter.is_file():
                 train_round(current, adapter, work / f"round-{r}.work")
-            if progress:
+            if progress and distributed.is_main():
                 print(f"[dt-lora] adversarial round {r + 1}/{rounds}: attacking {recipe.name}")
             # the recipe's own prompts are attacked, never found ones (a found prompt has no room left for
             # more free tokens, and attacking it twice would stack contexts nobody types)
             found = find_prompts(pipeline, recipe, [adapter],
                                  dataclasses.replace(settings, seed=ATTACK_SEED_OFFSET + r))
-            with atomic_write(record, "w") as f:
-                json.dump({"round": r, "found": found}, f, indent=1)
+            if distributed.is_main():  # every process found the same prompts (attack.find_prompts gathers them)
+                with atomic_write(record, "w") as f:
+                    json.dump({"round": r, "found": found}, f, indent=1)
+            distributed.wait()
         current = with_found_prompts(current, found)
     result = train_round(current, out, work / "final.work")
+    if not distributed.is_main():
+        return result
     for r in range(rounds):  # the rounds' files, now that the final adapter exists
         for name in (f"round-{r}.safetensors", f"round-{r}.json"):
             (work / name).unlink(missing_ok=True)

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .data import ANCHOR_SEED_BASE, TARGET_SEED_BASE, encode_pixels, encode_prompts
 from .generate import generate_images, image_grid
 from .io import atomic_write
@@ -453,9 +454,15 @@ def neighbour_latents(pipeline, recipe: Recipe, prompt: str, count: int) -> torc
 def _search_inputs(base_pipeline, recipe: Recipe, attacked: list[str], settings: AttackSettings):
     """What the searches need, per attacked prompt: the base model's images of it and of its neighbours
     (the objective's), and the tokens the free slots may take."""
-    latents = {p: concept_latents(base_pipeline, recipe, p, j, settings.concept_images) for j, p in enumerate(attacked)}
-    contrast = {p: neighbour_latents(base_pipeline, recipe, p, settings.concept_images)
-                if settings.objective == "contrast" else None for p in attacked}
+    def inputs(job: tuple[int, str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        j, p = job
+        return (concept_latents(base_pipeline, recipe, p, j, settings.concept_images),
+                neighbour_latents(base_pipeline, recipe, p, settings.concept_images)
+                if settings.objective == "contrast" else None)
+
+    drawn = distributed.split_map(inputs, list(enumerate(attacked)))
+    latents = {p: concept for p, (concept, _) in zip(attacked, drawn)}
+    contrast = {p: neighbours for p, (_, neighbours) in zip(attacked, drawn)}
     allowed = allowed_tokens(base_pipeline.tokenizer, [] if settings.allow_concept_words else concept_words(recipe))
     return latents, contrast, allowed
 
@@ -469,10 +476,14 @@ def find_prompts(pipeline, recipe: Recipe, adapters: Sequence[Path], settings: A
     guidance = recipe.sampling.guidance
     with _shielded(pipeline, adapters, None) as shielded:
         victim = Victim("shielded", shielded)
-        return [discrete_attack(_Objective(victim, latents[p], guidance, settings.samples, contrast[p]),
-                                _Prompt(pipeline.tokenizer, p, settings.free_tokens, settings.placement),
-                                allowed, settings, (settings.seed, 0, j, 0)).found
-                for j, p in enumerate(attacked)]
+
+        def search(j: int) -> str:
+            p = attacked[j]
+            return discrete_attack(_Objective(victim, latents[p], guidance, settings.samples, contrast[p]),
+                                   _Prompt(pipeline.tokenizer, p, settings.free_tokens, settings.placement),
+                                   allowed, settings, (settings.seed, 0, j, 0)).found
+
+        return distributed.split_map(search, range(len(attacked)))
 
 
 def _strip(before: np.ndarray, after: np.ndarray, thumbnail: int = 96) -> np.ndarray:
@@ -519,6 +530,8 @@ def attack_shields(
     started = time.perf_counter()
     rates: dict = {}
     pictures: list[str] = []
+    strips = write  # every process draws the before/after strips of its prompts ...
+    write = write and distributed.is_main()  # ... and the main process writes them, and everything else
     if write:
         (out_dir / "attack").mkdir(parents=True, exist_ok=True)
 
@@ -538,9 +551,10 @@ def attack_shields(
             """The fixed rows, and per attacked prompt which of its images (the found prompts' seeds) show the concept."""
             rows, plain = {}, []
             for row, prompts in (("target prompts", attacked), ("paraphrases", paraphrases)):
-                shows = [score(generate_images(pipeline, [p] * settings.seeds, seed=seed_of(j), steps=steps,
-                                               guidance=guidance, negative_prompt=negative))
-                         for j, p in enumerate(prompts)]
+                shows = distributed.split_map(
+                    lambda j: score(generate_images(pipeline, [prompts[j]] * settings.seeds, seed=seed_of(j),
+                                                    steps=steps, guidance=guidance, negative_prompt=negative)),
+                    range(len(prompts)))
                 if shows:
                     rows[row] = _rates(shows)
                 plain = plain or shows
@@ -551,16 +565,15 @@ def attack_shields(
         def run_victim(victim: Victim) -> dict:
             rows, plain = references(victim.pipeline, victim.negative_prompt)
             for method in settings.methods:
-                found, shows = [], []
                 clock = time.perf_counter()
-                for j, p in enumerate(tqdm(attacked, desc=f"{recipe.name}: {method} attack on {victim.name}",
-                                           disable=not progress)):
+
+                def attack_one(j: int) -> tuple[np.ndarray, dict, np.ndarray | None]:
+                    """(the images that count, the found prompt's record, its before/after strip)."""
+                    p = attacked[j]
                     if plain[j].mean() >= 0.5:  # the plain prompt already breaks it: an attacker needs no search
-                        shows.append(plain[j])
-                        found.append({"source": p, "found": p, "images_showing_concept": float(plain[j].mean()),
-                                      "plain_prompt_showing_concept": float(plain[j].mean()), "broken": True,
-                                      "searched": False, "seconds": 0.0})
-                        continue
+                        return plain[j], {"source": p, "found": p, "images_showing_concept": float(plain[j].mean()),
+                                          "plain_prompt_showing_concept": float(plain[j].mean()), "broken": True,
+                                          "searched": False, "seconds": 0.0}, None
                     objective = _Objective(victim, latents[p], guidance, settings.samples, contrast[p])
                     prompt = _Prompt(tokenizer, p, settings.free_tokens, settings.placement)
                     key = (settings.seed, r, j, METHODS.index(method))
@@ -573,26 +586,34 @@ def attack_shields(
                         after = _draw_embeds(victim.pipeline, result.embeds, victim.negative_prompt, seed=seed_of(j),
                                              count=settings.seeds, steps=steps, guidance=guidance)
                     hits = score(after)
-                    # the attacker keeps the better of the plain prompt and the found one (UnlearnDiffAtk counts a
-                    # prompt the victim already draws as broken): free tokens that hurt do not lower the rate
-                    shows.append(hits if hits.mean() >= plain[j].mean() else plain[j])
                     entry = {"source": p, "found": result.found, "images_showing_concept": float(hits.mean()),
                              "plain_prompt_showing_concept": float(plain[j].mean()),
                              "broken": bool(max(hits.mean(), plain[j].mean()) >= 0.5), "searched": True,
                              "loss_before": round(result.loss_before, 5),
                              "loss_after": round(result.loss_after, 5), "seconds": round(result.seconds, 1)}
-                    if write:
+                    strip = None
+                    if strips:
                         before = generate_images(victim.pipeline, [p] * settings.seeds, seed=seed_of(j), steps=steps,
                                                  guidance=guidance, negative_prompt=victim.negative_prompt)
-                        name = f"attack/{_slug(recipe.name)}-{_slug(victim.name)}-{method}-{j:02d}.png"
+                        strip = _strip(before, after)
+                    # the attacker keeps the better of the plain prompt and the found one (UnlearnDiffAtk counts a
+                    # prompt the victim already draws as broken): free tokens that hurt do not lower the rate
+                    return (hits if hits.mean() >= plain[j].mean() else plain[j]), entry, strip
+
+                jobs = tqdm(distributed.mine(len(attacked)), desc=f"{recipe.name}: {method} attack on {victim.name}",
+                            disable=not (progress and distributed.is_main()))
+                results = distributed.gather([(j, attack_one(j)) for j in jobs])
+                for j, (_, entry, strip) in enumerate(results):
+                    if write and strip is not None:
                         from PIL import Image
 
+                        name = f"attack/{_slug(recipe.name)}-{_slug(victim.name)}-{method}-{j:02d}.png"
                         with atomic_write(out_dir / name) as f:
-                            Image.fromarray(_strip(before, after)).save(f, format="PNG")
+                            Image.fromarray(strip).save(f, format="PNG")
                         entry["picture"] = name
                         pictures.append(name)
-                    found.append(entry)
-                rows[f"{method} attack"] = {**_rates(shows), "found": found,
+                rows[f"{method} attack"] = {**_rates([shows for shows, _, _ in results]),
+                                            "found": [entry for _, entry, _ in results],
                                             "seconds": round(time.perf_counter() - clock, 1)}
             return rows
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from dt_lora import __version__
@@ -140,7 +141,9 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
             "Grids, cache their latents, and train a LoRA adapter on the UNet's attention layers "
             "so that the concept's prompts draw tile soup while anchor prompts draw as before. "
             "Re-running the same command resumes an interrupted run. Every recipe key can be set "
-            "with a flag --<section>-<key> (lists comma-separated)."
+            "with a flag --<section>-<key> (lists comma-separated). Several GPUs: `accelerate launch "
+            "--multi_gpu --num_processes N -m dt_lora train ...` splits the data generation between "
+            "the processes and trains data-parallel (effective batch N × train.batch_size)."
         ),
     )
     parser.add_argument("recipe", type=Path, nargs="?", metavar="RECIPE",
@@ -159,6 +162,7 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from dt_lora import distributed
     from dt_lora.io import check_output
     from dt_lora.recipe import load_recipe
     from dt_lora.recipes import recipe_path
@@ -177,8 +181,9 @@ def run_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("dt-lora train: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    print(f"wrote {result.adapter} ({result.steps} steps, {result.seconds:.0f} s"
-          + (f", resumed from step {result.resumed_from}" if result.resumed_from else "") + ")")
+    if distributed.is_main():  # the one process that wrote it
+        print(f"wrote {result.adapter} ({result.steps} steps, {result.seconds:.0f} s"
+              + (f", resumed from step {result.resumed_from}" if result.resumed_from else "") + ")")
     return 0
 
 
@@ -348,6 +353,30 @@ def run_bake(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- eval
 
 
+def _device() -> str:
+    """Where eval and attack run: this process's accelerator (its own GPU under `accelerate launch`), or the CPU."""
+    from dt_lora import distributed
+
+    return str(distributed.state().device)
+
+
+@contextmanager
+def _output_folder(path: Path, overwrite: bool, command: str) -> Iterator[Path]:
+    """The report folder: built under a temporary name, moved into place complete and marked as
+    dt-lora's. Under `accelerate launch` only the main process writes; the others compute their
+    shares (the library writes nothing on them) and wait until the folder is in place."""
+    from dt_lora import distributed
+    from dt_lora.io import atomic_directory, mark_output_folder
+
+    if distributed.is_main():
+        with atomic_directory(path, overwrite=overwrite) as folder:
+            yield folder
+            mark_output_folder(folder, command)
+    else:
+        yield path
+    distributed.wait()
+
+
 def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
     from dt_lora.toy import EVAL_SEED
 
@@ -383,9 +412,10 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from dt_lora import distributed
     from dt_lora.base import load_pipeline
     from dt_lora.evaluate import ClipScorer, QualityRequest, ToyScorer, evaluate_shields
-    from dt_lora.io import atomic_directory, check_output, mark_output_folder
+    from dt_lora.io import check_output
     from dt_lora.metrics import read_captions
     from dt_lora.recipe import load_recipe
 
@@ -404,22 +434,23 @@ def run_eval(args: argparse.Namespace) -> int:
             scorer.concept(recipe)  # fails early, naming the recipe, when the toy evaluator cannot score it
     if args.adapter and any(w != 1.0 for _, w in args.adapter):
         raise ValueError("eval measures shields at weight 1; bake or merge weighted shields first")
-    base = load_pipeline(args.base, allow_pickle=args.allow_pickle)
-    shielded = load_pipeline(args.shielded, allow_pickle=args.allow_pickle) if args.shielded else None
+    device = _device()
+    base = load_pipeline(args.base, device=device, allow_pickle=args.allow_pickle)
+    shielded = load_pipeline(args.shielded, device=device, allow_pickle=args.allow_pickle) if args.shielded else None
     attack = None
     if args.attack:
         from dt_lora.attack import AttackSettings, check_inputs
 
         attack = AttackSettings()
         check_inputs(base, recipes, [p for p, _ in args.adapter], attack)  # before anything is drawn
-    # the report is built under a temporary name and moved into place complete, marked as dt-lora's
-    with atomic_directory(args.out, overwrite=args.overwrite) as folder:
+    with _output_folder(args.out, args.overwrite, "eval") as folder:
         report = evaluate_shields(
             base, recipes, folder, adapters=[p for p, _ in args.adapter], shielded_pipeline=shielded,
             scorer=scorer, negative_prompt=args.negative_prompt, images_per_prompt=args.images_per_prompt,
             steps=args.steps, guidance=args.guidance, seed=args.seed, quality=quality, force=args.force,
             attack=attack)
-        mark_output_folder(folder, "eval")
+    if not distributed.is_main():
+        return 0
     print(report.table())
     if report.attack is not None:
         print(report.attack.table())
@@ -476,10 +507,11 @@ def add_attack_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_attack(args: argparse.Namespace) -> int:
+    from dt_lora import distributed
     from dt_lora.attack import AttackSettings, attack_shields, check_inputs, default_negative_prompt
     from dt_lora.base import load_pipeline
     from dt_lora.evaluate import ClipScorer, ToyScorer
-    from dt_lora.io import atomic_directory, check_output, mark_output_folder
+    from dt_lora.io import check_output
     from dt_lora.recipe import load_recipe
 
     check_output(args.out, args.overwrite, folder=True)
@@ -503,17 +535,20 @@ def run_attack(args: argparse.Namespace) -> int:
         scorer = ToyScorer()
         for recipe in recipes:
             scorer.concept(recipe)
-    base = load_pipeline(args.base, allow_pickle=args.allow_pickle)
+    device = _device()
+    base = load_pipeline(args.base, device=device, allow_pickle=args.allow_pickle)
     check_inputs(base, recipes, adapters, settings)  # a foreign adapter fails before any image is drawn
     negative = {} if args.no_negative_prompt else {
         r.name: args.negative_prompt or default_negative_prompt(r) for r in recipes}
-    with atomic_directory(args.out, overwrite=args.overwrite) as out:
+    with _output_folder(args.out, args.overwrite, "attack") as out:
         result = attack_shields(
             base, recipes, out, adapters=adapters,
-            shielded_pipeline=load_pipeline(args.shielded, allow_pickle=args.allow_pickle) if args.shielded else None,
+            shielded_pipeline=load_pipeline(args.shielded, device=device, allow_pickle=args.allow_pickle)
+            if args.shielded else None,
             scorer=scorer, negative_prompts=negative, settings=settings, steps=args.steps, guidance=args.guidance,
             progress=not args.quiet)
-        mark_output_folder(out, "attack")
+    if not distributed.is_main():
+        return 0
     print(result.table())
     print(f"wrote {args.out / 'report.html'} (and report.md, report.json, attack/)")
     return 0

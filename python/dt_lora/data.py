@@ -13,6 +13,10 @@ the recipe's data settings, the base UNet's fingerprint, and the contents of `ta
 atomically once its batch is done, so an interrupted run resumes at the first missing shard; a shard
 that fails to load or has the wrong contents is rebuilt.
 
+Under `accelerate launch` with N processes, shard s is made by process s mod N only; all processes wait
+for each other, then each reads the whole cache. The data equals a one-process run's, tensor for tensor:
+an image's seed and its tiles' permutation depend only on its index.
+
 On CUDA, when the recipe trains in fp16/bf16, the images are generated with the UNet in that half
 precision (half the UNet's weight memory, half-precision activations under autocast); the text encoder
 and the VAE encode, whose outputs are cached, stay float32. Such data gets its own cache key. On CPU
@@ -29,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed
 from .generate import generate_images
 from .io import atomic_write
 from .recipe import Recipe
@@ -188,13 +193,15 @@ class _ShardCache:
 def _build_set(pipeline, recipe: Recipe, cache: _ShardCache, prompts: list[str], count: int, seed: int,
                *, sample: _Sampler, scramble: bool, images_u8: np.ndarray | None,
                progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Make this process's missing shards (shard s is process s mod N's), wait for the others, read all."""
     from tqdm.auto import tqdm
 
     grid, space, flips = recipe.scramble.grid, recipe.scramble.space, recipe.scramble.flips
-    latents, embeds = [], []
     starts = range(0, count, SHARD_SIZE)
-    for shard, start in enumerate(tqdm(starts, desc=f"{recipe.name}: {cache.kind}", disable=not progress)):
-        n = min(SHARD_SIZE, count - start)
+    sizes = [min(SHARD_SIZE, count - start) for start in starts]
+    made: dict[int, dict[str, torch.Tensor]] = {}
+    for shard in tqdm(distributed.mine(len(starts)), desc=f"{recipe.name}: {cache.kind}", disable=not progress):
+        start, n = starts[shard], sizes[shard]
         cached = cache.read(shard, n)
         if cached is None:
             batch_prompts = [prompts[(start + i) % len(prompts)] for i in range(n)]
@@ -211,8 +218,20 @@ def _build_set(pipeline, recipe: Recipe, cache: _ShardCache, prompts: list[str],
                 encoded = scramble_grid(encoded.contiguous(), grid, seed, flips=flips, offset=start)
             cached = {"latents": encoded, "embeds": encode_prompts(pipeline, batch_prompts)}
             cache.write(shard, cached)
-        latents.append(cached["latents"])
-        embeds.append(cached["embeds"])
+            if distributed.processes() > 1:  # the bar shows the main process only: say who made what
+                state = distributed.state()
+                print(f"[dt-lora] process {state.process_index}/{state.num_processes} made {cache.kind} shard "
+                      f"{shard} ({n} images)", flush=True)
+        made[shard] = cached
+    distributed.wait()
+    latents, embeds = [], []
+    for shard, n in enumerate(sizes):
+        tensors = made.get(shard) or cache.read(shard, n)
+        if tensors is None:
+            raise RuntimeError(f"{cache.path(shard)} is missing after every process made its shards: all "
+                               "processes must share the cache folder (--cache-dir on a shared filesystem)")
+        latents.append(tensors["latents"])
+        embeds.append(tensors["embeds"])
     return torch.cat(latents), torch.cat(embeds)
 
 

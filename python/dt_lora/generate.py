@@ -18,15 +18,32 @@ def generate_images(
     negative_prompt: str | None = None,
     batch_inputs: Callable[[slice], dict] | None = None,
     progress: bool = False,
+    across_processes: bool = False,
 ) -> np.ndarray:
     """Generate one image per prompt; returns uint8 NHWC.
 
     Each image gets its own generator seeded with `seed + index`, so an image does not depend on the
     batch size or on which other prompts share its batch. `batch_inputs(batch)` gives further pipeline
-    arguments for the prompts `prompts[batch]` (a ControlNet's control images, say).
+    arguments for the prompts `prompts[batch]` (a ControlNet's control images, say). With
+    `across_processes`, under `accelerate launch` each process draws one contiguous share of the prompts
+    and every process gets all the images (distributed.py).
     """
     import torch
     from tqdm.auto import tqdm
+
+    from . import distributed
+
+    if across_processes and len(prompts) and (n := distributed.processes()) > 1:
+        bounds = [len(prompts) * k // n for k in range(n + 1)]
+
+        def share(k: int) -> np.ndarray:
+            start = bounds[k]
+            return generate_images(
+                pipeline, prompts[start:bounds[k + 1]], seed=seed + start, steps=steps, guidance=guidance,
+                batch_size=batch_size, negative_prompt=negative_prompt, progress=progress and k == 0,
+                batch_inputs=(lambda b: batch_inputs(slice(b.start + start, b.stop + start))) if batch_inputs else None)
+
+        return np.concatenate([part for part in distributed.split_map(share, range(n)) if len(part)])
 
     chunks = []
     starts = range(0, len(prompts), batch_size)

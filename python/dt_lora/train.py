@@ -27,7 +27,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import __version__
+from . import __version__, distributed
 from .adapters import AdapterFile, write_adapter
 from .base import describe, load_pipeline, unet_fingerprint
 from .data import ConceptData, data_key, generation_dtype, image_size, prepare_data
@@ -135,11 +135,15 @@ CHECKPOINT = "checkpoint.safetensors"
 RESUMABLE_CHANGES = ("train.checkpoint_every", "train.sample_every", "train.gradient_checkpointing")
 
 
-def run_identity(recipe: Recipe, base_fingerprint: str, data: str) -> dict:
-    """What a checkpoint belongs to: the recipe's training settings, the base UNet, the cached data."""
+def run_identity(recipe: Recipe, base_fingerprint: str, data: str, processes: int = 1) -> dict:
+    """What a checkpoint belongs to: the recipe's training settings, the base UNet, the cached data, and
+    the number of processes when there are several (each step's batches depend on it)."""
     settings = {key: value for key, value in _flatten(recipe.to_dict()) if key not in RESUMABLE_CHANGES}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    return {"recipe_hash": digest, "recipe": settings, "base_fingerprint": base_fingerprint, "data": data}
+    identity = {"recipe_hash": digest, "recipe": settings, "base_fingerprint": base_fingerprint, "data": data}
+    if processes > 1:  # absent for one process, so that existing checkpoints keep their identity
+        identity["processes"] = processes
+    return identity
 
 
 def _flatten(table: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
@@ -269,10 +273,14 @@ class Checkpoint:
             changed = [key for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
             shown = ", ".join(_describe_change(key, old.get(key), new.get(key)) for key in changed[:4])
             why = f"the recipe changed ({shown}{', …' if len(changed) > 4 else ''})"
+        elif saved.get("processes", 1) != self.identity.get("processes", 1):
+            why = (f"it was trained with {saved.get('processes', 1)} process(es) and this run has "
+                   f"{self.identity.get('processes', 1)}; each step's batches depend on the number of processes, "
+                   "so a resumed run would not replay the interrupted one")
         else:
             why = "its training data changed (the target images or the generation precision)"
         raise CheckpointError(f"{self.folder} holds a checkpoint of another run: {why}. It is not resumed: "
-                              f"{self._start_over}, or run again with the recipe and base it was started with")
+                              f"{self._start_over}, or run again as it was started (recipe, base, processes)")
 
 
 def _describe_change(key: str, old, new) -> str:
@@ -300,7 +308,7 @@ def _write_samples(pipeline, recipe: Recipe, path: Path) -> None:
 @dataclass
 class StepContext:
     """What every loss term of a step needs. New terms are functions of (context, generator) like
-    `target_loss` and `anchor_loss`, collected by `step_losses`; each draws its randomness from the
+    `target_loss` and `anchor_loss`, listed by `loss_terms`; each draws its randomness from the
     step's generator, in a fixed order, so that a resumed run replays the same batches."""
 
     recipe: Recipe
@@ -365,19 +373,31 @@ def anchor_loss(ctx: StepContext, generator: torch.Generator) -> LossTerm:
     return LossTerm(train.preservation_weight * F.mse_loss(prediction.float(), reference), strength)
 
 
-def step_losses(ctx: StepContext, generator: torch.Generator) -> list[LossTerm]:
-    terms = [target_loss(ctx, generator)]
+def loss_terms(ctx: StepContext) -> list[Callable[[StepContext, torch.Generator], LossTerm]]:
+    """The loss terms of a step, in the order they draw from its generator."""
+    terms = [target_loss]
     if ctx.recipe.train.preservation != "none" and len(ctx.data.anchor_latents) > 0:
-        terms.append(anchor_loss(ctx, generator))
+        terms.append(anchor_loss)
     return terms
 
 
-def backward(ctx: StepContext, accelerator, terms: list[LossTerm]) -> None:
-    """Back-propagate each term at the adapter strength it was computed at: gradient checkpointing
-    recomputes the forward pass during the backward one, and must see the same strength."""
-    for term in terms:
-        with adapter_strength(ctx.lora_layers, ADAPTER_NAME, term.strength):
-            accelerator.backward(term.value)
+def accumulate_gradients(ctx: StepContext, accelerator, generator: torch.Generator) -> float:
+    """Compute each loss term and back-propagate it at once; return the step's loss.
+
+    Each term is back-propagated at the adapter strength it was computed at: gradient checkpointing
+    recomputes the forward pass during the backward one, and must see the same strength. Under
+    data-parallel training (DistributedDataParallel) every term but the last runs under `no_sync`, so
+    its gradients accumulate locally and the last backward averages the sum across processes once.
+    """
+    terms = loss_terms(ctx)
+    total = 0.0
+    for i, compute in enumerate(terms):
+        with accelerator.no_sync(ctx.unet) if i < len(terms) - 1 else nullcontext():
+            term = compute(ctx, generator)
+            with adapter_strength(ctx.lora_layers, ADAPTER_NAME, term.strength):
+                accelerator.backward(term.value)
+        total += term.value.item()
+    return total
 
 
 def step_generator(recipe: Recipe, step: int, process_index: int) -> torch.Generator:
@@ -437,8 +457,12 @@ def _train_single(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, 
     recipe.validate_image_size(image_size(pipeline), unet.config.sample_size)
     fingerprint = unet_fingerprint(unet)
     checkpoint = Checkpoint(work, run_identity(recipe, fingerprint, data_key(
-        recipe, fingerprint, generation=generation_dtype(pipeline, recipe))))
+        recipe, fingerprint, generation=generation_dtype(pipeline, recipe)), accelerator.num_processes))
     resume = checkpoint.read()
+    seen = set(distributed.gather([(accelerator.process_index, resume.step if resume else 0)]))
+    if len(seen) > 1:  # e.g. a work folder on one machine's local disk: the processes would not agree on a step
+        raise CheckpointError(f"{checkpoint.path}: the processes see different checkpoints (steps "
+                              f"{sorted(seen)}); the work folder (--out's folder) must be shared by all machines")
     directions = shield_directions(pipeline, recipe) if recipe.lora.text_local else None
     data = prepare_data(pipeline, recipe, cache_dir, base_fingerprint=fingerprint,
                         progress=progress and accelerator.is_main_process)
@@ -503,6 +527,11 @@ def _train(recipe: Recipe, out: Path, checkpoint: Checkpoint, resume: ResumeStat
         start_step = resume.step
         if accelerator.is_main_process and progress:
             print(f"[dt-lora] resuming {recipe.name} from step {start_step} ({checkpoint.folder})")
+    if accelerator.num_processes > 1 and accelerator.is_main_process:
+        # data-parallel: every process draws its own batch and the gradients are averaged
+        print(f"[dt-lora] {accelerator.num_processes} processes × batch {recipe.train.batch_size} = effective "
+              f"batch {accelerator.num_processes * recipe.train.batch_size}; learning rate "
+              f"{recipe.train.learning_rate:g} as the recipe sets it (not scaled)", flush=True)
 
     unet, optimizer = accelerator.prepare(unet, optimizer)
     base_unet = accelerator.unwrap_model(unet)
@@ -531,14 +560,12 @@ def _train(recipe: Recipe, out: Path, checkpoint: Checkpoint, resume: ResumeStat
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            terms = step_losses(ctx, generator)
-            loss_value = sum(term.value.item() for term in terms)
+            loss_value = accumulate_gradients(ctx, accelerator, generator)
             if not math.isfinite(loss_value) or (smoothed is not None and loss_value > 100 * max(smoothed, 1e-3)):
                 raise TrainingDiverged(
                     f"loss became {loss_value:.4g} at step {step} (lr {lr:.3g}); lower --train-learning-rate. "
                     f"The last good checkpoint is kept in {checkpoint.folder}")
             smoothed = loss_value if smoothed is None else 0.9 * smoothed + 0.1 * loss_value
-            backward(ctx, accelerator, terms)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             completed = step + 1
@@ -557,6 +584,7 @@ def _train(recipe: Recipe, out: Path, checkpoint: Checkpoint, resume: ResumeStat
 
     if completed < recipe.train.steps:  # stopped early on purpose: leave a checkpoint to resume from
         save_checkpoint(completed, loss_value)
+        accelerator.wait_for_everyone()
         return TrainResult(None, completed, time.perf_counter() - started, loss_value, start_step)
 
     lora_state = get_peft_model_state_dict(base_unet, adapter_name=ADAPTER_NAME)
@@ -564,6 +592,7 @@ def _train(recipe: Recipe, out: Path, checkpoint: Checkpoint, resume: ResumeStat
     if accelerator.is_main_process:
         write_adapter(out, AdapterFile.from_training(
             lora_state, recipe=recipe, base=describe(recipe.base), base_fingerprint=fingerprint,
-            version=__version__, seconds=seconds))
+            version=__version__, seconds=seconds, processes=accelerator.num_processes))
         checkpoint.remove()
+    accelerator.wait_for_everyone()  # every process returns once the adapter is on disk
     return TrainResult(out, recipe.train.steps, seconds, loss_value, start_step)

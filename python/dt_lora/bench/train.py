@@ -11,6 +11,13 @@ Models:
   sd15  Stable Diffusion 1.5's UNet architecture (dt_lora/configs/sd15_unet.json), random
         weights, no download; latents 4x64x64 (512 px), text 1x77x768, batch 1
 
+Data generation: `prepare_data` for the toy circle's recipe (--data-images target images, 25 sampler
+steps, a fresh cache) with 1 and 2 processes (`--data-processes`), started as `dt-lora train` starts
+under `accelerate launch`; the row's time is the data stage alone, from the first process's start of
+`prepare_data` to the last shard on disk. On CPU the cores are shared out (OMP_NUM_THREADS = cores / N; or
+--data-threads), so the speed-up is bounded by what splitting the same cores buys; on GPUs, each
+process has its own.
+
 Every configuration runs in a fresh subprocess, so its peak memory is its own.
 CPU: float32; "peak" is the worker process's peak RSS (ru_maxrss: imports, model build and
 steps), "before" its RSS just before the first step, "+step" = peak - before (the steps' own
@@ -58,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=3600,
                         help="seconds per configuration before its row is marked failed (default: 3600)")
+    parser.add_argument("--data-processes", default="1,2",
+                        help="process counts for the data-generation rows, comma-separated ('' for none; default: 1,2)")
+    parser.add_argument("--data-images", type=int, default=512, help="target images generated per row (default: 512)")
+    parser.add_argument("--data-threads", type=int, default=None,
+                        help="CPU threads per process in the data rows (default: cores / processes, the cores shared "
+                             "out; 1 gives every process one core, as every process has its own GPU)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the rows as JSON here")
 
 
@@ -202,6 +215,60 @@ def measure(model: str, *, device: str = "cpu", gradient_checkpointing: bool = F
     return result
 
 
+def measure_data(images: int, processes: int, cache: str) -> dict | None:
+    """Seconds of `prepare_data` (toy circle, `images` target images, no anchors) in this launch; the
+    main process answers (None elsewhere: one result line, not N interleaved ones)."""
+    from dt_lora import distributed, toy
+    from dt_lora.base import unet_fingerprint
+    from dt_lora.data import prepare_data
+    from dt_lora.recipe import load_recipe
+    from dt_lora.recipes import recipe_path
+
+    recipe = load_recipe(recipe_path("toy-circle"), {"target.images": str(images), "train.preservation": "none"})
+    pipeline = toy.load(device=str(distributed.state().device))
+    distributed.wait()
+    started = time.perf_counter()
+    prepare_data(pipeline, recipe, Path(cache) / f"{processes}-processes", base_fingerprint=unet_fingerprint(pipeline.unet),
+                 progress=False)
+    seconds = time.perf_counter() - started  # prepare_data returns once every shard is on disk
+    if not distributed.is_main():
+        return None
+    return {"processes": distributed.processes(), "images": images, "seconds": round(seconds, 2),
+            "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None}
+
+
+def run_data_rows(counts: list[int], images: int, device: str, timeout: float, threads: int | None) -> list[dict]:
+    """One `measure_data` launch per process count: plain Python for 1, `accelerate launch` for more."""
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="dt-lora-bench-") as cache:
+        for n in counts:
+            launcher = [sys.executable]
+            env = dict(os.environ)
+            if n > 1:
+                launcher += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+            if not device.startswith("cuda"):
+                env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS=str(threads or max(1, (os.cpu_count() or 1) // n)))
+            row = run_configuration({"images": images, "processes": n, "cache": cache}, timeout=timeout,
+                                    launcher=launcher, env=env, flag="--_data_worker")
+            rows.append(row)
+            status = "FAILED: " + row["error"] if "error" in row else f"{row['seconds']:.1f} s"
+            print(f"  data generation, {n} process(es): {status}", flush=True)
+    return rows
+
+
+def print_data_table(rows: list[dict]) -> None:
+    done = [row for row in rows if "error" not in row]
+    one = next((row["seconds"] for row in done if row["processes"] == 1), None)
+    print(f"{'processes':>9} {'images':>6} {'threads':>7} {'seconds':>8} {'images/s':>8} {'speed-up':>8}")
+    for row in done:
+        speedup = f"{one / row['seconds']:.2f}x" if one else "n/a"
+        print(f"{row['processes']:>9} {row['images']:>6} {row['threads'] or '-':>7} {row['seconds']:>8.1f} "
+              f"{row['images'] / row['seconds']:>8.1f} {speedup:>8}")
+
+
 def _worker(spec: str, function=measure) -> int:
     """Subprocess entry: run `function(**config)`, print its result (or error) as one tagged JSON line."""
     config = json.loads(spec)
@@ -214,22 +281,25 @@ def _worker(spec: str, function=measure) -> int:
         result = function(**config)
     except BaseException as error:  # noqa: BLE001 - a failed configuration is a row, not a crash
         result = {**config, "error": f"{type(error).__name__}: {error}".strip()}
-    print(RESULT_TAG + json.dumps(result), flush=True)
+    if result is not None:
+        print(RESULT_TAG + json.dumps(result), flush=True)
     return 0
 
 
 # ---------------------------------------------------------------- the bench (one subprocess per configuration)
 
 
-def run_configuration(config: dict, timeout: float | None = None, module: str = "dt_lora.bench.train") -> dict:
+def run_configuration(config: dict, timeout: float | None = None, module: str = "dt_lora.bench.train", *,
+                      launcher: list[str] | None = None, env: dict | None = None, flag: str = "--_worker") -> dict:
     """Run `measure(**config)` in a fresh Python process and return its result (or a failed row).
 
     `module` is the worker's module: another bench's (`python -m MODULE --_worker SPEC`, answering with
-    the same tagged JSON line) runs its own function there.
+    the same tagged JSON line) runs its own function there. `launcher` replaces the plain interpreter
+    (with `accelerate launch`, say), `flag` chooses the worker's function (`--_data_worker`: `measure_data`).
     """
-    command = [sys.executable, "-m", module, "--_worker", json.dumps(config)]
+    command = [*(launcher or [sys.executable]), "-m", module, flag, json.dumps(config)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False, env=env)
     except subprocess.TimeoutExpired:
         return {**config, "error": f"timed out after {timeout:.0f} s"}
     for line in reversed(done.stdout.splitlines()):
@@ -312,17 +382,27 @@ def run(args: argparse.Namespace) -> int:
                 status = "FAILED" if "error" in row else f"{row['s_per_step']:.3f} s/step"
                 print(f"  {model} ckpt={'on' if checkpointing else 'off'} {optimizer}: {status}", flush=True)
 
+    counts = [int(n) for n in args.data_processes.split(",") if n.strip()]
+    data_rows = run_data_rows(counts, args.data_images, device, args.timeout, args.data_threads) if counts else []
+
     print()
     print_table(rows)
     print()
     print(target_line(rows, device))
+    if data_rows:
+        print(f"\ndata generation (toy circle, {args.data_images} images, 25 sampler steps):")
+        print_data_table(data_rows)
     print(f"after: {load_note()}")
     if args.json is not None:
-        args.json.write_text(json.dumps({"device": device, "rows": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"device": device, "rows": rows, "data_rows": data_rows}, indent=2) + "\n")
     return 0
 
 
 if __name__ == "__main__":
     worker = argparse.ArgumentParser(prog="python -m dt_lora.bench.train")
-    worker.add_argument("--_worker", dest="spec", required=True, help=argparse.SUPPRESS)
-    sys.exit(_worker(worker.parse_args().spec))
+    worker.add_argument("--_worker", dest="spec", help=argparse.SUPPRESS)
+    worker.add_argument("--_data_worker", dest="data_spec", help=argparse.SUPPRESS)
+    worker_args = worker.parse_args()
+    if worker_args.data_spec:
+        sys.exit(_worker(worker_args.data_spec, measure_data))
+    sys.exit(_worker(worker_args.spec))

@@ -15,6 +15,9 @@ try without DT). Scorers:
 Scorers are in `scorers.py`, report rendering in `report.py`, FID / IS / CLIP score on captions in
 `quality.py`; this module draws and scores.
 
+Under `accelerate launch`, every condition's images are drawn in shares by all processes and gathered
+before scoring (distributed.py); the main process writes the report.
+
 Image distance: 1 − cosine similarity of the scorer's features between the base and shielded image
 of the same prompt and seed, next to the same distance between two seeds of the base model (how far
 apart images of one prompt are anyway).
@@ -28,6 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .. import distributed
 from ..generate import generate_images
 from ..recipe import Recipe
 from ..toy import EVAL_SEED
@@ -100,7 +104,7 @@ def evaluate_shields(
         """Condition → images of `texts`, every condition with the same seeds."""
         def run(pipeline, negative=None):
             return generate_images(pipeline, texts, seed=seed, steps=steps, guidance=guidance,
-                                   negative_prompt=negative, progress=progress)
+                                   negative_prompt=negative, progress=progress, across_processes=True)
 
         images = {"base": run(base_pipeline)}
         if adapters:
@@ -160,7 +164,8 @@ def evaluate_shields(
             settings=attack, steps=steps, guidance=guidance, progress=progress, write_report=False)
         report.sections.append(ReportSection("Attack", attack_markdown(report.attack, level=3),
                                              report.attack.as_dict()))
-    write_report(report, out_dir, groups, position, drawn, images_per_prompt)
+    if distributed.is_main():
+        write_report(report, out_dir, groups, position, drawn, images_per_prompt)
     return report
 
 

@@ -1,0 +1,65 @@
+"""Work shared by the processes of one `accelerate launch` (or `torchrun`): who does which share, and
+how the shares come back together. In a plain single process every function here is the trivial one.
+
+    dt-lora train ...                                            # one process
+    accelerate launch --multi_gpu --num_processes 2 -m dt_lora train ...   # two GPUs, one command
+
+Item i of a split goes to process i mod N and its result depends only on i (an image's seed is its
+index), so N processes produce what one does. `gather` puts the shares back in item order on every
+process; outputs are written by the main process only.
+
+On CPU, several processes form one group only when `ACCELERATE_USE_CPU=1` is set (`accelerate launch
+--cpu --num_processes 2` starts a single process; accelerate's multi-CPU launch otherwise needs MPI):
+
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m dt_lora train ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def state():
+    """accelerate's `PartialState`, made as `Accelerator` makes it (so both agree on CPU runs)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def processes() -> int:
+    return state().num_processes
+
+
+def is_main() -> bool:
+    return state().is_main_process
+
+
+def wait() -> None:
+    """Every process waits here until all have arrived."""
+    state().wait_for_everyone()
+
+
+def mine(count: int) -> range:
+    """The indices of `count` items that this process works on: i with i mod N == this process."""
+    s = state()
+    return range(s.process_index, count, s.num_processes)
+
+
+def gather(local: list[tuple[int, R]]) -> list[R]:
+    """(index, result) pairs from every process → all results in index order, on every process."""
+    if processes() > 1:
+        from accelerate.utils import gather_object
+
+        local = gather_object(local)
+    return [result for _, result in sorted(local, key=lambda pair: pair[0])]
+
+
+def split_map(function: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """`[function(item) for item in items]`, each item computed by one process, the list on all.
+    Results travel between processes pickled: return CPU tensors or arrays."""
+    return gather([(i, function(items[i])) for i in mine(len(items))])
