@@ -75,3 +75,30 @@ def test_a_text_local_shield_moves_only_its_concepts_prompts(tmp_path):
 
     others = ["a green star", "something purple", "a big yellow cross with a dark background", ""]
     assert response(recipe.target.paraphrases) > 100 * response(others)
+
+
+def test_prompt_contexts_put_each_target_image_s_prompt_in_random_words(tmp_path):
+    from dt_lora.locality import prompts_in_context, shield_directions
+
+    pipeline = toy.load()
+    recipe = load_recipe(ADAPTERS / "toy-circle.toml", {
+        "target.images": "8", "anchors.images": "8", "train.steps": "4", "train.batch_size": "4",
+        "sampling.steps": "4", "train.prompt_contexts": "2"})
+    prompts = prompts_in_context(recipe, pipeline.tokenizer)
+    assert prompts == prompts_in_context(recipe, pipeline.tokenizer) and len(prompts) == 16  # 2 copies × 8 images
+    before = after = 0
+    for j, prompt in enumerate(prompts):
+        own = recipe.target_prompts[j % 8]  # copy c of image i is item c·8 + i
+        assert own in prompt and prompt != own
+        context = prompt.replace(own, " ").split()
+        assert not set(context) & concept_words(recipe.target_prompts, recipe.anchor_prompts)
+        before += prompt.endswith(own)
+        after += prompt.startswith(own)
+    assert before and after
+    plain = load_recipe(ADAPTERS / "toy-circle.toml", {"target.images": "8"})
+    assert not torch.allclose(shield_directions(pipeline, recipe), shield_directions(pipeline, plain))
+    result = train_adapter(recipe, tmp_path / "c.safetensors", cache_dir=tmp_path / "cache", pipeline=pipeline,
+                           progress=False)
+    assert read_adapter(result.adapter).concepts[0]["train"]["prompt_contexts"] == 2
+    with pytest.raises(RecipeError, match="train.prompt_contexts"):
+        load_recipe(ADAPTERS / "toy-circle.toml", {"train.prompt_contexts": "-1"})

@@ -74,6 +74,7 @@ class AdapterFile:
                       "anchor_scale_jitter": recipe.train.anchor_scale_jitter,
                       "target_scale_min": recipe.train.target_scale_min,
                       "adversarial_rounds": recipe.train.adversarial_rounds,
+                      "prompt_contexts": recipe.train.prompt_contexts,
                       "batch_size": recipe.train.batch_size, "processes": processes},
             "sampling": {"steps": recipe.sampling.steps, "guidance": recipe.sampling.guidance},
             "base": base,

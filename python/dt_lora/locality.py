@@ -21,6 +21,8 @@ import torch
 
 GENERIC_PROMPTS = 2000  # random word sequences in the retained set
 GENERIC_SEED = 0
+CONTEXT_SEED = 1  # the contexts of `train.prompt_contexts`: other words than the retained set's
+CONTEXT_WORDS = 6  # at most, so that a toy prompt (≤ 6 words) and its context fit the 16-token encoder
 
 
 def concept_words(target_prompts: list[str], anchor_prompts: list[str]) -> set[str]:
@@ -39,6 +41,25 @@ def generic_prompts(tokenizer, exclude: set[str], count: int = GENERIC_PROMPTS, 
         return []
     rng = random.Random(seed)
     return [" ".join(rng.choice(words) for _ in range(rng.randint(1, 8))) for _ in range(count)]
+
+
+def prompts_in_context(recipe, tokenizer) -> list[str]:
+    """`train.prompt_contexts` copies of every target image's prompt, each in a random context: 1–6 words
+    of the vocabulary (none of the concept's) before the prompt, seven times in ten, or after it. Copy c
+    of image i is item c·N + i (N images; image i has prompt i mod P, as `data.prepare_data` draws them)."""
+    prompts, images = recipe.target_prompts, recipe.target.images
+    count = recipe.train.prompt_contexts * images
+    exclude = concept_words(prompts, recipe.anchor_prompts)
+    contexts = generic_prompts(tokenizer, exclude, count=count, seed=CONTEXT_SEED)
+    if not contexts:
+        return [prompts[j % images % len(prompts)] for j in range(count)]
+    rng = random.Random(CONTEXT_SEED)
+    out = []
+    for j, words in enumerate(contexts):
+        prompt = prompts[j % images % len(prompts)]
+        context = " ".join(words.split()[:rng.randint(1, CONTEXT_WORDS)])
+        out.append(f"{context} {prompt}" if rng.random() < 0.7 else f"{prompt} {context}")
+    return out
 
 
 def second_moment(embeddings: torch.Tensor) -> torch.Tensor:
@@ -77,6 +98,7 @@ def shield_directions(pipeline, recipe) -> torch.Tensor:
                           "shield listens to); give target.prompts or templates, or set lora.text_local = false")
     exclude = concept_words(recipe.target_prompts, recipe.anchor_prompts)
     retained = recipe.anchor_prompts + [""] + generic_prompts(pipeline.tokenizer, exclude)
-    directions, _ = text_local_directions(encode_prompts(pipeline, recipe.target_prompts),
+    targets = recipe.target_prompts + prompts_in_context(recipe, pipeline.tokenizer)
+    directions, _ = text_local_directions(encode_prompts(pipeline, targets),
                                           encode_prompts(pipeline, retained), recipe.lora.rank)
     return directions

@@ -116,6 +116,11 @@ class TrainConfig:
     # prompts found to the target prompts, and train again; `adversarial_rounds` times. 0: off.
     adversarial_rounds: int = 0
     adversarial_prompts: int = 10
+    # Each target image is also trained with `prompt_contexts` copies of its prompt in a random context:
+    # 1–6 words of the tokenizer's vocabulary (none of the concept's) before it, or after it. Attack
+    # prompts are exactly that (free tokens before the prompt); so are phrasings nobody listed. With a
+    # text-local shield, the directions are computed on these prompts too (locality.py). 0: off.
+    prompt_contexts: int = 0
     optimizer: str = "adamw8bit"  # "adamw8bit" | "adamw"
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
     gradient_checkpointing: bool = False
@@ -213,6 +218,10 @@ class Recipe:
                  f"{self.train.adversarial_rounds} and {self.train.adversarial_prompts}")
         if self.train.adversarial_rounds and not self.target_prompts:
             fail("train.adversarial_rounds", "adversarial training attacks the target prompts; add target.prompts")
+        if self.train.prompt_contexts < 0:
+            fail("train.prompt_contexts", f"must be 0 or more, got {self.train.prompt_contexts}")
+        if self.train.prompt_contexts and not self.target_prompts:
+            fail("train.prompt_contexts", "puts the target prompts in contexts; add target.prompts or templates")
         if not 0 < self.train.target_scale_min <= 1:
             fail("train.target_scale_min", f"must be in (0, 1], got {self.train.target_scale_min}")
         if self.train.anchor_scale_jitter < 0:

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from . import __version__, distributed
 from .adapters import AdapterFile, write_adapter
 from .base import describe, load_pipeline, unet_fingerprint
-from .data import ConceptData, data_key, generation_dtype, image_size, prepare_data
+from .data import ConceptData, data_key, encode_prompts, generation_dtype, image_size, prepare_data
 from .io import atomic_write
-from .locality import shield_directions
+from .locality import prompts_in_context, shield_directions
 from .recipe import Recipe, RecipeError
 
 WARMUP_STEPS = 20
@@ -466,6 +466,10 @@ def _train_single(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, 
     directions = shield_directions(pipeline, recipe) if recipe.lora.text_local else None
     data = prepare_data(pipeline, recipe, cache_dir, base_fingerprint=fingerprint,
                         progress=progress and accelerator.is_main_process)
+    if recipe.train.prompt_contexts:  # the same scrambled images, also under their prompts in contexts
+        data.target_embeds = torch.cat([data.target_embeds,
+                                        encode_prompts(pipeline, prompts_in_context(recipe, pipeline.tokenizer))])
+        data.target_latents = data.target_latents.repeat(1 + recipe.train.prompt_contexts, 1, 1, 1)
 
     unet.requires_grad_(False)
     if getattr(unet, "peft_config", None) and ADAPTER_NAME in unet.peft_config:
