@@ -238,7 +238,10 @@ def test_ctrl_c_then_same_command_resumes(pipeline, tmp_path):
     command = [sys.executable, "-m", "dt_lora", "train", str(ADAPTERS / "toy-circle.toml"), "-o", str(out),
                "--cache-dir", str(tmp_path / "cache"), "-q", *flags]
     checkpoint = tmp_path / "a.safetensors.work" / CHECKPOINT
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell's background job (`cmd &`, as some CI runners start the suite) ignores SIGINT, and so would
+    # the child, which inherits it: give the child the default disposition, as an interactive user's has
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -119,7 +119,9 @@ class TrainConfig:
     # Each target image is also trained with `prompt_contexts` copies of its prompt in a random context:
     # 1–6 words of the tokenizer's vocabulary (none of the concept's) before it, or after it. Attack
     # prompts are exactly that (free tokens before the prompt); so are phrasings nobody listed. With a
-    # text-local shield, the directions are computed on these prompts too (locality.py). 0: off.
+    # text-local shield, the directions are computed on these prompts too (locality.py). 0: off. Toy
+    # world, attack seeds never used to decide: 5 of 48 attacked prompts broken against 12 at 0, but
+    # the soft attack breaks more and the circle stacked with red stays at 0.50 (docs/method.md).
     prompt_contexts: int = 0
     optimizer: str = "adamw8bit"  # "adamw8bit" | "adamw"
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
