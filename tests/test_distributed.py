@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dt_lora import toy
+from dt_lora import distributed, toy
 from dt_lora.adapters import read_adapter
 from dt_lora.base import unet_fingerprint
 from dt_lora.data import prepare_data
@@ -40,15 +40,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def dt_lora(args: list[str], processes: int, module: list[str] = ["-m", "dt_lora"]) -> subprocess.CompletedProcess:
+def dt_lora(args: list[str], processes: int, module: tuple[str, ...] = ("-m", "dt_lora")) -> subprocess.CompletedProcess:
     """`dt-lora ARGS` (or another `module`) as `accelerate launch` starts it with `processes` CPU processes
     (or plainly, for 1)."""
-    if processes == 1:
-        command = [sys.executable, *module, *args]
-    else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                   str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(_free_port()), *module, *args]
+    command = [*distributed.launcher(processes, port=_free_port()), *module, *args]
     env = {**os.environ, **ONE_THREAD, "ACCELERATE_USE_CPU": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -107,7 +102,7 @@ def test_an_interrupted_two_process_run_resumes_to_the_same_adapter(two_process_
     folder, _ = two_process_run
     out = tmp_path / "circle.safetensors"
     # the first 60 steps, then a checkpoint and no adapter, as an interruption leaves it
-    dt_lora([str(out), str(folder / "cache"), "60"], processes=2, module=[__file__])
+    dt_lora([str(out), str(folder / "cache"), "60"], processes=2, module=(__file__,))
     assert not out.exists() and (tmp_path / "circle.safetensors.work" / "checkpoint.safetensors").is_file()
     run = dt_lora(["train", str(RECIPE), "-o", str(out), "--cache-dir", str(folder / "cache"), "-q", *overrides()],
                   processes=2)

@@ -23,6 +23,19 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+def launcher(processes: int, port: int | None = None) -> list[str]:
+    """The command that starts `processes` processes of what follows it (`-m MODULE ...` or a script):
+    the plain interpreter for one, accelerate's launcher for more (one machine; on CPU set
+    `ACCELERATE_USE_CPU=1` in the environment). The benchmarks and tests launch with it."""
+    import sys
+
+    if processes == 1:
+        return [sys.executable]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return command + (["--main_process_port", str(port)] if port is not None else [])
+
+
 def state():
     """accelerate's `PartialState`, made as `Accelerator` makes it (so both agree on CPU runs)."""
     from accelerate import PartialState

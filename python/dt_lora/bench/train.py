@@ -241,18 +241,16 @@ def run_data_rows(counts: list[int], images: int, device: str, timeout: float, t
     """One `measure_data` launch per process count: plain Python for 1, `accelerate launch` for more."""
     import tempfile
 
+    from dt_lora import distributed
+
     rows = []
     with tempfile.TemporaryDirectory(prefix="dt-lora-bench-") as cache:
         for n in counts:
-            launcher = [sys.executable]
             env = dict(os.environ)
-            if n > 1:
-                launcher += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
-                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
             if not device.startswith("cuda"):
                 env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS=str(threads or max(1, (os.cpu_count() or 1) // n)))
             row = run_configuration({"images": images, "processes": n, "cache": cache}, timeout=timeout,
-                                    launcher=launcher, env=env, flag="--_data_worker")
+                                    launcher=distributed.launcher(n), env=env, flag="--_data_worker")
             rows.append(row)
             status = "FAILED: " + row["error"] if "error" in row else f"{row['seconds']:.1f} s"
             print(f"  data generation, {n} process(es): {status}", flush=True)
