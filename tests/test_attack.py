@@ -111,7 +111,7 @@ def test_the_contrast_objective_prefers_the_concept_over_its_neighbours(toy_pipe
     """On the base model, the concept's own prompt scores lower (more of the concept) than a neighbour's:
     the objective reads "circle rather than square", where the plain denoising error hardly tells."""
     from dt_lora.attack import Victim, _Objective, concept_latents, neighbour_latents
-    from dt_lora.data import encode_prompts
+    from dt_lora.family import encode_prompts
 
     recipe = load_recipe(CIRCLE)
     prompt = "a photo of a red circle"

@@ -9,7 +9,7 @@ import torch
 
 from dt_lora import toy
 from dt_lora.adapters import read_adapter
-from dt_lora.data import encode_prompts
+from dt_lora.family import encode_prompts
 from dt_lora.locality import concept_words, generic_prompts, text_local_directions
 from dt_lora.recipe import RecipeError, load_recipe
 from dt_lora.train import train_adapter
@@ -70,7 +70,7 @@ def test_a_text_local_shield_moves_only_its_concepts_prompts(tmp_path):
         assert adapter.weights[f"{layer}.lora_B.weight"].abs().max() > 0
 
     def response(prompts):  # mean ‖A·x‖² over token positions
-        x = encode_prompts(pipeline, prompts).reshape(-1, first_a.shape[1])
+        x = encode_prompts(pipeline, prompts).embeds.reshape(-1, first_a.shape[1])
         return float((x @ first_a.T).pow(2).sum(1).mean())
 
     others = ["a green star", "something purple", "a big yellow cross with a dark background", ""]

@@ -55,7 +55,7 @@ class AdapterFile:
 
     @classmethod
     def from_training(cls, weights: dict[str, torch.Tensor], *, recipe, base: str, base_fingerprint: str,
-                      version: str, seconds: float, processes: int = 1) -> "AdapterFile":
+                      version: str, seconds: float, processes: int = 1, family: str = "sd1") -> "AdapterFile":
         from peft import LoraConfig
 
         config = LoraConfig(r=recipe.lora.rank, lora_alpha=recipe.lora.alpha,
@@ -78,6 +78,7 @@ class AdapterFile:
                       "batch_size": recipe.train.batch_size, "processes": processes},
             "sampling": {"steps": recipe.sampling.steps, "guidance": recipe.sampling.guidance},
             "base": base,
+            "family": family,
             "base_fingerprint": base_fingerprint,
             "dt_lora_version": version,
             "training_seconds": round(seconds, 1),
@@ -88,6 +89,14 @@ class AdapterFile:
 
 def _jsonable(config: dict) -> dict:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
+def adapter_family(adapter: AdapterFile) -> str:
+    """The model family the adapter's shields were trained on ("sd1" for files older than the record)."""
+    families = {concept.get("family", "sd1") for concept in adapter.concepts} or {"sd1"}
+    if len(families) > 1:
+        raise ValueError(f"the adapter mixes shields of several model families ({', '.join(sorted(families))})")
+    return families.pop()
 
 
 def write_adapter(path: str | Path, adapter: AdapterFile) -> Path:
@@ -239,10 +248,16 @@ def check_fits(adapters: Sequence[AdapterFile], unet, *, force: bool = False,
     `unet_fingerprint(unet)`) unless `force`. Adapters already loaded on `unet` do not change the answer.
     """
     from .base import unet_fingerprint
+    from .family import family_of, label
 
     sources = [str(s) for s in sources] if sources is not None else [f"adapter {i}" for i in range(len(adapters))]
     modules = dict(unet.named_modules())
+    family = family_of(unet.config)
     for adapter, source in zip(adapters, sources):
+        for concept in adapter.concepts:  # before the layers: a layer error would not say why nothing fits
+            if concept.get("family", family) != family:
+                raise AdapterError(f"{source}: {concept.get('name', '?')} is an {label(concept['family'])} shield and "
+                                   f"this base is {label(family)}; train it again on this base")
         for layer, lora in lora_layers(adapter, source=source).items():
             module = modules.get(layer)
             module = getattr(module, "base_layer", module)  # a layer that already carries a peft adapter

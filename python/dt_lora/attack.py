@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .data import ANCHOR_SEED_BASE, TARGET_SEED_BASE, encode_pixels, encode_prompts
+from .data import ANCHOR_SEED_BASE, TARGET_SEED_BASE, encode_pixels
+from .family import Conditioning, encode_ids, encode_prompts, text_encoders, training_target, unconditional_prompt
 from .generate import generate_images, image_grid
 from .io import atomic_write
 from .recipe import Recipe
@@ -190,13 +191,23 @@ class _Objective:
 
     def __init__(self, victim: Victim, latents: torch.Tensor, guidance: float, samples: int,
                  contrast: torch.Tensor | None = None):
-        pipeline = victim.pipeline
-        self.unet, self.text_encoder, self.tokenizer = pipeline.unet, pipeline.text_encoder, pipeline.tokenizer
+        self.pipeline = pipeline = victim.pipeline
+        self.unet, self.encoders, self.tokenizer = pipeline.unet, text_encoders(pipeline), pipeline.tokenizer
         self.device = self.unet.device
         self.latents, self.contrast, self.guidance, self.samples = latents, contrast, guidance, samples
+        self.scheduler = pipeline.scheduler
         self.alphas = pipeline.scheduler.alphas_cumprod
         self.timesteps = pipeline.scheduler.config.num_train_timesteps
-        self.unconditional = encode_prompts(pipeline, [victim.negative_prompt or ""]).to(self.device)
+        unconditional = (encode_prompts(pipeline, [victim.negative_prompt]) if victim.negative_prompt
+                         else unconditional_prompt(pipeline))
+        self.unconditional = unconditional.to(self.device)
+        # SDXL's second tokenizer pads with its own token after the end of the text
+        self.pad_ids = [pipeline.tokenizer_2.pad_token_id] if len(self.encoders) > 1 else []
+
+    @property
+    def input_embeddings(self) -> list[torch.Tensor]:
+        """Each text encoder's token embedding matrix (V, D_e)."""
+        return [encoder.get_input_embeddings().weight.detach() for encoder in self.encoders]
 
     def draw(self, generator: torch.Generator):
         """A fixed set of noisy latents: every candidate of one step is compared on the same ones."""
@@ -207,41 +218,46 @@ class _Objective:
             clean.append(self.contrast[torch.randint(0, len(self.contrast), (self.samples,), generator=generator)])
         a = self.alphas[t].view(-1, 1, 1, 1)
         x = torch.cat([a.sqrt() * c + (1 - a).sqrt() * noise for c in clean]).to(self.device)
-        t, noise = t.repeat(len(clean)).to(self.device), noise.repeat(len(clean), 1, 1, 1).to(self.device)
+        target = torch.cat([training_target(self.scheduler, c, noise, a) for c in clean]).to(self.device)
+        t = t.repeat(len(clean)).to(self.device)
         with torch.no_grad():
-            unconditional = self.unet(x, t, self.unconditional.expand(len(x), -1, -1)).sample
-        return x, t, noise, unconditional
+            unconditional = self.unet(x, t, **self.unconditional.repeat(len(x)).unet_inputs()).sample
+        return x, t, target, unconditional
 
-    def loss(self, embeds: torch.Tensor, batch) -> torch.Tensor:
-        """Per prompt embedding (P, L, D): the loss over the batch's samples (lower: more of the concept)."""
-        x, t, noise, unconditional = batch
-        p, n = embeds.shape[0], len(x)
-        conditional = self.unet(x.repeat(p, 1, 1, 1), t.repeat(p), embeds.repeat_interleave(n, 0)).sample
+    def loss(self, prompts: Conditioning, batch) -> torch.Tensor:
+        """Per prompt (P rows): the loss over the batch's samples (lower: more of the concept)."""
+        x, t, target, unconditional = batch
+        p, n = len(prompts), len(x)
+        conditional = self.unet(x.repeat(p, 1, 1, 1), t.repeat(p), **prompts.repeat_interleave(n).unet_inputs()).sample
         guided = unconditional.repeat(p, 1, 1, 1) + self.guidance * (conditional - unconditional.repeat(p, 1, 1, 1))
-        error = F.mse_loss(guided.float(), noise.repeat(p, 1, 1, 1).float(), reduction="none").view(p, n, -1).mean(2)
+        error = F.mse_loss(guided.float(), target.repeat(p, 1, 1, 1).float(), reduction="none").view(p, n, -1).mean(2)
         if self.contrast is None:
             return error.mean(1)
         return error[:, : self.samples].mean(1).log() - error[:, self.samples:].mean(1).log()
 
-    def encode(self, ids: torch.Tensor, slots: list[int] | None = None, free: torch.Tensor | None = None):
-        """Text embeddings of token ids (P, L); with `free` (P, k, D), the input embeddings at `slots` replaced.
+    def encode(self, ids: torch.Tensor, slots: list[int] | None = None,
+               free: Sequence[torch.Tensor] | None = None) -> Conditioning:
+        """The UNet's prompt inputs for token ids (P, L) of the first tokenizer; with `free` (one (P, k, D_e)
+        tensor per text encoder), each encoder's input embeddings at `slots` replaced.
 
         transformers' CLIPTextModel takes input ids only (no `inputs_embeds`), so the replacement is a
         forward hook on its token embedding: position embeddings, causal mask and layers stay as they are.
         """
-        if free is None:
-            return self.text_encoder(ids.to(self.device))[0]
+        after_end = torch.arange(ids.shape[1]) > (ids == self.tokenizer.eos_token_id).int().argmax(1, keepdim=True)
+        all_ids = [ids] + [torch.where(after_end, pad, ids) for pad in self.pad_ids]
+        handles = []
+        for encoder, replacement in zip(self.encoders, free or ()):
+            def replace(module, inputs, output, replacement=replacement):
+                output = output.clone()
+                output[:, slots] = replacement.to(output.dtype)
+                return output
 
-        def replace(module, inputs, output):
-            output = output.clone()
-            output[:, slots] = free.to(output.dtype)
-            return output
-
-        handle = self.text_encoder.get_input_embeddings().register_forward_hook(replace)
+            handles.append(encoder.get_input_embeddings().register_forward_hook(replace))
         try:
-            return self.text_encoder(ids.to(self.device))[0]
+            return encode_ids(self.pipeline, all_ids)
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
 
 
 # --- the prompt with free slots ------------------------------------------------------------------
@@ -308,7 +324,7 @@ class FoundPrompt:
     loss_before: float
     loss_after: float
     seconds: float
-    embeds: torch.Tensor | None = None  # soft attack: the text embedding to draw with
+    embeds: Conditioning | None = None  # soft attack: the prompt inputs to draw with
 
 
 def _generator(*keys: int) -> torch.Generator:
@@ -321,10 +337,11 @@ def _generator(*keys: int) -> torch.Generator:
 def discrete_attack(objective: _Objective, prompt: _Prompt, allowed: torch.Tensor, settings: AttackSettings,
                     key: tuple[int, ...]) -> FoundPrompt:
     started = time.perf_counter()
-    embedding = objective.text_encoder.get_input_embeddings().weight.detach()
+    embeddings = objective.input_embeddings
+    vocabulary = embeddings[0].shape[0]
     generator = _generator(*key, 0)
     free = allowed[torch.randint(0, len(allowed), (prompt.k,), generator=generator)]
-    mask = torch.full((embedding.shape[0],), float("inf"))
+    mask = torch.full((vocabulary,), float("inf"))
     mask[allowed] = 0
     fixed = objective.draw(_generator(*key, 1))  # the start and end losses use the same samples
     with torch.no_grad():
@@ -333,8 +350,10 @@ def discrete_attack(objective: _Objective, prompt: _Prompt, allowed: torch.Tenso
     for step in range(settings.steps):
         generator = _generator(*key, 2 + step)
         batch = objective.draw(generator)
-        one_hot = F.one_hot(free, embedding.shape[0]).to(embedding.dtype).requires_grad_(True)
-        loss = objective.loss(objective.encode(prompt.ids(free[None]), prompt.slots, (one_hot @ embedding)[None]), batch)
+        one_hot = F.one_hot(free, vocabulary).to(embeddings[0].dtype).requires_grad_(True)
+        # SDXL: the same tokens enter both text encoders, so one one-hot feeds both embedding matrices
+        free_embeds = [(one_hot @ embedding)[None] for embedding in embeddings]
+        loss = objective.loss(objective.encode(prompt.ids(free[None]), prompt.slots, free_embeds), batch)
         (gradient,) = torch.autograd.grad(loss.sum(), one_hot)
         top = (gradient.cpu() + mask).topk(settings.top_k, dim=1, largest=False).indices  # (k, top_k)
         slot = torch.randint(0, prompt.k, (settings.candidates,), generator=generator)
@@ -358,43 +377,50 @@ def discrete_attack(objective: _Objective, prompt: _Prompt, allowed: torch.Tenso
 def soft_attack(objective: _Objective, prompt: _Prompt, allowed: torch.Tensor, settings: AttackSettings,
                 key: tuple[int, ...]) -> FoundPrompt:
     started = time.perf_counter()
-    embedding = objective.text_encoder.get_input_embeddings().weight.detach()
+    embeddings = objective.input_embeddings  # SDXL: one free embedding per text encoder, optimised together
     start = allowed[torch.randint(0, len(allowed), (prompt.k,), generator=_generator(*key, 0))]
-    free = embedding[start].clone().float().requires_grad_(True)
+    free = [embedding[start].clone().float().requires_grad_(True) for embedding in embeddings]
     ids = prompt.ids(start[None])
-    scale = float(embedding.float().norm(dim=1).mean())
-    optimizer = torch.optim.Adam([free], lr=settings.soft_lr * scale)
+    optimizer = torch.optim.Adam([{"params": [f], "lr": settings.soft_lr * float(e.float().norm(dim=1).mean())}
+                                  for f, e in zip(free, embeddings)])
+
+    def encode(embeds: Sequence[torch.Tensor]) -> Conditioning:
+        return objective.encode(ids, prompt.slots, [e[None] for e in embeds])
+
     fixed = objective.draw(_generator(*key, 1))
     with torch.no_grad():
-        before = float(objective.loss(objective.encode(ids, prompt.slots, free[None]), fixed)[0])
-    best, best_loss = free.detach().clone(), before
+        before = float(objective.loss(encode(free), fixed)[0])
+    best, best_loss = [f.detach().clone() for f in free], before
     for step in range(settings.soft_steps):
         batch = objective.draw(_generator(*key, 2 + step))
-        loss = objective.loss(objective.encode(ids, prompt.slots, free[None]), batch).sum()
+        loss = objective.loss(encode(free), batch).sum()
         # the gradient of the free embeddings only: the models' own parameters are left untouched
-        (free.grad,) = torch.autograd.grad(loss, free)
+        for f, gradient in zip(free, torch.autograd.grad(loss, free)):
+            f.grad = gradient
         optimizer.step()
         with torch.no_grad():
-            current = float(objective.loss(objective.encode(ids, prompt.slots, free[None]), fixed)[0])
+            current = float(objective.loss(encode(free), fixed)[0])
         if current < best_loss:
-            best, best_loss = free.detach().clone(), current
+            best, best_loss = [f.detach().clone() for f in free], current
     with torch.no_grad():
-        embeds = objective.encode(ids, prompt.slots, best[None]).detach()
-        nearest = torch.cdist(best, embedding.float()).argmin(1).tolist()
+        embeds = encode(best).to("cpu")
+        nearest = torch.cdist(best[0], embeddings[0].float()).argmin(1).tolist()
     found = "[soft] ≈ " + prompt.text(nearest)
-    return FoundPrompt(prompt.prompt, found, before, best_loss, time.perf_counter() - started, embeds.cpu())
+    return FoundPrompt(prompt.prompt, found, before, best_loss, time.perf_counter() - started, embeds)
 
 
 # --- drawing and scoring -------------------------------------------------------------------------
 
 
-def _draw_embeds(pipeline, embeds: torch.Tensor, negative_prompt: str | None, *, seed: int, count: int,
+def _draw_embeds(pipeline, prompt: Conditioning, negative_prompt: str | None, *, seed: int, count: int,
                  steps: int, guidance: float) -> np.ndarray:
-    """`count` images of one text embedding, image i from seed + i (as `generate_images` seeds them)."""
+    """`count` images of one prompt's inputs, image i from seed + i (as `generate_images` seeds them)."""
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(count)]
+    prompt = prompt.repeat(count).to(pipeline.unet.device)
+    pooled = {} if prompt.pooled is None else {"pooled_prompt_embeds": prompt.pooled}
     with torch.inference_mode():
-        images = pipeline(prompt_embeds=embeds.to(pipeline.unet.device).expand(count, -1, -1),
-                          negative_prompt=[negative_prompt or ""] * count, num_inference_steps=steps,
+        images = pipeline(prompt_embeds=prompt.embeds, **pooled,
+                          negative_prompt=[negative_prompt] * count if negative_prompt else None, num_inference_steps=steps,
                           guidance_scale=guidance, generator=generators, output_type="np").images
     return np.ascontiguousarray(np.clip(np.rint(images * 255), 0, 255), dtype=np.uint8)
 

@@ -1,6 +1,8 @@
 """Base models: `toy` (the embedded toy world), a local diffusers folder, or a Hugging Face Hub id.
 
-Every command that takes `--base` loads it here, through the ordinary diffusers `from_pretrained`.
+Every command that takes `--base` loads it here, through the ordinary diffusers `from_pretrained` of the
+pipeline class that `model_index.json` names: `StableDiffusionPipeline` (SD 1.x and 2.x) or
+`StableDiffusionXLPipeline` (SDXL); family.py tells the families apart.
 Weights are read from .safetensors only (`use_safetensors=True`): a pickled `.bin`/`.ckpt` can run
 code when loaded, so it is refused unless the caller trusts the folder (`allow_pickle=True`, the
 `--allow-pickle` flag, or `DT_LORA_ALLOW_PICKLE=1` for any command).
@@ -38,14 +40,18 @@ def _unsafe_weights_message(where: str) -> str:
             "allow_pickle=True), or convert it once with save_pretrained(..., safe_serialization=True)")
 
 
-def _refuse_pickle_only_components(folder: Path) -> None:
-    """Raise `UnsafeWeights` if a component of the pipeline `folder` has pickled weights and no safetensors."""
+def _model_index(folder: Path) -> dict:
     try:
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError) as error:
         raise UserError(f"base model folder {folder}: cannot read model_index.json ({error})") from None
     if not isinstance(index, dict):
         raise UserError(f"base model folder {folder}: model_index.json is not a JSON object")
+    return index
+
+
+def _refuse_pickle_only_components(folder: Path, index: dict) -> None:
+    """Raise `UnsafeWeights` if a component of the pipeline `folder` has pickled weights and no safetensors."""
     for name, entry in index.items():
         component = folder / name
         if not (isinstance(entry, list) and entry and entry[0] and component.is_dir()):
@@ -66,14 +72,39 @@ def describe(base: str | os.PathLike) -> str:
     return str(path.resolve()) if path.exists() else base
 
 
+# model_index.json's `_class_name` → what dt-lora loads it as (the SDXL img2img/inpaint folders hold the
+# same components; diffusers loads them into the text-to-image class)
+PIPELINE_CLASSES = {
+    "StableDiffusionPipeline": "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline": "StableDiffusionPipeline",
+    "StableDiffusionXLPipeline": "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline": "StableDiffusionXLPipeline",
+}
+
+
+def _pipeline_class(class_name: object, where: str):
+    """The diffusers pipeline class for a model_index.json `_class_name`; a one-line error for any other."""
+    import diffusers
+
+    if class_name not in PIPELINE_CLASSES:
+        raise UserError(f"{where}: model_index.json names {class_name!r}; dt-lora shields Stable Diffusion 1.x, "
+                        "2.x and SDXL pipelines (StableDiffusionPipeline, StableDiffusionXLPipeline)")
+    return getattr(diffusers, PIPELINE_CLASSES[class_name])
+
+
+def _pipeline_kwargs(pipeline_class) -> dict:
+    """SD 1.x/2.x folders may name a safety checker; dt-lora never loads one (SDXL has none)."""
+    return {"safety_checker": None} if pipeline_class.__name__ == "StableDiffusionPipeline" else {}
+
+
 def load_pipeline(base: str | os.PathLike = TOY, *, device: str = "cpu", dtype=None,
                   allow_pickle: bool | None = None):
-    """A `StableDiffusionPipeline` for `base`, in `dtype` (float32 by default) on `device`.
+    """A `StableDiffusionPipeline` or `StableDiffusionXLPipeline` for `base`, in `dtype` (float32 by
+    default) on `device`.
 
     Only .safetensors weights are loaded unless `allow_pickle` (default: `DT_LORA_ALLOW_PICKLE`).
     """
     import torch
-    from diffusers import StableDiffusionPipeline
 
     base = str(base)
     dtype = dtype or torch.float32
@@ -90,10 +121,12 @@ def load_pipeline(base: str | os.PathLike = TOY, *, device: str = "cpu", dtype=N
                 f"base model folder {path} is not a diffusers pipeline: {path / 'model_index.json'} "
                 "is missing. Pass a folder saved with `save_pretrained` (or `dt-lora bake --format diffusers`)."
             )
+        index = _model_index(path)
         if not pickle_allowed(allow_pickle):
-            _refuse_pickle_only_components(path)
-        pipeline = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
-                                                           use_safetensors=_use_safetensors(allow_pickle))
+            _refuse_pickle_only_components(path, index)
+        pipeline_class = _pipeline_class(index.get("_class_name"), f"base model folder {path}")
+        pipeline = pipeline_class.from_pretrained(path, dtype=dtype, use_safetensors=_use_safetensors(allow_pickle),
+                                                  **_pipeline_kwargs(pipeline_class))
     else:
         pipeline = _from_hub(base, dtype, allow_pickle)
     pipeline.set_progress_bar_config(disable=True)
@@ -107,16 +140,17 @@ def _use_safetensors(allow_pickle: bool | None) -> bool | None:
 
 def _from_hub(model_id: str, dtype, allow_pickle: bool | None = None):
     """Load a Hub id from the local cache; fetch it only when the Hub is reachable and allowed."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     errors = []
     for local_only in (True,) if offline else (True, False):
         try:
-            return StableDiffusionPipeline.from_pretrained(
-                model_id, dtype=dtype, safety_checker=None, local_files_only=local_only,
-                use_safetensors=_use_safetensors(allow_pickle),
-            )
+            index = DiffusionPipeline.load_config(model_id, local_files_only=local_only)
+            pipeline_class = _pipeline_class(index.get("_class_name"), f"base model {model_id!r}")
+            return pipeline_class.from_pretrained(
+                model_id, dtype=dtype, local_files_only=local_only, use_safetensors=_use_safetensors(allow_pickle),
+                **_pipeline_kwargs(pipeline_class))
         except (OSError, ValueError) as error:  # diffusers reports a missing repo or file as either
             errors.append(error)
     hint = ""

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from . import distributed
+from .family import Conditioning, encode_prompts, unconditional_prompt
 from .generate import generate_images
 from .io import atomic_write
 from .recipe import Recipe
@@ -47,20 +48,11 @@ TARGET_SEED_BASE, ANCHOR_SEED_BASE = 100_000, 500_000
 @dataclass
 class ConceptData:
     target_latents: torch.Tensor  # (N, 4, h, w), scaled by the VAE's scaling_factor, scrambled
-    target_embeds: torch.Tensor  # (N, L, D)
+    target_prompts: Conditioning  # N rows: the embeddings of the prompts that drew them (family.py)
     anchor_latents: torch.Tensor  # (M, 4, h, w), unscrambled
-    anchor_embeds: torch.Tensor  # (M, L, D)
-    unconditional_embed: torch.Tensor  # (1, L, D): the empty prompt, as classifier-free guidance uses it
+    anchor_prompts: Conditioning  # M rows
+    unconditional: Conditioning  # 1 row: what classifier-free guidance uses as the unconditional prompt
     cache_dir: Path
-
-
-def encode_prompts(pipeline, prompts: list[str]) -> torch.Tensor:
-    """Text embeddings as the pipeline computes them for its UNet (SD 1.x: last hidden state)."""
-    tokenizer, text_encoder = pipeline.tokenizer, pipeline.text_encoder
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad():
-        return text_encoder(ids.to(text_encoder.device))[0].float().cpu()
 
 
 def encode_pixels(vae, pixels: torch.Tensor) -> torch.Tensor:
@@ -192,7 +184,7 @@ class _ShardCache:
 
 def _build_set(pipeline, recipe: Recipe, cache: _ShardCache, prompts: list[str], count: int, seed: int,
                *, sample: _Sampler, scramble: bool, images_u8: np.ndarray | None,
-               progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               progress: bool) -> tuple[torch.Tensor, Conditioning]:
     """Make this process's missing shards (shard s is process s mod N's), wait for the others, read all."""
     from tqdm.auto import tqdm
 
@@ -216,7 +208,7 @@ def _build_set(pipeline, recipe: Recipe, cache: _ShardCache, prompts: list[str],
             encoded = encode_pixels(pipeline.vae, torch.from_numpy(pixels))
             if scramble and space == "latent":
                 encoded = scramble_grid(encoded.contiguous(), grid, seed, flips=flips, offset=start)
-            cached = {"latents": encoded, "embeds": encode_prompts(pipeline, batch_prompts)}
+            cached = {"latents": encoded, **encode_prompts(pipeline, batch_prompts).tensors()}
             cache.write(shard, cached)
             if distributed.processes() > 1:  # the bar shows the main process only: say who made what
                 state = distributed.state()
@@ -224,15 +216,15 @@ def _build_set(pipeline, recipe: Recipe, cache: _ShardCache, prompts: list[str],
                       f"{shard} ({n} images)", flush=True)
         made[shard] = cached
     distributed.wait()
-    latents, embeds = [], []
+    latents, conditioning = [], []
     for shard, n in enumerate(sizes):
         tensors = made.get(shard) or cache.read(shard, n)
         if tensors is None:
             raise RuntimeError(f"{cache.path(shard)} is missing after every process made its shards: all "
                                "processes must share the cache folder (--cache-dir on a shared filesystem)")
         latents.append(tensors["latents"])
-        embeds.append(tensors["embeds"])
-    return torch.cat(latents), torch.cat(embeds)
+        conditioning.append(Conditioning.from_tensors(tensors))
+    return torch.cat(latents), Conditioning.cat(conditioning)
 
 
 def data_key(recipe: Recipe, base_fingerprint: str, *, generation: torch.dtype | None = None) -> str:
@@ -264,21 +256,22 @@ def prepare_data(pipeline, recipe: Recipe, cache_root: str | Path, *, base_finge
     folder = Path(cache_root) / f"{recipe.name}-{data_key(recipe, base_fingerprint, generation=dtype)}"
     folder.mkdir(parents=True, exist_ok=True)
     channels = pipeline.unet.config.in_channels
-    unconditional = encode_prompts(pipeline, [""])
-    expected = {"latents": (channels, latent_side, latent_side), "embeds": tuple(unconditional.shape[1:])}
+    unconditional = unconditional_prompt(pipeline)
+    expected = {"latents": (channels, latent_side, latent_side),
+                **{name: tuple(tensor.shape[1:]) for name, tensor in unconditional.tensors().items()}}
 
     seed = recipe.train.seed
     target_prompts = recipe.target_prompts or [""]
     anchor_prompts = recipe.anchor_prompts
     with _Sampler(pipeline, recipe, dtype) as sample:
-        target_latents, target_embeds = _build_set(
+        target_latents, target_prompts = _build_set(
             pipeline, recipe, _ShardCache(folder, "target", expected), target_prompts, recipe.target.images,
             TARGET_SEED_BASE + 1000 * seed, sample=sample, scramble=True, images_u8=user_images, progress=progress)
         if anchor_prompts and recipe.train.preservation != "none":  # unused otherwise: do not generate them
-            anchor_latents, anchor_embeds = _build_set(
+            anchor_latents, anchor_prompts = _build_set(
                 pipeline, recipe, _ShardCache(folder, "anchors", expected), anchor_prompts, recipe.anchors.images,
                 ANCHOR_SEED_BASE + 1000 * seed, sample=sample, scramble=False, images_u8=None, progress=progress)
         else:
             anchor_latents = target_latents[:0]
-            anchor_embeds = target_embeds[:0]
-    return ConceptData(target_latents, target_embeds, anchor_latents, anchor_embeds, unconditional, folder)
+            anchor_prompts = target_prompts[:0]
+    return ConceptData(target_latents, target_prompts, anchor_latents, anchor_prompts, unconditional, folder)

@@ -5,24 +5,49 @@ kohya (sd-scripts, AUTOMATIC1111, ComfyUI): per layer `lora_unet_<module path wi
 tools compute scale = alpha / rank from these, so the exported file draws what the adapter draws.
 (diffusers' own converter towards this layout writes alpha = rank, which silently changes the scale
 whenever the two differ; this one keeps alpha.)
+
+Module paths are diffusers' for SD 1.x/2.x, as sd-scripts names them. For SDXL, sd-scripts (and so
+A1111) names the original SGM UNet's blocks, so attention blocks are renamed (SDXL has 2 layers a block):
+
+    down_blocks.i.attentions.j   →  input_blocks.{3i+j+1}.1
+    mid_block.attentions.0       →  middle_block.1
+    up_blocks.i.attentions.j     →  output_blocks.{3i+j}.1
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 
-from .adapters import DT_METADATA_KEY, AdapterFile, lora_layers
+from .adapters import DT_METADATA_KEY, AdapterFile, adapter_family, lora_layers
 from .io import atomic_write
 
 KOHYA_PREFIX = "lora_unet_"
 
 
-def kohya_key(module: str) -> str:
-    """`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0` → `lora_unet_down_blocks_0_…_to_out_0`."""
-    return KOHYA_PREFIX + module.replace(".", "_")
+SDXL_BLOCKS = (
+    (re.compile(r"down_blocks\.(\d+)\.attentions\.(\d+)\."), lambda i, j: f"input_blocks.{3 * i + j + 1}.1."),
+    (re.compile(r"mid_block\.attentions\.0\."), lambda: "middle_block.1."),
+    (re.compile(r"up_blocks\.(\d+)\.attentions\.(\d+)\."), lambda i, j: f"output_blocks.{3 * i + j}.1."),
+)
+
+
+def sgm_module(module: str) -> str:
+    """An SDXL attention layer's path in the original (SGM) UNet: `down_blocks.1.attentions.0.…` → `input_blocks.4.1.…`."""
+    for pattern, rename in SDXL_BLOCKS:
+        match = pattern.match(module)
+        if match:
+            return rename(*map(int, match.groups())) + module[match.end():]
+    raise ValueError(f"adapter layer {module} is not in an SDXL attention block; kohya's SDXL layout has no name for it")
+
+
+def kohya_key(module: str, family: str = "sd1") -> str:
+    """`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0` → `lora_unet_down_blocks_0_…_to_out_0`
+    (SDXL: `lora_unet_input_blocks_1_1_…`)."""
+    return KOHYA_PREFIX + (sgm_module(module) if family == "sdxl" else module).replace(".", "_")
 
 
 def kohya_alpha(adapter: AdapterFile) -> float:
@@ -34,9 +59,10 @@ def kohya_alpha(adapter: AdapterFile) -> float:
 
 def to_kohya(adapter: AdapterFile) -> dict[str, torch.Tensor]:
     alpha = kohya_alpha(adapter)
+    family = adapter_family(adapter)
     tensors = {}
     for module, lora in lora_layers(adapter).items():
-        name = kohya_key(module)
+        name = kohya_key(module, family)
         tensors[f"{name}.lora_down.weight"] = lora.A.contiguous()
         tensors[f"{name}.lora_up.weight"] = lora.B.contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)

@@ -86,10 +86,10 @@ def text_local_directions(target_embeds: torch.Tensor, retained_embeds: torch.Te
 
 def shield_directions(pipeline, recipe) -> torch.Tensor:
     """The (rank, D) text-local directions of `recipe`'s concept on `pipeline`'s text encoder."""
-    from .data import encode_prompts
+    from .family import encode_prompts
     from .recipe import RecipeError
 
-    width = pipeline.text_encoder.config.hidden_size
+    width = pipeline.unet.config.cross_attention_dim  # SDXL: both text encoders' widths, concatenated
     if recipe.lora.rank > width:
         raise RecipeError(f"{recipe.name}: lora.rank: a text-local shield has at most one direction per text "
                           f"embedding dimension ({width}), got {recipe.lora.rank}")
@@ -99,6 +99,6 @@ def shield_directions(pipeline, recipe) -> torch.Tensor:
     exclude = concept_words(recipe.target_prompts, recipe.anchor_prompts)
     retained = recipe.anchor_prompts + [""] + generic_prompts(pipeline.tokenizer, exclude)
     targets = recipe.target_prompts + prompts_in_context(recipe, pipeline.tokenizer)
-    directions, _ = text_local_directions(encode_prompts(pipeline, targets),
-                                          encode_prompts(pipeline, retained), recipe.lora.rank)
+    directions, _ = text_local_directions(encode_prompts(pipeline, targets).embeds,
+                                          encode_prompts(pipeline, retained).embeds, recipe.lora.rank)
     return directions

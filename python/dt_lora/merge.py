@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .adapters import AdapterError, AdapterFile, lora_layers, read_adapter
+from .adapters import AdapterError, AdapterFile, adapter_family, lora_layers, read_adapter
+from .family import label
 
 
 @dataclass
@@ -56,6 +57,10 @@ def merge_adapters(adapters, weights=None, *, rank: int | None = None, force: bo
         raise ValueError(f"got {len(adapters)} adapters but {len(weights)} weights")
     sources = [f"adapter {i}" if isinstance(a, AdapterFile) else str(a) for i, a in enumerate(adapters)]
     adapters = [a if isinstance(a, AdapterFile) else read_adapter(a) for a in adapters]
+    families = {source: label(adapter_family(a)) for a, source in zip(adapters, sources)}
+    if len(set(families.values())) > 1:  # not even with --force: the layers mean different things
+        detail = ", ".join(f"{Path(source).name}: {name}" for source, name in families.items())
+        raise AdapterError(f"adapters are shields of different model families ({detail}); they cannot be merged")
     if not force:
         check_same_base(adapters, [Path(s).name for s in sources])
     per_adapter = [_layers(a, source) for a, source in zip(adapters, sources)]

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from . import __version__, distributed
 from .adapters import AdapterFile, write_adapter
 from .base import describe, load_pipeline, unet_fingerprint
-from .data import ConceptData, data_key, encode_prompts, generation_dtype, image_size, prepare_data
+from .data import ConceptData, data_key, generation_dtype, image_size, prepare_data
+from .family import Conditioning, encode_prompts, family, training_target
 from .io import atomic_write
 from .locality import prompts_in_context, shield_directions
 from .recipe import Recipe, RecipeError
@@ -316,18 +317,21 @@ class StepContext:
     base_unet: torch.nn.Module  # the same model unwrapped: adapters can be switched off on it
     lora_layers: list  # peft LoraLayers carrying the adapter, for `adapter_strength`
     data: ConceptData
+    scheduler: Any  # the pipeline's: its noise schedule and prediction type
     alphas_cumprod: torch.Tensor  # on `device`
     num_timesteps: int
     device: torch.device
     autocast: Callable  # accelerator.autocast
 
     def add_noise(self, latents: torch.Tensor, generator: torch.Generator):
-        """(noisy latents, noise, timesteps) at random timesteps, as the DDPM forward process."""
+        """(noisy latents, what the UNet should predict, timesteps) at random timesteps, as the DDPM
+        forward process; the prediction target is the noise, or the velocity for v-prediction models."""
         noise = torch.randn(latents.shape, generator=generator)
         t = torch.randint(0, self.num_timesteps, (latents.shape[0],), generator=generator)
         a = self.alphas_cumprod[t.to(self.device)].view(-1, 1, 1, 1)
         latents, noise = latents.to(self.device), noise.to(self.device)
-        return a.sqrt() * latents + (1 - a).sqrt() * noise, noise, t.to(self.device)
+        target = training_target(self.scheduler, latents, noise, a)
+        return a.sqrt() * latents + (1 - a).sqrt() * noise, target, t.to(self.device)
 
 
 class LossTerm(NamedTuple):
@@ -339,7 +343,7 @@ def target_loss(ctx: StepContext, generator: torch.Generator) -> LossTerm:
     """Degenerate: the adapted UNet learns to denoise the concept's Scrambled Grids."""
     data, batch = ctx.data, ctx.recipe.train.batch_size
     index = torch.randint(0, len(data.target_latents), (batch,), generator=generator)
-    x, noise, t = ctx.add_noise(data.target_latents[index], generator)
+    x, target, t = ctx.add_noise(data.target_latents[index], generator)
     strength = 1.0
     if ctx.recipe.train.target_scale_min < 1:
         # degenerate also at a weaker strength: a phrasing nobody listed moves the shield's text
@@ -347,29 +351,29 @@ def target_loss(ctx: StepContext, generator: torch.Generator) -> LossTerm:
         low = ctx.recipe.train.target_scale_min
         strength = low + (1 - low) * float(torch.rand((), generator=generator))
     with ctx.autocast(), adapter_strength(ctx.lora_layers, ADAPTER_NAME, strength):
-        prediction = ctx.unet(x, t, data.target_embeds[index].to(ctx.device)).sample
-    return LossTerm(F.mse_loss(prediction.float(), noise.float()), strength)
+        prediction = ctx.unet(x, t, **data.target_prompts[index].to(ctx.device).unet_inputs()).sample
+    return LossTerm(F.mse_loss(prediction.float(), target.float()), strength)
 
 
 def anchor_loss(ctx: StepContext, generator: torch.Generator) -> LossTerm:
     """Preserve: on the anchors, the adapted UNet matches the frozen base ("distill") or the noise ("denoise")."""
     data, train = ctx.data, ctx.recipe.train
     index = torch.randint(0, len(data.anchor_latents), (train.batch_size,), generator=generator)
-    x, noise, t = ctx.add_noise(data.anchor_latents[index], generator)
+    x, target, t = ctx.add_noise(data.anchor_latents[index], generator)
     unconditional = torch.rand(train.batch_size, generator=generator) < train.unconditional_share
-    embeds = torch.where(unconditional.view(-1, 1, 1), data.unconditional_embed, data.anchor_embeds[index]).to(ctx.device)
+    prompts = data.anchor_prompts[index].where(unconditional, data.unconditional).to(ctx.device).unet_inputs()
     with ctx.autocast():
         if train.preservation == "distill":
             with torch.no_grad(), adapters_disabled(ctx.base_unet):
-                reference = ctx.base_unet(x, t, embeds).sample.float()
+                reference = ctx.base_unet(x, t, **prompts).sample.float()
         else:
-            reference = noise.float()
+            reference = target.float()
         strength = 1.0
         if train.anchor_scale_jitter:
             # preserve the anchors at a random strength of the adapter, not only at 1 (see recipe.py)
             strength = 1 + train.anchor_scale_jitter * float(torch.rand((), generator=generator))
         with adapter_strength(ctx.lora_layers, ADAPTER_NAME, strength):
-            prediction = ctx.unet(x, t, embeds).sample
+            prediction = ctx.unet(x, t, **prompts).sample
     return LossTerm(train.preservation_weight * F.mse_loss(prediction.float(), reference), strength)
 
 
@@ -467,8 +471,8 @@ def _train_single(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, 
     data = prepare_data(pipeline, recipe, cache_dir, base_fingerprint=fingerprint,
                         progress=progress and accelerator.is_main_process)
     if recipe.train.prompt_contexts:  # the same scrambled images, also under their prompts in contexts
-        data.target_embeds = torch.cat([data.target_embeds,
-                                        encode_prompts(pipeline, prompts_in_context(recipe, pipeline.tokenizer))])
+        data.target_prompts = Conditioning.cat([data.target_prompts,
+                                                encode_prompts(pipeline, prompts_in_context(recipe, pipeline.tokenizer))])
         data.target_latents = data.target_latents.repeat(1 + recipe.train.prompt_contexts, 1, 1, 1)
 
     unet.requires_grad_(False)
@@ -542,7 +546,7 @@ def _train(recipe: Recipe, out: Path, checkpoint: Checkpoint, resume: ResumeStat
     ctx = StepContext(
         recipe=recipe, unet=unet, base_unet=base_unet,
         lora_layers=[m for m in base_unet.modules() if isinstance(m, LoraLayer) and ADAPTER_NAME in m.lora_B],
-        data=data, alphas_cumprod=pipeline.scheduler.alphas_cumprod.to(accelerator.device),
+        data=data, scheduler=pipeline.scheduler, alphas_cumprod=pipeline.scheduler.alphas_cumprod.to(accelerator.device),
         num_timesteps=pipeline.scheduler.config.num_train_timesteps, device=accelerator.device,
         autocast=accelerator.autocast)
 
@@ -596,7 +600,7 @@ def _train(recipe: Recipe, out: Path, checkpoint: Checkpoint, resume: ResumeStat
     if accelerator.is_main_process:
         write_adapter(out, AdapterFile.from_training(
             lora_state, recipe=recipe, base=describe(recipe.base), base_fingerprint=fingerprint,
-            version=__version__, seconds=seconds, processes=accelerator.num_processes))
+            version=__version__, seconds=seconds, processes=accelerator.num_processes, family=family(pipeline)))
         checkpoint.remove()
     accelerator.wait_for_everyone()  # every process returns once the adapter is on disk
     return TrainResult(out, recipe.train.steps, seconds, loss_value, start_step)

@@ -18,7 +18,7 @@ import torch
 
 from .. import toy
 from ..adapters import lora_layers, read_adapter
-from ..data import encode_prompts
+from ..family import encode_prompts
 from ..toy import phrasings
 from .stacking import toy_concept
 
@@ -45,7 +45,7 @@ def relative_change(pipeline, adapters: list[Path], prompts: list[str], seed: in
     timesteps = torch.randint(0, pipeline.scheduler.config.num_train_timesteps, (len(prompts),), generator=generator)
     try:
         with torch.no_grad():
-            pipeline.unet(latents, timesteps, encode_prompts(pipeline, prompts))
+            pipeline.unet(latents, timesteps, **encode_prompts(pipeline, prompts).unet_inputs())
     finally:
         for hook in hooks:
             hook.remove()

@@ -1,0 +1,162 @@
+"""SDXL and SD 2.x bases: loading, prompt conditioning, training targets, adapters, and family errors.
+
+The pipelines are family_tiny.py's: the real block layouts at toy width, random weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dt_lora import family as fam
+from dt_lora.adapters import AdapterError, load_adapters, read_adapter, unload_adapters
+from dt_lora.base import load_pipeline
+from dt_lora.errors import UserError
+from dt_lora.recipe import load_recipe
+from dt_lora.train import train_adapter
+from family_tiny import build_sd2, build_sdxl
+
+ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+TINY = {"target.images": "4", "anchors.images": "4", "train.steps": "3", "train.batch_size": "2",
+        "sampling.steps": "2", "lora.rank": "2", "lora.alpha": "2"}
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return build_sdxl()
+
+
+@pytest.fixture(scope="module")
+def sd2():
+    return build_sd2()
+
+
+@pytest.fixture(scope="module")
+def sdxl_shield(sdxl, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sdxl")
+    recipe = load_recipe(ADAPTERS / "toy-circle.toml", TINY)
+    return train_adapter(recipe, folder / "circle.safetensors", cache_dir=folder / "cache", pipeline=sdxl,
+                         progress=False).adapter
+
+
+def test_families_are_told_apart_by_the_unet(sdxl, sd2):
+    from dt_lora import toy
+
+    assert (fam.family(sdxl), fam.family(sd2), fam.family(toy.load())) == ("sdxl", "sd2", "sd1")
+
+
+def test_sdxl_prompt_inputs_are_the_pipelines_own(sdxl):
+    prompts = ["a red circle", "a blue square"]
+    ours = fam.encode_prompts(sdxl, prompts)
+    with torch.no_grad():
+        embeds, _, pooled, _ = sdxl.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    assert torch.equal(ours.embeds, embeds) and torch.equal(ours.pooled, pooled)
+    assert ours.embeds.shape[-1] == sdxl.unet.config.cross_attention_dim  # both encoders' widths
+    assert ours.time_ids.tolist() == [[64, 64, 0, 0, 64, 64]] * 2
+    empty = fam.unconditional_prompt(sdxl)  # SDXL base zeroes the empty prompt for guidance
+    assert not empty.embeds.any() and not empty.pooled.any()
+
+
+def test_velocity_target_where_the_scheduler_predicts_v(sd2):
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    alphas = torch.tensor([0.9, 0.1]).view(-1, 1, 1, 1)
+    expected = sd2.scheduler.get_velocity(latents, noise, torch.tensor([0, 0]))  # shape only: its own t
+    target = fam.training_target(sd2.scheduler, latents, noise, alphas)
+    assert target.shape == expected.shape
+    torch.testing.assert_close(target, alphas.sqrt() * noise - (1 - alphas).sqrt() * latents)
+    t = torch.tensor([100, 900])  # diffusers' own velocity at the same timesteps
+    a = sd2.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(fam.training_target(sd2.scheduler, latents, noise, a),
+                               sd2.scheduler.get_velocity(latents, noise, t))
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd2"])
+def test_folders_load_as_their_family(kind, tmp_path):
+    pipeline = build_sdxl() if kind == "sdxl" else build_sd2()
+    pipeline.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = load_pipeline(tmp_path)
+    assert type(loaded).__name__ == type(pipeline).__name__ and fam.family(loaded) == kind
+    assert loaded.scheduler.config.prediction_type == pipeline.scheduler.config.prediction_type
+
+
+def test_another_pipeline_class_is_a_one_line_error(tmp_path, sdxl):
+    sdxl.save_pretrained(tmp_path, safe_serialization=True)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    (tmp_path / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    with pytest.raises(UserError, match="names 'FluxPipeline'; dt-lora shields Stable Diffusion"):
+        load_pipeline(tmp_path)
+
+
+def test_sdxl_shield_trains_records_its_family_and_stacks(sdxl, sdxl_shield):
+    assert read_adapter(sdxl_shield).concepts[0]["family"] == "sdxl"
+    inputs = fam.encode_prompts(sdxl, ["a red circle"]).unet_inputs()
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    with torch.no_grad():
+        plain = sdxl.unet(x, t, **inputs).sample
+        load_adapters(sdxl, [sdxl_shield, sdxl_shield])  # two stacked
+        try:
+            shielded = sdxl.unet(x, t, **inputs).sample
+            image = sdxl(["a red circle"], num_inference_steps=2, output_type="np").images
+        finally:
+            unload_adapters(sdxl)
+        again = sdxl.unet(x, t, **inputs).sample
+    assert (shielded - plain).abs().max() > 0 and torch.equal(again, plain)
+    assert image.shape == (1, 64, 64, 3)
+
+
+def test_sd2_v_prediction_shield_trains(sd2, tmp_path):
+    recipe = load_recipe(ADAPTERS / "toy-circle.toml", TINY)
+    result = train_adapter(recipe, tmp_path / "circle.safetensors", cache_dir=tmp_path / "cache", pipeline=sd2,
+                           progress=False)
+    assert read_adapter(result.adapter).concepts[0]["family"] == "sd2"
+    assert 0 < result.final_loss < 10  # the velocity target is on the scale of the UNet's output
+
+
+def test_a_shield_of_another_family_is_refused_naming_both(sdxl_shield):
+    from sd15_tiny import build
+
+    with pytest.raises(AdapterError, match=r"circle.safetensors: toy-circle is an SDXL shield and this base is SD 1\.x"):
+        load_adapters(build(), [sdxl_shield])
+
+
+def test_kohya_export_of_an_sdxl_shield_uses_sgm_names_and_draws_as_the_stack(sdxl, sdxl_shield, tmp_path):
+    from safetensors.torch import load_file
+
+    from dt_lora.export import write_kohya
+
+    kohya = write_kohya(tmp_path / "kohya.safetensors", read_adapter(sdxl_shield))
+    names = {key.split(".")[0] for key in load_file(kohya)}
+    # SDXL's attention blocks: down 1 (2 layers) and 2, mid, up 0 and 1 (3 layers each)
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k" in names
+    assert "lora_unet_input_blocks_8_1_transformer_blocks_9_attn2_to_v" in names
+    assert "lora_unet_middle_block_1_transformer_blocks_9_attn2_to_k" in names
+    assert "lora_unet_output_blocks_5_1_transformer_blocks_1_attn2_to_v" in names
+    assert not any("down_blocks" in n or "up_blocks" in n for n in names)
+
+    inputs = fam.encode_prompts(sdxl, ["a red circle"]).unet_inputs()
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([300])
+    with torch.no_grad():
+        load_adapters(sdxl, [sdxl_shield])
+        try:
+            stacked = sdxl.unet(x, t, **inputs).sample
+        finally:
+            unload_adapters(sdxl)
+        sdxl.load_lora_weights(str(kohya), adapter_name="kohya")  # diffusers' own kohya/SGM converter
+        try:
+            exported = sdxl.unet(x, t, **inputs).sample
+        finally:
+            sdxl.delete_adapters(["kohya"])
+    torch.testing.assert_close(exported, stacked, rtol=1e-5, atol=1e-6)
+
+
+def test_shields_of_two_families_are_not_merged(sdxl_shield, tmp_path):
+    from dt_lora.merge import merge_adapters
+
+    sd1 = read_adapter(sdxl_shield)
+    for concept in sd1.concepts:
+        concept["family"] = "sd1"
+    with pytest.raises(AdapterError, match="different model families .*SDXL"):
+        merge_adapters([sdxl_shield, sd1], force=True)
