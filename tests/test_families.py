@@ -160,3 +160,83 @@ def test_shields_of_two_families_are_not_merged(sdxl_shield, tmp_path):
         concept["family"] = "sd1"
     with pytest.raises(AdapterError, match="different model families .*SDXL"):
         merge_adapters([sdxl_shield, sd1], force=True)
+
+
+class NoConcept:
+    """A scorer for random models: no image shows the concept, every anchor is right."""
+
+    name = "none"
+
+    def shows_target(self, images, recipe):
+        import numpy as np
+
+        return np.zeros(len(images), dtype=bool)
+
+    def preservation(self, images, prompts):
+        return {}
+
+    def features(self, images):
+        import numpy as np
+
+        return np.ones((len(images), 1), dtype=np.float32)
+
+
+def test_attack_prompts_with_free_tokens_encode_as_their_text_through_both_encoders(sdxl):
+    """The attack's hook on the token embeddings, and its ids for the second tokenizer (which pads with
+    "!" where CLIP-L pads with its end token), give exactly the pipeline's encoding of the prompt's text."""
+    from dt_lora.attack import Victim, _Objective, _Prompt, allowed_tokens
+
+    objective = _Objective(Victim("base", sdxl), torch.zeros(1, 4, 8, 8), 5.0, 2)
+    prompt = _Prompt(sdxl.tokenizer, "a red circle", 2)
+    free = allowed_tokens(sdxl.tokenizer, ["circle"])[torch.tensor([3, 40])]
+    ids = prompt.ids(free[None])
+    as_text = fam.encode_prompts(sdxl, [prompt.text(free.tolist())])
+    with torch.no_grad():
+        plain = objective.encode(ids)
+        hooked = objective.encode(ids, prompt.slots, [e[free][None] for e in objective.input_embeddings])
+    for name, tensor in as_text.tensors().items():
+        torch.testing.assert_close(plain.tensors()[name], tensor)
+        torch.testing.assert_close(hooked.tensors()[name], tensor)
+    one_hot = torch.nn.functional.one_hot(free, len(sdxl.tokenizer)).float().requires_grad_(True)
+    moved = objective.encode(ids, prompt.slots, [(one_hot @ e)[None] for e in objective.input_embeddings])
+    gradients = torch.autograd.grad(moved.pooled.sum(), one_hot)  # the pooled path: the second encoder only
+    assert gradients[0].abs().sum() > 0
+
+
+def test_both_attacks_run_on_an_sdxl_shield(sdxl, sdxl_shield, tmp_path):
+    from dt_lora.attack import AttackSettings, attack_shields
+
+    recipe = load_recipe(ADAPTERS / "toy-circle.toml", TINY)
+    settings = AttackSettings(prompts=1, free_tokens=2, steps=3, candidates=4, top_k=4, soft_steps=3, samples=2,
+                              concept_images=2, seeds=1, objective="denoise")
+    result = attack_shields(sdxl, [recipe], tmp_path, adapters=[sdxl_shield], scorer=NoConcept(), settings=settings,
+                            steps=2, progress=False, write=False)
+    rows = result.rates[recipe.name]["shielded"]
+    (discrete,) = rows["discrete attack"]["found"]
+    (soft,) = rows["soft attack"]["found"]
+    assert discrete["searched"] and discrete["found"].endswith(discrete["source"])
+    assert discrete["loss_after"] <= discrete["loss_before"] and soft["loss_after"] <= soft["loss_before"]
+    assert soft["found"].startswith("[soft]") and rows["discrete attack"]["prompt_rate"] == 0
+
+
+@pytest.mark.parametrize("format", ["diffusers", "single-file"])
+def test_an_sdxl_shield_bakes_into_a_model_that_diffusers_and_controlnet_load(sdxl, sdxl_shield, format, tmp_path):
+    from diffusers import ControlNetModel, StableDiffusionXLPipeline
+
+    from dt_lora.bake import bake, fuse_adapters
+
+    base = tmp_path / "base"
+    sdxl.save_pretrained(base, safe_serialization=True)
+    out = tmp_path / ("baked" if format == "diffusers" else "baked.safetensors")
+    bake(str(base), [sdxl_shield], out, format=format, dtype=torch.float32)
+    if format == "diffusers":
+        baked = load_pipeline(out)
+    else:
+        baked = StableDiffusionXLPipeline.from_single_file(str(out), config=str(base), local_files_only=True,
+                                                          dtype=torch.float32)
+    expected = load_pipeline(base)
+    fuse_adapters(expected, [sdxl_shield])
+    for name, tensor in expected.unet.state_dict().items():
+        assert torch.equal(baked.unet.state_dict()[name], tensor), name
+    controlnet = ControlNetModel.from_unet(baked.unet)  # SDXL ControlNets are made from the UNet as well
+    assert controlnet.config.addition_embed_type == "text_time"

@@ -2,7 +2,7 @@
 
 If diffusers' `from_single_file` (and the `convert_ldm_*` functions under it) turns our file back into
 exactly the pipeline's weights, every name is the one the original SD layout uses: those converters
-are what diffusers loads real SD 1.5 checkpoints with.
+are what diffusers loads real SD 1.5, SD 2.x and SDXL checkpoints with.
 """
 
 from __future__ import annotations
@@ -14,20 +14,22 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import family_tiny
 import sd15_tiny
 from dt_lora import toy
-from dt_lora.single_file import component_to_ldm, key_table, to_single_file, write_single_file
+from dt_lora.family import family
+from dt_lora.single_file import COMPONENTS, OPEN_CLIP, component_to_ldm, key_table, to_single_file, write_single_file
 
-COMPONENTS = ("unet", "vae", "text_encoder")
-SD15_UNET_CONFIG = Path(__file__).parents[1] / "python/dt_lora/configs/sd15_unet.json"
+CONFIGS = Path(__file__).parents[1] / "python/dt_lora/configs"
+SD15_UNET_CONFIG = CONFIGS / "sd15_unet.json"
 
 # SD 1.5's tensor counts per component. Derived in `test_full_size_sd15_has_the_same_keys`: diffusers'
 # own classes built at SD 1.5's full size (python/dt_lora/configs/sd15_unet.json, whose UNet has SD 1.5's
 # published 859,520,964 parameters; the v1-5 VAE config; CLIP ViT-L/14's text tower) give 686 / 248 / 196
 # tensors, and the converter below turns them back without loss. v1-5-pruned-emaonly holds the same 686
 # UNet and 248 VAE tensors; its text encoder has 197, the 196 weights plus the `position_ids` buffer that
-# transformers (since 4.31) no longer saves and that A1111 and ComfyUI rebuild when it is missing.
-SD15_COUNTS = {"model.diffusion_model.": 686, "first_stage_model.": 248, "cond_stage_model.transformer.": 196}
+# transformers (since 4.31) no longer saves and that the single file carries as the original does.
+SD15_COUNTS = {"model.diffusion_model.": 686, "first_stage_model.": 248, "cond_stage_model.transformer.": 197}
 
 SD15_NAMES = [
     "model.diffusion_model.input_blocks.0.0.weight",
@@ -78,9 +80,28 @@ def toy_pipeline():
 
 
 @pytest.fixture(scope="module")
-def pipelines(sd15, sd15_folder, toy_pipeline):
+def sdxl():
+    return family_tiny.build_sdxl()
+
+
+@pytest.fixture(scope="module")
+def sd2():
+    return family_tiny.build_sd2()
+
+
+@pytest.fixture(scope="module")
+def pipelines(sd15, sd15_folder, toy_pipeline, sdxl, sd2, tmp_path_factory):
     """name → (pipeline, its diffusers folder, which from_single_file reads the configs from)."""
-    return {"sd15": (sd15, sd15_folder), "toy": (toy_pipeline, toy.MODEL_DIR)}
+    folders = {}
+    for name, pipeline in (("sdxl", sdxl), ("sd2", sd2)):
+        folders[name] = tmp_path_factory.mktemp(name)
+        pipeline.save_pretrained(folders[name], safe_serialization=True)
+    return {"sd15": (sd15, sd15_folder), "toy": (toy_pipeline, toy.MODEL_DIR), "sdxl": (sdxl, folders["sdxl"]),
+            "sd2": (sd2, folders["sd2"])}
+
+
+def components(pipeline) -> list[str]:
+    return list(COMPONENTS[family(pipeline)])
 
 
 def assert_same_tensors(got: dict, want: dict, what: str):
@@ -90,47 +111,62 @@ def assert_same_tensors(got: dict, want: dict, what: str):
     assert not unequal, f"{what}: {len(unequal)} tensors differ, e.g. {unequal[:5]}"
 
 
-def test_sd15_tiny_tensors_are_all_different(sd15):
+@pytest.mark.parametrize("name", ["sd15", "sdxl", "sd2"])
+def test_tiny_tensors_are_all_different(pipelines, name):
     """Otherwise an exact comparison could not see two same-shaped weights swapped."""
-    tensors = [t for c in COMPONENTS for t in getattr(sd15, c).state_dict().values()]
+    pipeline = pipelines[name][0]
+    tensors = [t for c in components(pipeline) for t in getattr(pipeline, c).state_dict().values()]
     assert len({(tuple(t.shape), *t.flatten()[:4].tolist()) for t in tensors}) == len(tensors)
 
 
-@pytest.mark.parametrize("name", ["sd15", "toy"])
+@pytest.mark.parametrize("name", ["sd15", "toy", "sdxl", "sd2"])
 def test_from_single_file_restores_every_weight(pipelines, name, tmp_path):
-    from diffusers import StableDiffusionPipeline
-
     pipeline, folder = pipelines[name]
     path = write_single_file(pipeline, tmp_path / "model.safetensors")
-    loaded = StableDiffusionPipeline.from_single_file(
-        str(path), config=str(folder), local_files_only=True, dtype=torch.float32)
-    for component in COMPONENTS:
+    loaded = type(pipeline).from_single_file(str(path), config=str(folder), local_files_only=True, dtype=torch.float32)
+    for component in components(pipeline):
         state = getattr(loaded, component).state_dict()
         assert not [k for k, t in state.items() if t.is_meta], f"{component}: weights left unloaded"
         assert_same_tensors(state, getattr(pipeline, component).state_dict(), f"{name} {component}")
 
 
-@pytest.mark.parametrize("name", ["sd15", "toy"])
-def test_diffusers_converters_invert_the_export(pipelines, name):
+def converted_back(pipeline, ours: dict) -> dict[str, dict]:
+    """diffusers' converters applied to our single file: component → diffusers state dict."""
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
         convert_ldm_unet_checkpoint,
         convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
     )
 
+    back = {"unet": convert_ldm_unet_checkpoint(ours, dict(pipeline.unet.config)),
+            "vae": convert_ldm_vae_checkpoint(ours, dict(pipeline.vae.config))}
+    for component, prefix in COMPONENTS[family(pipeline)].items():
+        model = getattr(pipeline, component)
+        if not component.startswith("text_encoder"):
+            continue
+        if (family(pipeline), component) in OPEN_CLIP:
+            state = convert_open_clip_checkpoint(model, ours, prefix=prefix)
+        else:
+            state = convert_ldm_clip_checkpoint({k: v for k, v in ours.items() if k.startswith(prefix)})
+            positions = state.pop("text_model.embeddings.position_ids")  # a buffer transformers does not save
+            assert torch.equal(positions, torch.arange(model.config.max_position_embeddings)[None])
+        if not hasattr(model, "text_model"):  # CLIPTextModel has no `text_model.` level since transformers 5.6
+            state = {k.removeprefix("text_model."): v for k, v in state.items()}
+        back[component] = state
+    return back
+
+
+@pytest.mark.parametrize("name", ["sd15", "toy", "sdxl", "sd2"])
+def test_diffusers_converters_invert_the_export(pipelines, name):
     pipeline = pipelines[name][0]
     ours = to_single_file(pipeline)
-    back = {
-        "unet": convert_ldm_unet_checkpoint(ours, dict(pipeline.unet.config)),
-        "vae": convert_ldm_vae_checkpoint(ours, dict(pipeline.vae.config)),
-        # CLIPTextModel has no `text_model.` level since transformers 5.6; the converter keeps it
-        "text_encoder": {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(ours).items()},
-    }
+    back = converted_back(pipeline, ours)
     again = {}
-    for component in COMPONENTS:
+    for component in components(pipeline):
         model = getattr(pipeline, component)
         assert_same_tensors(back[component], model.state_dict(), f"{name} {component} via diffusers")
-        again.update(component_to_ldm(component, model.config, back[component]))
+        again.update(component_to_ldm(component, model.config, back[component], family=family(pipeline)))
     assert_same_tensors(again, ours, f"{name} exported again")
 
 
@@ -143,7 +179,8 @@ def test_sd15_layout_has_sd15_names_and_counts(sd15):
     counts = {prefix: sum(k.startswith(prefix) for k in tensors) for prefix in SD15_COUNTS}
     assert counts == SD15_COUNTS
     assert len(tensors) == sum(SD15_COUNTS.values())
-    assert all(t.is_contiguous() and t.dtype == torch.float32 for t in tensors.values())
+    assert all(t.is_contiguous() and t.dtype == (torch.int64 if k.endswith("position_ids") else torch.float32)
+               for k, t in tensors.items())
 
 
 def test_full_size_sd15_has_the_same_keys(sd15):
@@ -208,7 +245,7 @@ def test_toy_layout(toy_pipeline):
 ])
 def test_an_unmappable_key_raises_naming_it(sd15, component, key, hint):
     config = getattr(sd15, component).config
-    with pytest.raises(ValueError, match="no name in the SD 1.x single-file layout") as error:
+    with pytest.raises(ValueError, match="no name in the single-file layout") as error:
         component_to_ldm(component, config, {key: torch.zeros(2, 2)})
     assert repr(key) in str(error.value)
     if hint:
@@ -238,9 +275,108 @@ def test_write_single_file_dtype_metadata_and_atomicity(toy_pipeline, tmp_path):
         assert f.metadata() == {"dt_lora": '{"concepts": []}'}
         assert f.get_tensor("first_stage_model.decoder.mid.attn_1.k.weight").shape == (64, 64, 1, 1)
         names = list(f.keys())
-        assert {f.get_slice(k).get_dtype() for k in names} == {"F16"}
-        assert len(names) == len(key_table(toy_pipeline))
+        assert {f.get_slice(k).get_dtype() for k in names if not k.endswith("position_ids")} == {"F16"}
+        assert f.get_slice("cond_stage_model.transformer.text_model.embeddings.position_ids").get_dtype() == "I64"
+        assert len(names) == len(key_table(toy_pipeline)) + 1  # and the position_ids buffer
     assert [p.name for p in tmp_path.iterdir()] == ["toy.safetensors"]  # no temporary file left
     with pytest.raises(ValueError, match="str to str"):
         write_single_file(toy_pipeline, tmp_path / "bad.safetensors", metadata={"steps": 3})
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def full_size(kind: str) -> SimpleNamespace:
+    """SDXL base 1.0 or SD 2.1 at full size on the meta device, from the configs in python/dt_lora/configs."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def text(name: str, model_class):
+        config = json.loads((CONFIGS / name).read_text())
+        return model_class(CLIPTextConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")}))
+
+    with torch.device("meta"):
+        models = {"unet": UNet2DConditionModel.from_config(json.loads((CONFIGS / f"{kind}_unet.json").read_text())),
+                  "vae": AutoencoderKL.from_config(json.loads((CONFIGS / "sd15_vae.json").read_text()))}
+        if kind == "sdxl":
+            models["text_encoder"] = text("sd15_text_encoder.json", CLIPTextModel)  # CLIP ViT-L/14, as SD 1.5's
+            models["text_encoder_2"] = text("sdxl_text_encoder_2.json", CLIPTextModelWithProjection)
+        else:
+            models["text_encoder"] = text("sd21_text_encoder.json", CLIPTextModel)
+    return SimpleNamespace(**models)
+
+
+# Tensor counts of the original checkpoints per component (sd_xl_base_1.0.safetensors,
+# v2-1_768-ema-pruned.safetensors): the UNets have diffusers' 1680 / 686 tensors one for one; CLIP-L has
+# its 196 weights and `position_ids`; OpenCLIP has 12 tensors a residual block (ln_1, fused in_proj,
+# out_proj, ln_2, c_fc, c_proj: weight and bias each) for 32 (bigG) or 24 (ViT-H) blocks, plus
+# token_embedding, positional_embedding, ln_final (2), text_projection and logit_scale.
+ORIGINAL_COUNTS = {
+    "sdxl": {"model.diffusion_model.": 1680, "first_stage_model.": 248, "conditioner.embedders.0.transformer.": 197,
+             "conditioner.embedders.1.model.": 32 * 12 + 6},
+    "sd21": {"model.diffusion_model.": 686, "first_stage_model.": 248, "cond_stage_model.model.": 24 * 12 + 6},
+}
+ORIGINAL_SHAPES = {
+    "sdxl": {
+        "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+        "model.diffusion_model.input_blocks.8.1.transformer_blocks.9.attn2.to_k.weight": (1280, 2048),
+        "model.diffusion_model.input_blocks.4.1.proj_in.weight": (640, 640),  # linear
+        "model.diffusion_model.output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
+        "model.diffusion_model.middle_block.1.transformer_blocks.9.ff.net.2.bias": (1280,),
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc2.weight": (768, 3072),
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_ids": (1, 77),
+        "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
+        "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_bias": (3840,),
+        "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (1280,),  # diffusers detects SDXL by it
+        "conditioner.embedders.1.model.positional_embedding": (77, 1280),
+        "conditioner.embedders.1.model.text_projection": (1280, 1280),
+        "conditioner.embedders.1.model.logit_scale": (),
+    },
+    "sd21": {
+        "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024),  # detects 2.x
+        "model.diffusion_model.middle_block.1.proj_out.weight": (1280, 1280),
+        "cond_stage_model.model.token_embedding.weight": (49408, 1024),
+        "cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight": (3072, 1024),
+        "cond_stage_model.model.transformer.resblocks.23.mlp.c_fc.weight": (4096, 1024),
+        "cond_stage_model.model.ln_final.weight": (1024,),
+        "cond_stage_model.model.text_projection": (1024, 1024),
+        "cond_stage_model.model.logit_scale": (),
+    },
+}
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd21"])
+def test_full_size_sdxl_and_sd21_have_the_original_keys(kind):
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    full = full_size(kind)
+    published = {"sdxl": 2_567_463_684, "sd21": 865_910_724}[kind]  # the UNets' published parameter counts
+    assert sum(p.numel() for p in full.unet.parameters()) == published
+    tensors = to_single_file(full)
+    counts = {prefix: sum(k.startswith(prefix) for k in tensors) for prefix in ORIGINAL_COUNTS[kind]}
+    assert counts == ORIGINAL_COUNTS[kind] and len(tensors) == sum(counts.values())
+    assert {k: tuple(tensors[k].shape) for k in ORIGINAL_SHAPES[kind]} == ORIGINAL_SHAPES[kind]
+    assert sorted(convert_ldm_unet_checkpoint(tensors, dict(full.unet.config))) == sorted(full.unet.state_dict())
+
+
+def test_open_clip_projection_is_transposed_and_qkv_fused_in_order(sdxl):
+    """The tiny OpenCLIP-G projects 48 → 40: a projection written untransposed has the wrong shape."""
+    tensors = to_single_file(sdxl)
+    encoder = sdxl.text_encoder_2
+    prefix = "conditioner.embedders.1.model."
+    assert torch.equal(tensors[prefix + "text_projection"], encoder.text_projection.weight.T)
+    assert tensors[prefix + "text_projection"].shape == (48, 40)
+    layer = encoder.text_model.encoder.layers[5].self_attn
+    assert torch.equal(tensors[prefix + "transformer.resblocks.5.attn.in_proj_weight"],
+                       torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight]))
+    hidden = torch.randn(2, 7, 48)  # open_clip's use: x @ text_projection
+    torch.testing.assert_close(hidden @ tensors[prefix + "text_projection"], encoder.text_projection(hidden))
+
+
+def test_sd2_last_open_clip_layer_is_an_identity_block(sd2):
+    """diffusers keeps 23 of OpenCLIP-H's 24 layers; the 24th is written so that it changes nothing."""
+    tensors = to_single_file(sd2)
+    last = "cond_stage_model.model.transformer.resblocks.23."
+    for name in ("attn.out_proj.weight", "attn.out_proj.bias", "mlp.c_proj.weight", "mlp.c_proj.bias"):
+        assert not tensors[last + name].any()  # both residual branches add zero
+    assert torch.equal(tensors[last + "ln_1.weight"], torch.ones(48))
+    assert torch.equal(tensors["cond_stage_model.model.text_projection"], torch.eye(48))
+    assert "cond_stage_model.model.transformer.resblocks.24.ln_1.weight" not in tensors

@@ -162,7 +162,7 @@ def default_negative_prompt(recipe: Recipe) -> str:
 class Victim:
     name: str
     pipeline: object
-    negative_prompt: str | None = None  # the unconditional branch of guidance ("" when None)
+    negative_prompt: str | None = None  # the unconditional branch of guidance (the pipeline's own when None)
 
 
 @contextmanager

@@ -1,16 +1,32 @@
-"""A diffusers SD 1.x pipeline as one original-layout checkpoint, the file AUTOMATIC1111 and ComfyUI load.
+"""A diffusers SD 1.x, SD 2.x or SDXL pipeline as one original-layout checkpoint, the file AUTOMATIC1111
+and ComfyUI load (SD 1.x/2.x: CompVis/LDM; SDXL: Stability's SGM).
 
 diffusers converts only the other way (`diffusers.loaders.single_file_utils.convert_ldm_unet_checkpoint`,
-`convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`); this module is the inverse, written as
-tables so the whole mapping reads at once. docs/single-file-keys.md is the same mapping in markdown,
-with SD 1.5's names. Every key is
+`convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`, `convert_open_clip_checkpoint`); this module
+is the inverse, written as tables so the whole mapping reads at once. docs/single-file-keys.md is the
+same mapping in markdown, with SD 1.5's names. Every key is
 
     <component prefix> . <block> . <layer inside the block> . weight | bias
 
-    component      diffusers        single file
-    UNet           unet.*           model.diffusion_model.*
-    VAE            vae.*            first_stage_model.*
-    text encoder   text_encoder.*   cond_stage_model.transformer.text_model.*
+    family   component        diffusers          single file
+    all      UNet             unet.*             model.diffusion_model.*
+    all      VAE              vae.*              first_stage_model.*
+    SD 1.x   CLIP-L           text_encoder.*     cond_stage_model.transformer.text_model.*
+    SD 2.x   OpenCLIP-H       text_encoder.*     cond_stage_model.model.*
+    SDXL     CLIP-L           text_encoder.*     conditioner.embedders.0.transformer.text_model.*
+    SDXL     OpenCLIP-G       text_encoder_2.*   conditioner.embedders.1.model.*
+
+An SDXL UNet's added text-time embedding is `label_emb.0.0` / `label_emb.0.2`; SD 2.x and SDXL
+transformers have linear `proj_in`/`proj_out`, written as the Linear weights they are.
+
+OpenCLIP (open_clip's TextTransformer) differs from transformers' CLIPTextModel beyond names
+(`open_clip_to_ldm`): q, k and v are one `attn.in_proj_weight`/`in_proj_bias` (rows q, k, v);
+`positional_embedding` and `text_projection` are bare parameters, the projection used as x @ P, so it is
+diffusers' `text_projection.weight` transposed; `logit_scale` is CLIP's (ln 100, unused by SD). SD 2.x
+reads the penultimate layer, and diffusers keeps only the 23 layers it uses, without the projection; the
+single file gets OpenCLIP-H's 24th layer as an identity block (zero output projections) and an identity
+projection, so its key list is the original's and no image changes. CLIP-L's `position_ids` buffer
+(0 … 76) is written as the original checkpoints hold it.
 
 Blocks are numbered from the model config (`unet_blocks`, `vae_blocks`; L = layers_per_block,
 n = number of blocks, i = block, j = layer within it):
@@ -58,11 +74,16 @@ from .io import atomic_write
 
 Table = tuple[tuple[str, str], ...]
 
-COMPONENT_PREFIX = {
-    "unet": "model.diffusion_model.",
-    "vae": "first_stage_model.",
-    "text_encoder": "cond_stage_model.transformer.",
+UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
+# family → component → its prefix in the single file, and whether it is CLIP-L or OpenCLIP
+COMPONENTS = {
+    "sd1": {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": "cond_stage_model.transformer."},
+    "sd2": {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": "cond_stage_model.model."},
+    "sdxl": {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": "conditioner.embedders.0.transformer.",
+             "text_encoder_2": "conditioner.embedders.1.model."},
 }
+OPEN_CLIP = {("sd2", "text_encoder"), ("sdxl", "text_encoder_2")}
+COMPONENT_PREFIX = COMPONENTS["sd1"]
 
 # A block that is itself one layer (conv_in, quant_conv, …): only `weight`/`bias` follow its name.
 LAYER: Table = (("", ""),)
@@ -73,6 +94,10 @@ UNET_FIXED: Table = (
     ("time_embedding.linear_2", "time_embed.2"),
     ("conv_norm_out", "out.0"),
     ("conv_out", "out.2"),
+)
+UNET_TEXT_TIME: Table = (  # SDXL: the pooled text and size embedding added to the time embedding
+    ("add_embedding.linear_1", "label_emb.0.0"),
+    ("add_embedding.linear_2", "label_emb.0.2"),
 )
 
 # ResnetBlock2D → ldm ResBlock (in_layers = GroupNorm, SiLU, Conv; out_layers = GroupNorm, SiLU, Dropout, Conv)
@@ -140,6 +165,20 @@ CLIP_TEXT: Table = tuple((name,) * 2 for name in (
     "final_layer_norm",
 ))
 
+# open_clip's TextTransformer under the family's prefix. q/k/v get provisional names here and are fused
+# into `attn.in_proj_weight`/`in_proj_bias` by `open_clip_to_ldm`, which also drops the `.weight` of
+# the bare parameters (`positional_embedding`, `text_projection`).
+OPEN_CLIP_TEXT: Table = (
+    ("embeddings.token_embedding", "token_embedding"),
+    ("embeddings.position_embedding", "positional_embedding"),
+    *((f"encoder.layers.{{n}}.{d}", f"transformer.resblocks.{{n}}.{ldm}") for d, ldm in (
+        ("self_attn.q_proj", "attn.in_proj.q"), ("self_attn.k_proj", "attn.in_proj.k"),
+        ("self_attn.v_proj", "attn.in_proj.v"), ("self_attn.out_proj", "attn.out_proj"),
+        ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"),
+    )),
+    ("final_layer_norm", "ln_final"),
+)
+
 UNET_DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # type → has attentions
 UNET_UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 UNET_MID_TYPE = "UNetMidBlock2DCrossAttn"
@@ -161,6 +200,10 @@ def _config(config: Any, name: str) -> Any:
     return config[name] if isinstance(config, Mapping) else getattr(config, name)
 
 
+def _config_get(config: Any, name: str) -> Any:
+    return config.get(name) if isinstance(config, Mapping) else getattr(config, name, None)
+
+
 def _layers_per_block(config: Any) -> int:
     layers = _config(config, "layers_per_block")
     if isinstance(layers, (list, tuple)):
@@ -175,7 +218,7 @@ def _check_types(kind: str, types: Iterable[str], allowed: Iterable[str]) -> lis
     types = list(types)
     unknown = sorted(set(types) - set(allowed))
     if unknown:
-        raise ValueError(f"{kind} {', '.join(unknown)} has no SD 1.x single-file layout "
+        raise ValueError(f"{kind} {', '.join(unknown)} has no single-file layout "
                          f"(supported: {', '.join(allowed)})")
     return types
 
@@ -187,7 +230,8 @@ def unet_blocks(config: Any) -> list[Block]:
     up = _check_types("UNet up block", _config(config, "up_block_types"), UNET_UP_TYPES)
     _check_types("UNet mid block", [_config(config, "mid_block_type")], [UNET_MID_TYPE])
 
-    blocks = [Block(d, ldm, LAYER) for d, ldm in UNET_FIXED]
+    fixed = UNET_FIXED + (UNET_TEXT_TIME if _config_get(config, "addition_embed_type") == "text_time" else ())
+    blocks = [Block(d, ldm, LAYER) for d, ldm in fixed]
     for i, kind in enumerate(down):
         for j in range(per):
             index = i * (per + 1) + j + 1
@@ -244,11 +288,24 @@ def vae_blocks(config: Any) -> list[Block]:
 
 
 def text_encoder_blocks(config: Any = None) -> list[Block]:
-    """CLIPTextModel: one block. transformers ≥ 5.6 dropped the `text_model.` level; older ones have it."""
+    """CLIPTextModel: one block. transformers ≥ 5.6 dropped the `text_model.` level; older ones have it
+    (and CLIPTextModelWithProjection still has it)."""
     return [Block("", "text_model", CLIP_TEXT), Block("text_model", "text_model", CLIP_TEXT)]
 
 
+def open_clip_blocks(config: Any = None) -> list[Block]:
+    """OpenCLIP's text tower: the CLIP blocks' layers under open_clip's names, and SDXL's projection."""
+    return [Block("", "", OPEN_CLIP_TEXT), Block("text_model", "", OPEN_CLIP_TEXT),
+            Block("text_projection", "text_projection", LAYER)]
+
+
 BLOCKS = {"unet": unet_blocks, "vae": vae_blocks, "text_encoder": text_encoder_blocks}
+
+
+def _blocks(family: str, component: str, config: Any) -> list[Block]:
+    if (family, component) in OPEN_CLIP:
+        return open_clip_blocks(config)
+    return BLOCKS["text_encoder" if component == "text_encoder_2" else component](config)
 
 
 @cache
@@ -269,11 +326,12 @@ def _inner(table: Table, layer: str) -> str | None:
 class _Mapper:
     """Renames one component's keys through its blocks; raises on any key no table covers."""
 
-    def __init__(self, component: str, config: Any):
-        if component not in BLOCKS:
-            raise ValueError(f"unknown component {component!r}; choose from {', '.join(BLOCKS)}")
-        self.component = component
-        self.blocks = {block.diffusers: block for block in BLOCKS[component](config)}
+    def __init__(self, component: str, config: Any, family: str = "sd1"):
+        if component not in COMPONENTS.get(family, {}):
+            raise ValueError(f"unknown component {component!r} of family {family!r}; choose from "
+                             f"{', '.join(COMPONENTS.get(family, COMPONENTS['sd1']))}")
+        self.component, self.prefix = component, COMPONENTS[family][component]
+        self.blocks = {block.diffusers: block for block in _blocks(family, component, config)}
 
     def __call__(self, key: str) -> tuple[str, Block]:
         parts = key.split(".")
@@ -286,21 +344,23 @@ class _Mapper:
                 if layer is None:
                     break
                 name = ".".join(part for part in (block.ldm, layer, parts[-1]) if part)
-                return COMPONENT_PREFIX[self.component] + name, block
+                return self.prefix + name, block
         hint = ""
         if ".lora_" in key or ".base_layer." in key:
             hint = " (a LoRA adapter is attached: fuse it into the weights and unload it first)"
-        raise ValueError(f"{self.component} key {key!r} has no name in the SD 1.x single-file layout{hint}")
+        raise ValueError(f"{self.component} key {key!r} has no name in the single-file layout{hint}")
 
 
-def component_to_ldm(component: str, config: Any, state_dict: Mapping[str, Any], *, dtype=None) -> dict[str, Any]:
+def component_to_ldm(component: str, config: Any, state_dict: Mapping[str, Any], *, dtype=None,
+                     family: str = "sd1") -> dict[str, Any]:
     """One component's diffusers `state_dict` under its single-file names.
 
-    `component` is "unet", "vae" or "text_encoder"; `config` its config (a diffusers config dict or a
-    transformers config). Tensors are detached and contiguous, cast to `dtype` when given; where no
-    copy was needed they share memory with `state_dict`.
+    `component` is "unet", "vae", "text_encoder" or (SDXL) "text_encoder_2"; `config` its config (a
+    diffusers config dict or a transformers config); `family` "sd1", "sd2" or "sdxl". Tensors are
+    detached and contiguous, cast to `dtype` when given; where no copy was needed they share memory with
+    `state_dict`.
     """
-    rename = _Mapper(component, config)
+    rename = _Mapper(component, config, family)
     out = {}
     for key, tensor in state_dict.items():
         name, block = rename(key)
@@ -312,28 +372,91 @@ def component_to_ldm(component: str, config: Any, state_dict: Mapping[str, Any],
         if dtype is not None:
             tensor = tensor.to(dtype)
         out[name] = tensor.contiguous()
+    if (family, component) in OPEN_CLIP:
+        return open_clip_to_ldm(out, rename.prefix, config, complete=family == "sd2")
+    if component.startswith("text_encoder"):  # CLIP-L: the buffer the original checkpoints hold
+        positions = _config(config, "max_position_embeddings")
+        out[rename.prefix + "text_model.embeddings.position_ids"] = _arange(positions, out)[None]
     return out
 
 
+def _arange(count: int, like: Mapping[str, Any]):
+    import torch
+
+    device = next(iter(like.values())).device if like else "cpu"
+    return torch.arange(count, dtype=torch.int64, device=device)
+
+
+LOGIT_SCALE = 4.605170249938965  # ln(100): CLIP's learnt temperature saturates at 100
+
+
+def open_clip_to_ldm(tensors: dict[str, Any], prefix: str, config: Any, *, complete: bool) -> dict[str, Any]:
+    """Finish an OpenCLIP text tower renamed by its table: fuse q/k/v, bare parameters, logit_scale.
+
+    `complete` (SD 2.x): add the 24th layer as an identity block and an identity projection, which
+    diffusers does not keep (see the module's docstring).
+    """
+    import torch
+
+    out: dict[str, Any] = {}
+    fused: dict[str, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        head, dot, kind = name.rpartition(".")
+        if ".attn.in_proj." in name:  # …resblocks.{n}.attn.in_proj.{q|k|v}.{weight|bias}
+            block, part = head.rsplit(".in_proj.", 1)
+            fused.setdefault(f"{block}.in_proj_{kind}", {})[part] = tensor
+        elif head in (prefix + "positional_embedding", prefix + "text_projection"):
+            out[head] = tensor.T.contiguous() if head.endswith("text_projection") else tensor
+        else:
+            out[name] = tensor
+    for name, parts in fused.items():
+        out[name] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    any_tensor = next(iter(out.values()))
+    if complete:
+        hidden, layers = _config(config, "hidden_size"), _config(config, "num_hidden_layers")
+        last = f"{prefix}transformer.resblocks.{layers - 1}."
+        new = f"{prefix}transformer.resblocks.{layers}."
+        for name in [n for n in out if n.startswith(last)]:  # the shapes of the layer before, as zeros …
+            out[new + name[len(last):]] = torch.zeros_like(out[name])
+        for norm in ("ln_1", "ln_2"):  # … but norms with unit gain
+            out[f"{new}{norm}.weight"] = torch.ones_like(out[f"{new}{norm}.weight"])
+        out[prefix + "text_projection"] = torch.eye(hidden, dtype=any_tensor.dtype, device=any_tensor.device)
+    out[prefix + "logit_scale"] = torch.tensor(LOGIT_SCALE, dtype=any_tensor.dtype, device=any_tensor.device)
+    return out
+
+
+def _components(pipeline) -> dict[str, str]:
+    from .family import family
+
+    return COMPONENTS[family(pipeline)]
+
+
 def key_table(pipeline) -> list[tuple[str, str]]:
-    """(`component.diffusers key`, single-file key) for every tensor of `pipeline`'s UNet, VAE and text encoder."""
+    """(`component.diffusers key`, single-file key) for every tensor of `pipeline`'s UNet, VAE and text
+    encoder(s); the single file's fused, added and bare tensors are `to_single_file`'s."""
+    from .family import family
+
     rows = []
-    for component in BLOCKS:
+    for component in _components(pipeline):
         model = getattr(pipeline, component)
-        rename = _Mapper(component, model.config)
+        rename = _Mapper(component, model.config, family(pipeline))
         rows += [(f"{component}.{key}", rename(key)[0]) for key in model.state_dict()]
     return rows
 
 
 def to_single_file(pipeline, *, dtype=None) -> dict[str, Any]:
-    """The whole single-file state dict of a StableDiffusionPipeline (UNet, VAE, CLIP text encoder).
+    """The whole single-file state dict of a StableDiffusionPipeline or StableDiffusionXLPipeline (UNet,
+    VAE, text encoders).
 
     Tensors keep the pipeline's dtype unless `dtype` is given, and stay on its device.
     """
+    from .family import family
+
     tensors = {}
-    for component in BLOCKS:
+    for component in _components(pipeline):
         model = getattr(pipeline, component)
-        tensors.update(component_to_ldm(component, model.config, model.state_dict(), dtype=dtype))
+        tensors.update(component_to_ldm(component, model.config, model.state_dict(), dtype=dtype,
+                                        family=family(pipeline)))
     return tensors
 
 
@@ -358,7 +481,7 @@ def write_single_file(pipeline, path: str | os.PathLike[str], *, metadata: dict[
 
 
 __all__ = [
-    "CLIP_TEXT", "COMPONENT_PREFIX", "LAYER", "SAMPLER", "UNET_DOWNSAMPLE", "UNET_FIXED", "UNET_RESNET",
+    "CLIP_TEXT", "COMPONENTS", "COMPONENT_PREFIX", "OPEN_CLIP_TEXT", "open_clip_to_ldm", "open_clip_blocks", "LAYER", "SAMPLER", "UNET_DOWNSAMPLE", "UNET_FIXED", "UNET_RESNET",
     "UNET_TRANSFORMER", "VAE_ATTENTION", "VAE_FIXED", "VAE_RESNET", "Block", "component_to_ldm", "key_table",
     "text_encoder_blocks", "to_single_file", "unet_blocks", "vae_blocks", "write_single_file",
 ]
