@@ -35,6 +35,15 @@ def sd2():
 
 
 @pytest.fixture(scope="module")
+def sd2_shield(sd2, tmp_path_factory):
+    """Trained with the velocity target: SD 2.1's scheduler predicts v."""
+    folder = tmp_path_factory.mktemp("sd2")
+    recipe = load_recipe(ADAPTERS / "toy-circle.toml", TINY)
+    return train_adapter(recipe, folder / "circle.safetensors", cache_dir=folder / "cache", pipeline=sd2,
+                         progress=False).adapter
+
+
+@pytest.fixture(scope="module")
 def sdxl_shield(sdxl, tmp_path_factory):
     folder = tmp_path_factory.mktemp("sdxl")
     recipe = load_recipe(ADAPTERS / "toy-circle.toml", TINY)
@@ -72,6 +81,15 @@ def test_velocity_target_where_the_scheduler_predicts_v(sd2):
     torch.testing.assert_close(fam.training_target(sd2.scheduler, latents, noise, a),
                                sd2.scheduler.get_velocity(latents, noise, t))
 
+    from types import SimpleNamespace
+
+    from dt_lora.train import StepContext  # training's own noising: it returns the velocity as the target
+    ctx = SimpleNamespace(scheduler=sd2.scheduler, alphas_cumprod=sd2.scheduler.alphas_cumprod, num_timesteps=1000,
+                          device=torch.device("cpu"))
+    noisy, target, t = StepContext.add_noise(ctx, latents, torch.Generator().manual_seed(3))
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(3))  # the same draw
+    torch.testing.assert_close(target, sd2.scheduler.get_velocity(latents, noise, t))
+
 
 @pytest.mark.parametrize("kind", ["sdxl", "sd2"])
 def test_folders_load_as_their_family(kind, tmp_path):
@@ -107,19 +125,50 @@ def test_sdxl_shield_trains_records_its_family_and_stacks(sdxl, sdxl_shield):
     assert image.shape == (1, 64, 64, 3)
 
 
-def test_sd2_v_prediction_shield_trains(sd2, tmp_path):
-    recipe = load_recipe(ADAPTERS / "toy-circle.toml", TINY)
-    result = train_adapter(recipe, tmp_path / "circle.safetensors", cache_dir=tmp_path / "cache", pipeline=sd2,
-                           progress=False)
-    assert read_adapter(result.adapter).concepts[0]["family"] == "sd2"
-    assert 0 < result.final_loss < 10  # the velocity target is on the scale of the UNet's output
+def test_sd2_v_prediction_shield_trains(sd2_shield):
+    assert read_adapter(sd2_shield).concepts[0]["family"] == "sd2"
 
 
-def test_a_shield_of_another_family_is_refused_naming_both(sdxl_shield):
+def test_sd2_shield_exports_for_kohya_and_bakes(sd2, sd2_shield, tmp_path):
+    """SD 2.x keeps diffusers' module names in kohya's layout, as sd-scripts names them."""
+    from dt_lora.bake import bake, fuse_adapters
+    from dt_lora.export import write_kohya
+
+    kohya = write_kohya(tmp_path / "kohya.safetensors", read_adapter(sd2_shield))
+    inputs = fam.encode_prompts(sd2, ["a red circle"]).unet_inputs()
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([700])
+    with torch.no_grad():
+        load_adapters(sd2, [sd2_shield])
+        try:
+            stacked = sd2.unet(x, t, **inputs).sample
+        finally:
+            unload_adapters(sd2)
+        sd2.load_lora_weights(str(kohya), adapter_name="kohya")
+        try:
+            exported = sd2.unet(x, t, **inputs).sample
+        finally:
+            unload_adapters(sd2)
+    torch.testing.assert_close(exported, stacked, rtol=1e-5, atol=1e-6)
+    base = tmp_path / "base"
+    sd2.save_pretrained(base, safe_serialization=True)
+    baked = load_pipeline(bake(str(base), [sd2_shield], tmp_path / "baked", dtype=torch.float32).out)
+    assert baked.scheduler.config.prediction_type == "v_prediction"
+    fuse_adapters(expected := load_pipeline(base), [sd2_shield])
+    assert all(torch.equal(baked.unet.state_dict()[k], v) for k, v in expected.unet.state_dict().items())
+
+
+def test_a_shield_of_another_family_is_refused_naming_both(sdxl, sdxl_shield, tmp_path):
     from sd15_tiny import build
+
+    from dt_lora.adapters import write_adapter
 
     with pytest.raises(AdapterError, match=r"circle.safetensors: toy-circle is an SDXL shield and this base is SD 1\.x"):
         load_adapters(build(), [sdxl_shield])
+    labelled_sd1 = read_adapter(sdxl_shield)  # the reverse: a shield that says SD 1.x, on the SDXL base
+    labelled_sd1.concepts[0]["family"] = "sd1"
+    path = write_adapter(tmp_path / "sd1.safetensors", labelled_sd1)
+    with pytest.raises(AdapterError, match=r"sd1.safetensors: toy-circle is an SD 1\.x shield and this base is SDXL"):
+        load_adapters(sdxl, [path])
 
 
 def test_kohya_export_of_an_sdxl_shield_uses_sgm_names_and_draws_as_the_stack(sdxl, sdxl_shield, tmp_path):
@@ -148,7 +197,7 @@ def test_kohya_export_of_an_sdxl_shield_uses_sgm_names_and_draws_as_the_stack(sd
         try:
             exported = sdxl.unet(x, t, **inputs).sample
         finally:
-            sdxl.delete_adapters(["kohya"])
+            unload_adapters(sdxl)
     torch.testing.assert_close(exported, stacked, rtol=1e-5, atol=1e-6)
 
 
@@ -240,3 +289,15 @@ def test_an_sdxl_shield_bakes_into_a_model_that_diffusers_and_controlnet_load(sd
         assert torch.equal(baked.unet.state_dict()[name], tensor), name
     controlnet = ControlNetModel.from_unet(baked.unet)  # SDXL ControlNets are made from the UNet as well
     assert controlnet.config.addition_embed_type == "text_time"
+
+
+def test_an_sd15_recipe_on_an_sdxl_base_warns_about_its_resolution(sdxl, tmp_path, capsys):
+    recipe = load_recipe(ADAPTERS / "sd15-style-vangogh.toml", {**TINY, "train.steps": "1"})
+    assert recipe.resolution == 512
+    train_adapter(recipe, tmp_path / "vangogh.safetensors", cache_dir=tmp_path / "cache", pipeline=sdxl, progress=False)
+    warning = capsys.readouterr().err
+    assert "train.mixed_precision = 'fp16' is for CUDA; training in float32 on cpu" in warning  # not a torch error
+    assert ("warning: recipe 'sd15-style-vangogh' was written for 512 px images (resolution), and this SDXL base "
+            "draws 64 px: scramble.grid 8 cuts 8 px tiles instead of 64 px") in warning
+    assert load_recipe(ADAPTERS / "toy-circle.toml").resolution_warning(32, "SD 1.x") is None  # not stated
+    assert load_recipe(ADAPTERS / "sd15-style-vangogh.toml").resolution_warning(512, "SD 1.x") is None

@@ -204,3 +204,37 @@ def test_git_and_the_wheel_see_every_package_file():
     assert len(sources) > 40
     ignored = subprocess.run(["git", "check-ignore", "--no-index", *sources], cwd=package, capture_output=True, text=True)
     assert ignored.returncode == 1, ignored.stdout + ignored.stderr  # 1: none of them is ignored
+
+
+# ---- the toy SDXL: SDXL's architecture and conditioning on the same world, scored by the same evaluator
+
+
+@pytest.fixture(scope="module")
+def sdxl_quality():
+    return measure(toy.load(model_dir=toy.SDXL_MODEL_DIR), toy.load_evaluator(), per_combination=8)
+
+
+def test_toy_sdxl_is_a_genuine_sdxl_pipeline_loadable_offline():
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from dt_lora.family import family
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(toy.SDXL_MODEL_DIR, local_files_only=True)
+    assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.text_encoder_2, CLIPTextModelWithProjection)
+    assert family(pipe) == "sdxl" and pipe.unet.config.down_block_types[0] == "DownBlock2D"
+    assert pipe.tokenizer_2.pad_token == "!" and pipe.config.force_zeros_for_empty_prompt
+    assert type(load_pipeline("toy-sdxl")).__name__ == "StableDiffusionXLPipeline"
+    files = [p for p in toy.SDXL_MODEL_DIR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 16 * 1024 * 1024
+    assert all(p.suffix == ".safetensors" for p in files if p.suffix in (".bin", ".pt", ".ckpt", ".safetensors"))
+
+
+@pytest.mark.slow  # draws every (shape, colour) pair
+def test_toy_sdxl_draws_every_shape_and_colour_as_its_card_says(sdxl_quality):
+    card = json.loads((toy.SDXL_MODEL_DIR / "quality.json").read_text())
+    for kind, rates in (("shape", sdxl_quality.generations.shape_rates),
+                        ("colour", sdxl_quality.generations.colour_rates)):
+        for concept, rate in rates.items():
+            assert rate >= 0.90, (kind, concept)
+            assert card[kind][concept] == pytest.approx(rate, abs=0.02), (kind, concept)

@@ -46,7 +46,8 @@ import torch.nn.functional as F
 
 from . import distributed
 from .data import ANCHOR_SEED_BASE, TARGET_SEED_BASE, encode_pixels
-from .family import Conditioning, encode_ids, encode_prompts, text_encoders, training_target, unconditional_prompt
+from .family import (Conditioning, encode_ids, encode_prompts, ids_for_encoders, text_encoders, training_target,
+                     unconditional_prompt)
 from .generate import generate_images, image_grid
 from .io import atomic_write
 from .recipe import Recipe
@@ -201,8 +202,6 @@ class _Objective:
         unconditional = (encode_prompts(pipeline, [victim.negative_prompt]) if victim.negative_prompt
                          else unconditional_prompt(pipeline))
         self.unconditional = unconditional.to(self.device)
-        # SDXL's second tokenizer pads with its own token after the end of the text
-        self.pad_ids = [pipeline.tokenizer_2.pad_token_id] if len(self.encoders) > 1 else []
 
     @property
     def input_embeddings(self) -> list[torch.Tensor]:
@@ -243,8 +242,6 @@ class _Objective:
         transformers' CLIPTextModel takes input ids only (no `inputs_embeds`), so the replacement is a
         forward hook on its token embedding: position embeddings, causal mask and layers stay as they are.
         """
-        after_end = torch.arange(ids.shape[1]) > (ids == self.tokenizer.eos_token_id).int().argmax(1, keepdim=True)
-        all_ids = [ids] + [torch.where(after_end, pad, ids) for pad in self.pad_ids]
         handles = []
         for encoder, replacement in zip(self.encoders, free or ()):
             def replace(module, inputs, output, replacement=replacement):
@@ -254,7 +251,7 @@ class _Objective:
 
             handles.append(encoder.get_input_embeddings().register_forward_hook(replace))
         try:
-            return encode_ids(self.pipeline, all_ids)
+            return encode_ids(self.pipeline, ids_for_encoders(self.pipeline, ids))
         finally:
             for handle in handles:
                 handle.remove()

@@ -1,4 +1,5 @@
-"""Base models: `toy` (the embedded toy world), a local diffusers folder, or a Hugging Face Hub id.
+"""Base models: `toy` (the embedded toy world; `toy-sdxl` its SDXL twin), a local diffusers folder, or a
+Hugging Face Hub id.
 
 Every command that takes `--base` loads it here, through the ordinary diffusers `from_pretrained` of the
 pipeline class that `model_index.json` names: `StableDiffusionPipeline` (SD 1.x and 2.x) or
@@ -18,6 +19,7 @@ from pathlib import Path
 from .errors import UnsafeWeights, UserError
 
 TOY = "toy"
+TOY_SDXL = "toy-sdxl"  # the toy world's SDXL-architecture pipeline
 ALLOW_PICKLE_ENV = "DT_LORA_ALLOW_PICKLE"
 ALLOW_PICKLE_FLAG = "--allow-pickle"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -66,8 +68,8 @@ def _refuse_pickle_only_components(folder: Path, index: dict) -> None:
 def describe(base: str | os.PathLike) -> str:
     """A stable identifier for metadata: 'toy', a resolved local path, or the Hub id."""
     base = str(base)
-    if base == TOY:
-        return TOY
+    if base in (TOY, TOY_SDXL):
+        return base
     path = Path(base).expanduser()
     return str(path.resolve()) if path.exists() else base
 
@@ -108,10 +110,10 @@ def load_pipeline(base: str | os.PathLike = TOY, *, device: str = "cpu", dtype=N
 
     base = str(base)
     dtype = dtype or torch.float32
-    if base == TOY:
+    if base in (TOY, TOY_SDXL):
         from . import toy
 
-        return toy.load(device=device, dtype=dtype)
+        return toy.load(device=device, dtype=dtype, model_dir=toy.SDXL_MODEL_DIR if base == TOY_SDXL else None)
 
     path = Path(base).expanduser()
     looks_local = path.exists() or base.startswith((".", "/", "~")) or base.count("/") > 1

@@ -54,7 +54,8 @@ def _adapter_arg(text: str) -> tuple[Path, float]:
 
 def _add_base_arguments(parser: argparse.ArgumentParser) -> None:
     """`--base` and `--allow-pickle` (base models load from .safetensors only unless trusted)."""
-    parser.add_argument("--base", default="toy", help="toy (default), a diffusers folder, or a Hub id")
+    parser.add_argument("--base", default="toy", help="toy (default), toy-sdxl, a diffusers folder (SD 1.x, 2.x or "
+                        "SDXL), or a Hub id")
     parser.add_argument("--allow-pickle", action="store_true", default=None,
                         help="also load pickled .bin/.ckpt weights (only for a model you trust: unpickling "
                         "can run code); or set DT_LORA_ALLOW_PICKLE=1")
@@ -568,6 +569,8 @@ def add_demo_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--out", type=Path, default=Path("dt-lora-demo"), help="default: dt-lora-demo")
     parser.add_argument("--recipes", type=Path, default=None,
                         help="folder with toy-circle.toml and toy-red.toml (default: the shipped recipes)")
+    parser.add_argument("--base", default="toy", choices=["toy", "toy-sdxl"],
+                        help="the toy SD (default) or the toy SDXL")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run_demo)
 
@@ -575,7 +578,7 @@ def add_demo_command(subparsers: argparse._SubParsersAction) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from dt_lora.demo import run_demo as demo
 
-    result = demo(args.out, recipes=args.recipes, progress=not args.quiet)
+    result = demo(args.out, recipes=args.recipes, progress=not args.quiet, base=args.base)
     print(f"report: {result.report} ({result.seconds:.0f} s"
           + (f"; trained {', '.join(result.trained)}" if result.trained else "; shields reused") + ")")
     return 0

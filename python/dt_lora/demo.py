@@ -4,7 +4,7 @@ shield "circle" → shield "red" → merge both exactly → bake the merged shie
 evaluate the baked model against the base (and the base with a negative prompt) → report.
 
 Everything lands in one folder; a second run reuses the trained shields (and their data caches) and
-only bakes and evaluates again.
+only bakes and evaluates again. `base="toy-sdxl"` runs it on the toy SDXL, with the same recipes.
 """
 
 from __future__ import annotations
@@ -48,8 +48,7 @@ def _reusable(path: Path, name: str, fingerprint: str) -> bool:
 
 
 def run_demo(out: str | Path = "dt-lora-demo", *, recipes: str | Path | None = None, progress: bool = True,
-             log=print) -> DemoResult:
-    from . import toy
+             log=print, base: str = "toy") -> DemoResult:
     from .bake import bake
     from .base import load_pipeline, unet_fingerprint
     from .evaluate import ToyScorer, evaluate_shields
@@ -60,7 +59,7 @@ def run_demo(out: str | Path = "dt-lora-demo", *, recipes: str | Path | None = N
     started = time.perf_counter()
     out = Path(out)
     folder = find_recipes(recipes)
-    pipeline = toy.load()
+    pipeline = load_pipeline(base)
     fingerprint = unet_fingerprint(pipeline.unet)
     loaded = [load_recipe(folder / f"toy-{c}.toml") for c in CONCEPTS]
 
@@ -83,7 +82,7 @@ def run_demo(out: str | Path = "dt-lora-demo", *, recipes: str | Path | None = N
 
     baked = out / "toy-shielded"
     log(f"[4/5] bake the merged shields into a full model: {baked}")
-    bake("toy", [merged], baked, overwrite=True)
+    bake(base, [merged], baked, overwrite=True)
 
     log("[5/5] evaluate the baked model against the base and a negative-prompt baseline")
     report = evaluate_shields(pipeline, loaded, out / "report", shielded_pipeline=load_pipeline(baked),

@@ -118,6 +118,18 @@ def prompt_ids(pipeline, prompts: Sequence[str]) -> list[torch.Tensor]:
     return [tokenize(tokenizer, prompts) for tokenizer in tokenizers]
 
 
+def ids_for_encoders(pipeline, ids: torch.Tensor) -> list[torch.Tensor]:
+    """`prompt_ids` from the first tokenizer's ids (P, L), for prompts that exist as ids only (the attack's).
+
+    SDXL's two tokenizers share the vocabulary and differ only in padding: OpenCLIP-G's pads with "!"
+    after the end token, where CLIP-L's repeats the end token.
+    """
+    if family(pipeline) != SDXL:
+        return [ids]
+    after_end = torch.arange(ids.shape[1]) > (ids == pipeline.tokenizer.eos_token_id).int().argmax(1, keepdim=True)
+    return [ids, torch.where(after_end, pipeline.tokenizer_2.pad_token_id, ids)]
+
+
 def text_encoders(pipeline) -> list:
     return [pipeline.text_encoder] + ([pipeline.text_encoder_2] if family(pipeline) == SDXL else [])
 

@@ -141,6 +141,9 @@ class SamplingConfig:
 class Recipe:
     name: str
     base: str = "toy"
+    # the image side (px) the recipe's settings were chosen for (its grid's tile size assumes it); 0: not
+    # stated. Images are always drawn at the base model's own size; on another size, train warns.
+    resolution: int = 0
     target: TargetSet = field(default_factory=TargetSet)
     anchors: PromptSet = field(default_factory=lambda: PromptSet(images=96))
     scramble: ScrambleConfig = field(default_factory=ScrambleConfig)
@@ -171,6 +174,8 @@ class Recipe:
 
         if not self.name:
             fail("name", "must not be empty")
+        if self.resolution < 0:
+            fail("resolution", f"must be 0 (not stated) or the image side in pixels, got {self.resolution}")
         if not SAFE_NAME.fullmatch(self.name) or len(self.name) > 200:
             fail("name", f"{self.name!r} is not a safe file name: use letters, digits, '.', '_' and '-', "
                          "starting with a letter or digit")
@@ -234,6 +239,16 @@ class Recipe:
             fail("train.optimizer", f"must be 'adamw8bit' or 'adamw', got {self.train.optimizer!r}")
         if self.train.mixed_precision not in ("no", "fp16", "bf16"):
             fail("train.mixed_precision", f"must be 'no', 'fp16' or 'bf16', got {self.train.mixed_precision!r}")
+
+    def resolution_warning(self, image_side: int, family: str) -> str | None:
+        """A warning when the recipe was written for another image size than the base draws (an SD 1.x
+        recipe's 512 px on SDXL's 1024 px): its grid then cuts tiles of another size."""
+        if not self.resolution or self.resolution == image_side:
+            return None
+        grid = self.scramble.grid
+        return (f"recipe {self.name!r} was written for {self.resolution} px images (resolution), and this {family} "
+                f"base draws {image_side} px: scramble.grid {grid} cuts {image_side // grid} px tiles instead of "
+                f"{self.resolution // grid} px. Check scramble.grid for this base, then set resolution = {image_side}")
 
     def validate_image_size(self, image_side: int, latent_side: int) -> None:
         """The checks that need the base model: the scramble grid must tile its images exactly.

@@ -25,10 +25,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -39,7 +40,7 @@ from . import __version__, distributed
 from .adapters import AdapterFile, write_adapter
 from .base import describe, load_pipeline, unet_fingerprint
 from .data import ConceptData, data_key, generation_dtype, image_size, prepare_data
-from .family import Conditioning, encode_prompts, family, training_target
+from .family import Conditioning, encode_prompts, family, label, training_target
 from .io import atomic_write
 from .locality import prompts_in_context, shield_directions
 from .recipe import Recipe, RecipeError
@@ -133,7 +134,7 @@ def adapters_disabled(unet) -> Iterator[None]:
 
 CHECKPOINT = "checkpoint.safetensors"
 # recipe keys that change neither the data nor what is trained: a run may resume with them changed
-RESUMABLE_CHANGES = ("train.checkpoint_every", "train.sample_every", "train.gradient_checkpointing")
+RESUMABLE_CHANGES = ("train.checkpoint_every", "train.sample_every", "train.gradient_checkpointing", "resolution")
 
 
 def run_identity(recipe: Recipe, base_fingerprint: str, data: str, processes: int = 1) -> dict:
@@ -436,6 +437,13 @@ def train_adapter(
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work")
     optimizer_class(recipe.train.optimizer)
+    device = distributed.state().device
+    if recipe.train.mixed_precision == "fp16" and device.type != "cuda":
+        # float16 autocast is CUDA's: elsewhere the UNet would be cast to float16 and its float32 inputs refused
+        if distributed.is_main():
+            print(f"[dt-lora] note: train.mixed_precision = 'fp16' is for CUDA; training in float32 on {device}",
+                  file=sys.stderr, flush=True)
+        recipe = replace(recipe, train=replace(recipe.train, mixed_precision="no"))
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)
     if pipeline is None:
         pipeline = load_pipeline(recipe.base, device=str(accelerator.device))
@@ -459,6 +467,9 @@ def _train_single(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, 
     unet = pipeline.unet
     # everything that can be refused is refused here, before minutes of data generation
     recipe.validate_image_size(image_size(pipeline), unet.config.sample_size)
+    warning = recipe.resolution_warning(image_size(pipeline), label(family(pipeline)))
+    if warning and accelerator.is_main_process:
+        print(f"[dt-lora] warning: {warning}", file=sys.stderr, flush=True)
     fingerprint = unet_fingerprint(unet)
     checkpoint = Checkpoint(work, run_identity(recipe, fingerprint, data_key(
         recipe, fingerprint, generation=generation_dtype(pipeline, recipe)), accelerator.num_processes))

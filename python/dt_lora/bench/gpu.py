@@ -5,6 +5,8 @@ Stages, each in a fresh Python process (so each peak is its own, and one failure
   unet-b1    LoRA training steps on SD 1.5's UNet (random weights) at 512 px: fp16 autocast, bitsandbytes
              AdamW8bit, gradient checkpointing, batch 1, 30 timed steps (`bench train`'s `measure`)
   unet-b4    the same with batch 4
+  unet-sdxl  the same on SDXL's UNet at 1024 px (batch 1), its pooled embedding and size ids given with the
+             random text states, as cached text-encoder outputs (goal: <= 10 GB, kohya's recommendation)
   build      a random-weight pipeline with SD 1.5's layout and sizes (UNet, VAE and CLIP text encoder
              from SD 1.5's configs, the toy world's tokenizer with 77 tokens), saved as a diffusers folder
   train      `dt-lora train adapters/sd15-style-vangogh.toml --base FOLDER` with reduced counts (8 target
@@ -63,10 +65,10 @@ TEXT_TOKENS = 77  # SD 1.5's prompt length; the toy tokenizer's vocabulary, padd
 
 # Reduced counts for the SD 1.5 recipe, so that the whole check stays far below 8 minutes on an H100;
 # `--tiny` shrinks them further for the CPU smoke run.
-FULL = {"unet_model": "sd15", "unet_steps": 30, "train_flags": {
+FULL = {"unet_model": "sd15", "sdxl_model": "sdxl", "unet_steps": 30, "train_flags": {
     "target-images": 8, "anchors-images": 8, "sampling-steps": 10, "sampling-batch-size": 8,
     "train-steps": 30, "train-checkpoint-every": 10}, "generate_steps": 25, "toy_overrides": {}}
-TINY = {"unet_model": "toy", "unet_steps": 2, "train_flags": {
+TINY = {"unet_model": "toy", "sdxl_model": "toy-sdxl", "unet_steps": 2, "train_flags": {
     "target-images": 4, "anchors-images": 4, "sampling-steps": 2, "sampling-batch-size": 4,
     "train-steps": 3, "train-checkpoint-every": 2}, "generate_steps": 2, "toy_overrides": {
     # fewer prompts to evaluate, drawn with the toy's own sampler, so that its base rates stay 1.00
@@ -331,7 +333,7 @@ def stage_toy(device: str, work: str, tiny: bool) -> dict:
 
 STAGE_FUNCTIONS = {"build": stage_build, "train": stage_train, "bake": stage_bake, "generate": stage_generate,
                    "toy": stage_toy}
-STAGES = ("unet-b1", "unet-b4", *STAGE_FUNCTIONS)
+STAGES = ("unet-b1", "unet-b4", "unet-sdxl", *STAGE_FUNCTIONS)
 NEEDS = {"train": "build", "bake": "train", "generate": "bake"}
 
 
@@ -347,11 +349,11 @@ def run_stage(stage: str, **kwargs) -> dict:
 # ---------------------------------------------------------------- the check
 
 
-def _unet_row(stage: str, batch: int, device: str, tiny: bool, timeout: float) -> dict:
+def _unet_row(stage: str, batch: int, device: str, tiny: bool, timeout: float, model_key: str = "unet_model") -> dict:
     sizes = TINY if tiny else FULL
 
     def run(optimizer: str) -> dict:
-        config = dict(model=sizes["unet_model"], device=device, gradient_checkpointing=True, optimizer=optimizer,
+        config = dict(model=sizes[model_key], device=device, gradient_checkpointing=True, optimizer=optimizer,
                       steps=sizes["unet_steps"], warmup=1, rank=8, batch=batch)
         return train_bench.run_configuration(config, timeout=timeout)
 
@@ -462,7 +464,9 @@ def run(args: argparse.Namespace) -> int:
             else:
                 timeout = max(30.0, min(args.stage_timeout, args.deadline + 60 - elapsed))
                 stage_started = time.perf_counter()
-                if stage.startswith("unet-b"):
+                if stage == "unet-sdxl":
+                    row = _unet_row(stage, 1, device, args.tiny, timeout, model_key="sdxl_model")
+                elif stage.startswith("unet-b"):
                     row = _unet_row(stage, int(stage.removeprefix("unet-b")), device, args.tiny, timeout)
                 else:
                     spec = {"stage": stage, "device": device, "work": str(work), "tiny": args.tiny}
@@ -489,12 +493,16 @@ def run(args: argparse.Namespace) -> int:
     unet_b1 = next((r.get("unet") for r in rows if r["stage"] == "unet-b1"), None)
     if unet_b1 is not None and not args.tiny:
         payload["goal"] = train_bench.target_line([unet_b1], device)
+    unet_sdxl = next((r.get("unet") for r in rows if r["stage"] == "unet-sdxl"), None)
+    if unet_sdxl is not None and not args.tiny:
+        payload["sdxl_goal"] = train_bench.target_line([unet_sdxl], device, model="sdxl")
     _write_json(args.out, payload)
     print()
     print(markdown_table(rows))
     print()
-    if "goal" in payload:
-        print(payload["goal"])
+    for goal in ("goal", "sdxl_goal"):
+        if goal in payload:
+            print(payload[goal])
     print(f"total {payload['total_seconds']:.0f} s; {load_note()}")
     failed = [r["stage"] for r in rows if "error" in r]
     if failed:

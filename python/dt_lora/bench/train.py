@@ -40,21 +40,31 @@ from pathlib import Path
 
 from dt_lora.bench import load_note
 
-MODELS = ("toy", "sd15")
+MODELS = ("toy", "sd15", "sdxl", "toy-sdxl")
 OPTIMIZERS = ("adamw", "adamw8bit")
 SD15_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sd15_unet.json"
+SDXL_CONFIG = SD15_CONFIG.with_name("sdxl_unet.json")
 TARGET = "SD 1.5 LoRA training at 512 px in <= 6 GB GPU memory (fp16, 8-bit AdamW, gradient checkpointing)"
 TARGET_BYTES = 6 * 2**30
+# kohya's SDXL LoRA training: 8 GB minimum, 10 recommended
+SDXL_TARGET = ("SDXL LoRA training at 1024 px in <= 10 GB GPU memory (fp16, 8-bit AdamW, gradient checkpointing, "
+               "cached text outputs)")
+SDXL_TARGET_BYTES = 10 * 2**30
 GIB = 2**30
 RESULT_TAG = "DT_LORA_BENCH_RESULT "  # the worker's one JSON line on stdout starts with this
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 # latents (channels, height, width) and text embeddings (tokens, width) per model
-SHAPES = {"toy": ((4, 8, 8), (16, 64)), "sd15": ((4, 64, 64), (77, 768))}
+SHAPES = {"toy": ((4, 8, 8), (16, 64)), "sd15": ((4, 64, 64), (77, 768)), "sdxl": ((4, 128, 128), (77, 2048)),
+          "toy-sdxl": ((4, 8, 8), (16, 128))}
+# SDXL's added conditioning: the pooled embedding's width and the image side in the size ids. Text inputs
+# are random tensors in every row, as cached text-encoder outputs: no text encoder is loaded.
+ADDED = {"sdxl": (1280, 1024), "toy-sdxl": (64, 32)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", default="toy,sd15", help="comma-separated, from: toy, sd15 (default: toy,sd15)")
+    parser.add_argument("--models", default="toy,sd15",
+                        help=f"comma-separated, from: {', '.join(MODELS)} (default: toy,sd15)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available, else cpu)")
     parser.add_argument("--steps-toy", type=int, default=20, help="timed steps for toy (default: 20)")
     parser.add_argument("--steps-sd15", type=int, default=None,
@@ -81,14 +91,14 @@ def build_unet(model: str, device: str):
     """The model's UNet in float32 on `device`."""
     import torch
 
-    if model == "toy":
+    if model in ("toy", "toy-sdxl"):
         from dt_lora import toy
 
-        return toy.load(device=device).unet
-    if model == "sd15":
+        return toy.load(device=device, model_dir=toy.SDXL_MODEL_DIR if model == "toy-sdxl" else None).unet
+    if model in ("sd15", "sdxl"):
         from diffusers import UNet2DConditionModel
 
-        config = json.loads(SD15_CONFIG.read_text())
+        config = json.loads((SD15_CONFIG if model == "sd15" else SDXL_CONFIG).read_text())
         with torch.device(device):  # random init directly on the device
             return UNet2DConditionModel.from_config(config)
     raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
@@ -156,8 +166,14 @@ def measure(model: str, *, device: str = "cpu", gradient_checkpointing: bool = F
         noise = torch.randn((batch, channels, height, width), generator=generator, device=device)
         text = torch.randn((batch, tokens, text_width), generator=generator, device=device)
         t = torch.randint(0, num_timesteps, (batch,), generator=generator, device=device)
+        added = {}
+        if model in ADDED:
+            pooled, side = ADDED[model]
+            added["added_cond_kwargs"] = {
+                "text_embeds": torch.randn((batch, pooled), generator=generator, device=device),
+                "time_ids": torch.tensor([[side, side, 0, 0, side, side]] * batch, dtype=torch.float32, device=device)}
         with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
-            prediction = unet(latents, t, text).sample
+            prediction = unet(latents, t, text, **added).sample
         loss = F.mse_loss(prediction.float(), noise)
         loss.backward()
         opt.step()
@@ -336,19 +352,20 @@ def _dtype_short(row: dict) -> str:
     return "fp16+fp32" if row["device"].startswith("cuda") else "float32"
 
 
-def target_line(rows: list[dict], device: str) -> str:
+def target_line(rows: list[dict], device: str, model: str = "sd15") -> str:
+    target, limit = (SDXL_TARGET, SDXL_TARGET_BYTES) if model == "sdxl" else (TARGET, TARGET_BYTES)
     if not device.startswith("cuda"):
-        return f"target: {TARGET}: needs a GPU, not measured on CPU."
-    row = next((r for r in rows if r["model"] == "sd15" and r["gradient_checkpointing"]
+        return f"target: {target}: needs a GPU, not measured on CPU."
+    row = next((r for r in rows if r["model"] == model and r["gradient_checkpointing"]
                 and r["optimizer"] == "adamw8bit"), None)
     if row is None:
-        return f"target: {TARGET}: not measured (run with --models including sd15)."
+        return f"target: {target}: not measured (run with --models including {model})."
     if "error" in row:
-        return f"target: {TARGET}: NOT MET / not measured, the run failed: {row['error']}"
+        return f"target: {target}: NOT MET / not measured, the run failed: {row['error']}"
     reserved = row.get("peak_reserved_bytes", row["peak_bytes"])
-    verdict = "met" if reserved <= TARGET_BYTES else "NOT met"
-    return (f"target: {TARGET}: {verdict}; peak allocated {_gib(row['peak_bytes'])} GiB, "
-            f"reserved {_gib(reserved)} GiB vs 6 GiB (the CUDA context, a few hundred MiB, comes on top).")
+    verdict = "met" if reserved <= limit else "NOT met"
+    return (f"target: {target}: {verdict}; peak allocated {_gib(row['peak_bytes'])} GiB, "
+            f"reserved {_gib(reserved)} GiB vs {limit / GIB:.0f} GiB (the CUDA context, a few hundred MiB, comes on top).")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -361,7 +378,8 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}", file=sys.stderr)
         return 2
-    steps = {"toy": args.steps_toy, "sd15": args.steps_sd15 or (20 if cuda else 3)}
+    full_size = args.steps_sd15 or (20 if cuda else 3)
+    steps = {"toy": args.steps_toy, "toy-sdxl": args.steps_toy, "sd15": full_size, "sdxl": full_size}
 
     print(f"train bench: LoRA r={args.rank} on {'/'.join(LORA_TARGETS)}, batch 1, device {device}, "
           f"{args.warmup} warm-up step(s) untimed, one fresh process per row")

@@ -67,8 +67,10 @@ def row(label: str, targets: list[str], shielded: phrasings.PhrasingReport, base
 
 
 def run(adapters: list[Path], *, singles: bool = False, merge_rank: int | None = None, bake: bool = False,
-        images_per_prompt: int = 2, progress: bool = True) -> dict:
-    pipeline, evaluator = toy.load(), toy.load_evaluator()
+        images_per_prompt: int = 2, progress: bool = True, base: str = "toy") -> dict:
+    from ..base import load_pipeline
+
+    pipeline, evaluator = load_pipeline(base), toy.load_evaluator()
     targets = [toy_concept(a) for a in adapters]
     families = _families()
 
@@ -95,14 +97,14 @@ def run(adapters: list[Path], *, singles: bool = False, merge_rank: int | None =
         if bake:
             from ..bake import bake as bake_model
 
-            out = bake_model("toy", adapters, Path(folder) / "baked", dtype=pipeline.unet.dtype)
+            out = bake_model(base, adapters, Path(folder) / "baked", dtype=pipeline.unet.dtype)
             baked = toy.load(model_dir=out.out)
             rows.append(measure(f"all {len(targets)} baked", targets, model=baked))
     return {"images_per_prompt": images_per_prompt, "families": {k: list(v) for k, v in families.items()},
             "rows": rows}
 
 
-def picture(adapters: list[Path], path: Path, seeds: int = 3) -> None:
+def picture(adapters: list[Path], path: Path, seeds: int = 3, base: str = "toy") -> None:
     """Base model | all adapters stacked, `seeds` images each, on the first prompt of every family that
     names no shielded concept and on the first few prompts that name one."""
     import numpy as np
@@ -112,7 +114,9 @@ def picture(adapters: list[Path], path: Path, seeds: int = 3) -> None:
     from ..evaluate.report import labelled_strips
     from ..generate import generate_images, image_grid
 
-    pipeline, targets = toy.load(), [toy_concept(a) for a in adapters]
+    from ..base import load_pipeline
+
+    pipeline, targets = load_pipeline(base), [toy_concept(a) for a in adapters]
     prompts, seen = [], set()
     for prompt in phrasings.family_prompts(_families()):
         named = any(prompt.names(t) for t in targets)
@@ -165,11 +169,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images-per-prompt", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write the numbers as JSON here")
     parser.add_argument("--picture", type=Path, help="write a picture of base vs all stacked here (PNG)")
+    parser.add_argument("--base", default="toy", choices=["toy", "toy-sdxl"], help="the toy SD (default) or the toy SDXL")
     args = parser.parse_args(argv)
     if args.picture:
-        picture(args.adapters, args.picture)
+        picture(args.adapters, args.picture, base=args.base)
     result = run(args.adapters, singles=args.singles, merge_rank=args.merge_rank, bake=args.bake,
-                 images_per_prompt=args.images_per_prompt)
+                 images_per_prompt=args.images_per_prompt, base=args.base)
     print(table(result))
     if args.out:
         with atomic_write(args.out, "w") as f:

@@ -20,6 +20,7 @@ from typing import Sequence
 from .world import COLOURS, HELDOUT_TEMPLATES, SHAPES, TRAIN_TEMPLATES, prompt_for
 
 MODEL_DIR = Path(__file__).parent / "model"
+SDXL_MODEL_DIR = Path(__file__).parent / "model_sdxl"  # the toy SDXL (`--base toy-sdxl`), same world and evaluator
 
 # The sampler the toy world's quality numbers are measured with.
 DEFAULT_STEPS = 25
@@ -30,9 +31,12 @@ EVAL_SEED = 1_000_000
 
 
 def load(device: str = "cpu", dtype=None, model_dir: str | Path | None = None):
-    """The toy StableDiffusionPipeline, loaded offline through the ordinary diffusers path."""
+    """The toy StableDiffusionPipeline (or, from SDXL_MODEL_DIR, the toy StableDiffusionXLPipeline),
+    loaded offline through the ordinary diffusers path."""
+    import json
+
     import torch
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     folder = Path(model_dir) if model_dir is not None else MODEL_DIR
     if not (folder / "model_index.json").is_file():
@@ -40,8 +44,9 @@ def load(device: str = "cpu", dtype=None, model_dir: str | Path | None = None):
             f"toy model not found at {folder}: reinstall dt-lora or rebuild it with "
             f"`python -m dt_lora.toy.build --out {folder}`"
         )
+    pipeline_class = getattr(diffusers, json.loads((folder / "model_index.json").read_text())["_class_name"])
     # shipped in float16 to stay small; computed in float32 on CPU, where float16 is slow
-    pipeline = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype or torch.float32)
+    pipeline = pipeline_class.from_pretrained(folder, dtype=dtype or torch.float32)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 
@@ -78,6 +83,7 @@ def evaluate(images, prompts: Sequence[str]):
 
 
 __all__ = [
-    "COLOURS", "DEFAULT_GUIDANCE", "DEFAULT_STEPS", "EVAL_SEED", "HELDOUT_TEMPLATES", "MODEL_DIR", "SHAPES",
+    "COLOURS", "DEFAULT_GUIDANCE", "DEFAULT_STEPS", "EVAL_SEED", "HELDOUT_TEMPLATES", "MODEL_DIR", "SDXL_MODEL_DIR",
+    "SHAPES",
     "TRAIN_TEMPLATES", "evaluate", "load", "load_controlnet", "load_evaluator", "prompt_for",
 ]

@@ -11,8 +11,11 @@ Stages, each seeded and each saving its result into DIR so a later stage (or a r
   controlnet a ControlNet on the finished UNet, conditioned on location maps    (training/controlnet.py);
              saved to DIR/controlnet, outside model_index.json, so the pipeline loads as before
   card       measure the finished pipeline with the evaluator and write README.md + sample grid
+  sdxl       the toy SDXL (training/sdxl.py): SDXL's architecture and conditioning, trained on the same
+             world with the tokenizer, VAE and evaluator above, into --sdxl-out; then its card
 
-The shipped package data (python/dt_lora/toy/model) is this script's output, stored in float16.
+The shipped package data (python/dt_lora/toy/model and model_sdxl) is this script's output, stored in
+float16.
 The training code lives in `dt_lora.toy.training`; nothing at run time imports it or this module:
 `dt_lora.toy` only loads and measures what they wrote.
 """
@@ -24,7 +27,7 @@ import json
 import time
 from pathlib import Path
 
-STAGES = ("tokenizer", "vae", "denoiser", "evaluator", "controlnet", "card")
+STAGES = ("tokenizer", "vae", "denoiser", "evaluator", "controlnet", "card", "sdxl")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,6 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--denoiser-steps", type=int, default=6000)
     parser.add_argument("--evaluator-steps", type=int, default=2500)
     parser.add_argument("--controlnet-steps", type=int, default=1200)
+    parser.add_argument("--sdxl-steps", type=int, default=6000)
+    parser.add_argument("--sdxl-out", type=Path, default=None,
+                        help="the toy SDXL's pipeline folder (default: model_sdxl beside --out)")
     args = parser.parse_args(argv)
     stages = args.stages.split(",")
     unknown = set(stages) - set(STAGES)
@@ -47,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     from .training.controlnet import train_controlnet
     from .training.evaluator import train_evaluator
     from .training.model import assemble, build_tokenizer, train_denoiser, train_vae
+    from .training.sdxl import train_sdxl
 
     started = time.perf_counter()
     out: Path = args.out
@@ -68,6 +75,10 @@ def main(argv: list[str] | None = None) -> None:
             train_controlnet(out, steps=args.controlnet_steps, batch_size=64, dataset_size=10_000, seed=args.seed + 30)
         elif stage == "card":
             print(json.dumps(write_card(out), indent=2))
+        elif stage == "sdxl":
+            sdxl_out = args.sdxl_out or out.parent / "model_sdxl"
+            train_sdxl(sdxl_out, out, steps=args.sdxl_steps, batch_size=64, dataset_size=30_000, seed=args.seed + 40)
+            print(json.dumps(write_card(sdxl_out, evaluator=out / "evaluator"), indent=2))  # the same judge
         print(f"[build] {stage}: {time.perf_counter() - t0:.0f} s", flush=True)
     print(f"[build] total: {time.perf_counter() - started:.0f} s", flush=True)
 

@@ -71,3 +71,42 @@ def make_unet():
         attention_head_dim=8,
         norm_num_groups=16,
     )
+
+
+# --- the toy SDXL: SDXL's block types and conditioning at the toy's size -----------------------------
+# Two text encoders whose penultimate hidden states are concatenated (CLIP-L-like, and an OpenCLIP-G-like
+# one with a projection for the pooled embedding), a UNet whose first level has no attention, linear
+# transformer projections, and the "text_time" added embedding of the pooled prompt and six size ids.
+# Two layers a block, as SDXL has (kohya's SGM names count on it).
+SDXL_TIME_EMBED = 16
+SDXL_POOLED = 64
+
+
+def sdxl_text_encoder_configs(vocab_size: int, bos_token_id: int, eos_token_id: int, pad_token_id_2: int):
+    """(CLIP-L-like config, OpenCLIP-G-like config): the first pads with its end token, the second with "!"."""
+    first = text_encoder_config(vocab_size, bos_token_id, eos_token_id)
+    second = text_encoder_config(vocab_size, bos_token_id, eos_token_id)
+    second.hidden_act, second.projection_dim, second.pad_token_id = "gelu", SDXL_POOLED, pad_token_id_2
+    return first, second
+
+
+def make_sdxl_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(48, 96, 96),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=1,
+        cross_attention_dim=2 * TEXT_HIDDEN_SIZE,
+        attention_head_dim=8,
+        norm_num_groups=16,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_EMBED,
+        projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED + SDXL_POOLED,
+    )

@@ -11,10 +11,12 @@ from ..evaluator import Evaluator
 from ..quality import measure
 
 
-def write_card(out: Path, per_combination: int = 8) -> dict:
+def write_card(out: Path, per_combination: int = 8, evaluator: Path | None = None) -> dict:
+    """Measure the pipeline in `out` with the evaluator in `evaluator` (default: `out`/evaluator)."""
     from PIL import Image
 
-    quality = measure(load(model_dir=out), Evaluator.load(out / "evaluator"), per_combination=per_combination)
+    pipeline = load(model_dir=out)
+    quality = measure(pipeline, Evaluator.load(evaluator or out / "evaluator"), per_combination=per_combination)
     Image.fromarray(image_grid(quality.images, per_combination)).save(out / "samples.png")
     summary = {
         **quality.generations.summary(),
@@ -24,12 +26,22 @@ def write_card(out: Path, per_combination: int = 8) -> dict:
     }
     (out / "quality.json").write_text(json.dumps(summary, indent=2))
     rows = " × ".join(f"{s}" for s in world.SHAPES)
-    (out / "README.md").write_text(f"""# dt-lora toy model
+    if type(pipeline).__name__ == "StableDiffusionXLPipeline":
+        title, kind = "dt-lora toy SDXL model", (
+            "SDXL–style pipeline (two text encoders, CLIPTextModel and CLIPTextModelWithProjection, whose\n"
+            "penultimate states are concatenated; the pooled embedding and size ids through the UNet's text-time\n"
+            "embedding; SDXL's block types; the toy SD's AutoencoderKL 32×32 → 8×8×4; DDIM)")
+    else:
+        title, kind = "dt-lora toy model", (
+            "Stable Diffusion 1.x–style pipeline (CLIPTextModel, AutoencoderKL 32×32 → 8×8×4,\n"
+            "UNet2DConditionModel with cross-attention, DDIM)")
+    judge = "`evaluator/`" if evaluator is None else "the toy SD model's `evaluator/`"
+    stages = "" if evaluator is None else " --stages sdxl"
+    (out / "README.md").write_text(f"""# {title}
 
-A tiny Stable Diffusion 1.x–style pipeline (CLIPTextModel, AutoencoderKL 32×32 → 8×8×4,
-UNet2DConditionModel with cross-attention, DDIM) trained on synthetic 32×32 renders of
-{len(world.SHAPES)} shapes in {len(world.COLOURS)} colours, and the evaluator (`evaluator/`)
-that classifies shape (or "none") and colour. Built by `python -m dt_lora.toy.build --out DIR`.
+A tiny {kind} trained on synthetic 32×32 renders of
+{len(world.SHAPES)} shapes in {len(world.COLOURS)} colours, and the evaluator ({judge})
+that classifies shape (or "none") and colour. Built by `python -m dt_lora.toy.build --out DIR{stages}`.
 
 ## Measured quality
 
