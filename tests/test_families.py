@@ -69,6 +69,26 @@ def test_sdxl_prompt_inputs_are_the_pipelines_own(sdxl):
     assert not empty.embeds.any() and not empty.pooled.any()
 
 
+def test_a_prompt_for_one_encoder_is_what_the_pipeline_gives_prompt_and_prompt_2(sdxl):
+    prompts = ["a red circle", "a blue square"]
+    first, second = (fam.encode_for_one_encoder(sdxl, prompts, encoder) for encoder in (0, 1))
+    with torch.no_grad():
+        for ours, (prompt, prompt_2) in ((first, (prompts, [""] * 2)), (second, ([""] * 2, prompts))):
+            embeds, _, pooled, _ = sdxl.encode_prompt(prompt, prompt_2=prompt_2, device="cpu",
+                                                      do_classifier_free_guidance=False)
+            assert torch.equal(ours.embeds, embeds) and torch.equal(ours.pooled, pooled)
+
+
+def test_split_encoder_training_on_sdxl_and_its_note_elsewhere(sdxl, sd2, tmp_path, capsys):
+    recipe = load_recipe(ADAPTERS / "toy-circle.toml", {**TINY, "train.split_encoders": "true", "train.steps": "1"})
+    path = train_adapter(recipe, tmp_path / "xl.safetensors", cache_dir=tmp_path / "cache", pipeline=sdxl,
+                         progress=False).adapter
+    assert read_adapter(path).concepts[0]["train"]["split_encoders"] is True
+    assert "split_encoders" not in capsys.readouterr().err
+    train_adapter(recipe, tmp_path / "sd2.safetensors", cache_dir=tmp_path / "cache", pipeline=sd2, progress=False)
+    assert "train.split_encoders applies to SDXL's two text encoders; this SD 2.x base has one" in capsys.readouterr().err
+
+
 def test_velocity_target_where_the_scheduler_predicts_v(sd2):
     latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     alphas = torch.tensor([0.9, 0.1]).view(-1, 1, 1, 1)
@@ -129,26 +149,31 @@ def test_sd2_v_prediction_shield_trains(sd2_shield):
     assert read_adapter(sd2_shield).concepts[0]["family"] == "sd2"
 
 
+def assert_draws_as_the_stack(pipeline, shield, kohya):
+    """diffusers' own kohya converter (`load_lora_weights`) reads `kohya` onto the UNet with the outputs of
+    the shield stacked."""
+    inputs = fam.encode_prompts(pipeline, ["a red circle"]).unet_inputs()
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([300])
+    with torch.no_grad():
+        plain, outputs = pipeline.unet(x, t, **inputs).sample, []
+        for load in (lambda: load_adapters(pipeline, [shield]), lambda: pipeline.load_lora_weights(str(kohya))):
+            load()
+            try:
+                outputs.append(pipeline.unet(x, t, **inputs).sample)
+            finally:
+                unload_adapters(pipeline)
+    stacked, exported = outputs
+    assert (stacked - plain).abs().max() > 0  # the shield changes the output
+    torch.testing.assert_close(exported, stacked, rtol=1e-5, atol=1e-6)
+
+
 def test_sd2_shield_exports_for_kohya_and_bakes(sd2, sd2_shield, tmp_path):
     """SD 2.x keeps diffusers' module names in kohya's layout, as sd-scripts names them."""
     from dt_lora.bake import bake, fuse_adapters
     from dt_lora.export import write_kohya
 
     kohya = write_kohya(tmp_path / "kohya.safetensors", read_adapter(sd2_shield))
-    inputs = fam.encode_prompts(sd2, ["a red circle"]).unet_inputs()
-    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([700])
-    with torch.no_grad():
-        load_adapters(sd2, [sd2_shield])
-        try:
-            stacked = sd2.unet(x, t, **inputs).sample
-        finally:
-            unload_adapters(sd2)
-        sd2.load_lora_weights(str(kohya), adapter_name="kohya")
-        try:
-            exported = sd2.unet(x, t, **inputs).sample
-        finally:
-            unload_adapters(sd2)
-    torch.testing.assert_close(exported, stacked, rtol=1e-5, atol=1e-6)
+    assert_draws_as_the_stack(sd2, sd2_shield, kohya)
     base = tmp_path / "base"
     sd2.save_pretrained(base, safe_serialization=True)
     baked = load_pipeline(bake(str(base), [sd2_shield], tmp_path / "baked", dtype=torch.float32).out)
@@ -185,20 +210,7 @@ def test_kohya_export_of_an_sdxl_shield_uses_sgm_names_and_draws_as_the_stack(sd
     assert "lora_unet_output_blocks_5_1_transformer_blocks_1_attn2_to_v" in names
     assert not any("down_blocks" in n or "up_blocks" in n for n in names)
 
-    inputs = fam.encode_prompts(sdxl, ["a red circle"]).unet_inputs()
-    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([300])
-    with torch.no_grad():
-        load_adapters(sdxl, [sdxl_shield])
-        try:
-            stacked = sdxl.unet(x, t, **inputs).sample
-        finally:
-            unload_adapters(sdxl)
-        sdxl.load_lora_weights(str(kohya), adapter_name="kohya")  # diffusers' own kohya/SGM converter
-        try:
-            exported = sdxl.unet(x, t, **inputs).sample
-        finally:
-            unload_adapters(sdxl)
-    torch.testing.assert_close(exported, stacked, rtol=1e-5, atol=1e-6)
+    assert_draws_as_the_stack(sdxl, sdxl_shield, kohya)
 
 
 def test_shields_of_two_families_are_not_merged(sdxl_shield, tmp_path):
@@ -252,13 +264,16 @@ def test_attack_prompts_with_free_tokens_encode_as_their_text_through_both_encod
     assert gradients[0].abs().sum() > 0
 
 
-def test_both_attacks_run_on_an_sdxl_shield(sdxl, sdxl_shield, tmp_path):
+@pytest.mark.parametrize("kind", ["sdxl", "sd2"])
+def test_both_attacks_run_on_either_family(kind, request, tmp_path):
+    """SDXL: through both text encoders; SD 2.x: against the velocity its scheduler predicts."""
     from dt_lora.attack import AttackSettings, attack_shields
 
+    pipeline, shield = request.getfixturevalue(kind), request.getfixturevalue(f"{kind}_shield")
     recipe = load_recipe(ADAPTERS / "toy-circle.toml", TINY)
     settings = AttackSettings(prompts=1, free_tokens=2, steps=3, candidates=4, top_k=4, soft_steps=3, samples=2,
                               concept_images=2, seeds=1, objective="denoise")
-    result = attack_shields(sdxl, [recipe], tmp_path, adapters=[sdxl_shield], scorer=NoConcept(), settings=settings,
+    result = attack_shields(pipeline, [recipe], tmp_path, adapters=[shield], scorer=NoConcept(), settings=settings,
                             steps=2, progress=False, write=False)
     rows = result.rates[recipe.name]["shielded"]
     (discrete,) = rows["discrete attack"]["found"]
@@ -301,3 +316,52 @@ def test_an_sd15_recipe_on_an_sdxl_base_warns_about_its_resolution(sdxl, tmp_pat
             "draws 64 px: scramble.grid 8 cuts 8 px tiles instead of 64 px") in warning
     assert load_recipe(ADAPTERS / "toy-circle.toml").resolution_warning(32, "SD 1.x") is None  # not stated
     assert load_recipe(ADAPTERS / "sd15-style-vangogh.toml").resolution_warning(512, "SD 1.x") is None
+
+
+@pytest.mark.slow  # trains two shields on the toy SDXL: about 3 minutes on 2 cores
+def test_the_demo_on_the_toy_sdxl_shields_both_concepts_and_keeps_the_rest(tmp_path, capsys):
+    """The whole job on an SDXL-architecture model that really draws the toy world: train (the recipes
+    unchanged), merge, bake into an SDXL folder, evaluate. The SD toy's bars hold."""
+    from dt_lora.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--base", "toy-sdxl", "-o", str(out), "-q"]) == 0
+    report = json.loads((out / "report" / "report.json").read_text())
+    for name in ("toy-circle", "toy-red"):
+        shield = report["shields"][name]
+        assert shield["target"]["base"] >= 0.9 and shield["target"]["shielded"] <= 0.10
+        assert shield["paraphrases"]["shielded"] <= 0.20
+        base, shielded = shield["preservation"]["base"], shield["preservation"]["shielded"]
+        for concept, rate in shielded.items():
+            assert rate >= 0.9 * base[concept], (name, concept, rate)
+    assert json.loads((out / "toy-shielded" / "model_index.json").read_text())["_class_name"] == \
+        "StableDiffusionXLPipeline"
+    assert {c["family"] for c in read_adapter(out / "shields" / "toy-circle+red.safetensors").concepts} == {"sdxl"}
+
+
+def test_a_pooled_path_shield_is_text_local_in_the_pooled_embedding(sdxl, tmp_path):
+    """SDXL's added embedding as a LoRA target: lora_A holds directions of the pooled embedding only (zero on
+    the size ids), the adapter stacks through diffusers, and kohya's name is the SGM one (label_emb.0.0)."""
+    from dt_lora.export import to_kohya
+
+    recipe = load_recipe(ADAPTERS / "toy-circle.toml", {
+        **TINY, "lora.targets": "attn2.to_k,attn2.to_v,add_embedding.linear_1", "train.split_encoders": "true"})
+    path = train_adapter(recipe, tmp_path / "pooled.safetensors", cache_dir=tmp_path / "cache", pipeline=sdxl,
+                         progress=False).adapter
+    adapter = read_adapter(path)
+    lora_a = adapter.weights["add_embedding.linear_1.lora_A.weight"]
+    pooled = sdxl.text_encoder_2.config.projection_dim
+    assert lora_a.shape == (2, sdxl.unet.add_embedding.linear_1.in_features)
+    assert lora_a[:, :pooled].abs().max() > 0 and not lora_a[:, pooled:].any()
+    assert "lora_unet_label_emb_0_0.lora_down.weight" in to_kohya(adapter)
+    inputs = fam.encode_prompts(sdxl, ["a red circle"]).unet_inputs()
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4)), torch.tensor([400])
+    with torch.no_grad():
+        before = sdxl.unet(x, t, **inputs).sample
+        load_adapters(sdxl, [path])
+        try:
+            assert isinstance(sdxl.unet.add_embedding.linear_1.lora_A["shield0"], torch.nn.Linear)
+            after = sdxl.unet(x, t, **inputs).sample
+        finally:
+            unload_adapters(sdxl)
+    assert (after - before).abs().max() > 0

@@ -75,6 +75,7 @@ class AdapterFile:
                       "target_scale_min": recipe.train.target_scale_min,
                       "adversarial_rounds": recipe.train.adversarial_rounds,
                       "prompt_contexts": recipe.train.prompt_contexts,
+                      "split_encoders": recipe.train.split_encoders,
                       "batch_size": recipe.train.batch_size, "processes": processes},
             "sampling": {"steps": recipe.sampling.steps, "guidance": recipe.sampling.guidance},
             "base": base,

@@ -32,6 +32,7 @@ SDXL_BLOCKS = (
     (re.compile(r"down_blocks\.(\d+)\.attentions\.(\d+)\."), lambda i, j: f"input_blocks.{3 * i + j + 1}.1."),
     (re.compile(r"mid_block\.attentions\.0\."), lambda: "middle_block.1."),
     (re.compile(r"up_blocks\.(\d+)\.attentions\.(\d+)\."), lambda i, j: f"output_blocks.{3 * i + j}.1."),
+    (re.compile(r"add_embedding\.linear_1"), lambda: "label_emb.0.0"),  # the pooled-path shield
 )
 
 

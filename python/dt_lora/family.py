@@ -153,6 +153,18 @@ def encode_ids(pipeline, ids: Sequence[torch.Tensor]) -> Conditioning:
     return Conditioning(embeds, pooled, time_ids(pipeline).to(embeds.device).expand(len(embeds), -1))
 
 
+def encode_for_one_encoder(pipeline, prompts: Sequence[str], encoder: int) -> Conditioning:
+    """SDXL: `prompts` given to text encoder `encoder` alone (0: CLIP-L, 1: OpenCLIP-G, which also makes the
+    pooled embedding) and the empty prompt to the other, as `pipeline(prompt=…, prompt_2=…)` with one of
+    them empty computes them; float32 on the CPU."""
+    tokenizers = [pipeline.tokenizer, pipeline.tokenizer_2]
+    texts = [[""] * len(prompts), [""] * len(prompts)]
+    texts[encoder] = list(prompts)
+    with torch.no_grad():
+        ids = [tokenize(tokenizer, batch) for tokenizer, batch in zip(tokenizers, texts)]
+        return encode_ids(pipeline, ids)._map(lambda tensor: tensor.float().cpu())
+
+
 def encode_prompts(pipeline, prompts: Sequence[str]) -> Conditioning:
     """The UNet's prompt inputs for `prompts`, float32 on the CPU (what the data cache holds)."""
     with torch.no_grad():

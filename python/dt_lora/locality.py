@@ -84,9 +84,23 @@ def text_local_directions(target_embeds: torch.Tensor, retained_embeds: torch.Te
     return directions.float(), ratios[order].float()
 
 
+def pooled_directions(pipeline, recipe, in_features: int) -> torch.Tensor:
+    """SDXL: the (rank, in_features) text-local directions of `recipe`'s concept for the UNet's added
+    embedding, whose input is [pooled text embedding, size-id features]: directions of the pooled
+    embedding that the target's prompts use and the retained prompts do not, zero on the size ids."""
+    from .family import encode_prompts
+
+    exclude = concept_words(recipe.target_prompts, recipe.anchor_prompts)
+    retained = recipe.anchor_prompts + [""] + generic_prompts(pipeline.tokenizer, exclude)
+    targets = recipe.target_prompts + prompts_in_context(recipe, pipeline.tokenizer)
+    target, kept = encode_prompts(pipeline, targets).pooled, encode_prompts(pipeline, retained).pooled
+    directions, _ = text_local_directions(target[:, None], kept[:, None], recipe.lora.rank)
+    return torch.cat([directions, directions.new_zeros(len(directions), in_features - directions.shape[1])], 1)
+
+
 def shield_directions(pipeline, recipe) -> torch.Tensor:
     """The (rank, D) text-local directions of `recipe`'s concept on `pipeline`'s text encoder."""
-    from .family import encode_prompts
+    from .family import SDXL, encode_for_one_encoder, encode_prompts, family
     from .recipe import RecipeError
 
     width = pipeline.unet.config.cross_attention_dim  # SDXL: both text encoders' widths, concatenated
@@ -99,6 +113,12 @@ def shield_directions(pipeline, recipe) -> torch.Tensor:
     exclude = concept_words(recipe.target_prompts, recipe.anchor_prompts)
     retained = recipe.anchor_prompts + [""] + generic_prompts(pipeline.tokenizer, exclude)
     targets = recipe.target_prompts + prompts_in_context(recipe, pipeline.tokenizer)
-    directions, _ = text_local_directions(encode_prompts(pipeline, targets).embeds,
-                                          encode_prompts(pipeline, retained).embeds, recipe.lora.rank)
+    target_embeds, retained_embeds = encode_prompts(pipeline, targets).embeds, encode_prompts(pipeline, retained).embeds
+    if recipe.train.split_encoders and family(pipeline) == SDXL:
+        # listen to the concept in either encoder's half of the states, and not to an anchor in either
+        target_embeds = torch.cat([target_embeds, *(encode_for_one_encoder(pipeline, recipe.target_prompts, e).embeds
+                                                    for e in (0, 1))])
+        retained_embeds = torch.cat([retained_embeds, *(encode_for_one_encoder(pipeline, recipe.anchor_prompts, e).embeds
+                                                        for e in (0, 1) if recipe.anchor_prompts)])
+    directions, _ = text_local_directions(target_embeds, retained_embeds, recipe.lora.rank)
     return directions

@@ -70,6 +70,12 @@ class ScrambleConfig:
     flips: bool = False
 
 
+# The layers a text-local shield may adapt: the cross-attention projections, which see only the text's
+# states, and SDXL's added embedding, which sees only the pooled text embedding and the size ids.
+POOLED_TARGET = "add_embedding.linear_1"
+TEXT_LOCAL_TARGETS = ("attn2.to_k", "attn2.to_v", POOLED_TARGET)
+
+
 @dataclass
 class LoraConfig:
     # Text-local shields by default (locality.py): lora_A is fixed to the `rank` directions of the
@@ -123,6 +129,11 @@ class TrainConfig:
     # world, attack seeds never used to decide: 5 of 48 attacked prompts broken against 12 at 0, but
     # the soft attack breaks more and the circle stacked with red stays at 0.50 (docs/method.md).
     prompt_contexts: int = 0
+    # SDXL only: each target image is also trained under its prompt given to one text encoder alone (the
+    # other gets the empty prompt), once for each encoder, as `pipeline(prompt=…, prompt_2=…)` and
+    # ComfyUI's text_l/text_g allow; a text-local shield's directions are computed on these inputs too,
+    # and on the anchors' (docs/method.md, SDXL).
+    split_encoders: bool = False
     optimizer: str = "adamw8bit"  # "adamw8bit" | "adamw"
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
     gradient_checkpointing: bool = False
@@ -202,8 +213,9 @@ class Recipe:
             fail("lora.alpha", f"must be more than 0, got {self.lora.alpha}")
         if not self.lora.targets:
             fail("lora.targets", "must name at least one module")
-        if self.lora.text_local and any(t not in ("attn2.to_k", "attn2.to_v") for t in self.lora.targets):
-            fail("lora.targets", f"lora.text_local needs attn2.to_k / attn2.to_v only, got {self.lora.targets}")
+        if self.lora.text_local and any(t not in TEXT_LOCAL_TARGETS for t in self.lora.targets):
+            fail("lora.targets", f"lora.text_local needs attn2.to_k / attn2.to_v (and, on SDXL, {POOLED_TARGET}) "
+                                 f"only, got {self.lora.targets}")
         for key in ("train.steps", "train.batch_size", "sampling.steps", "sampling.batch_size"):
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 1:
@@ -227,6 +239,8 @@ class Recipe:
             fail("train.adversarial_rounds", "adversarial training attacks the target prompts; add target.prompts")
         if self.train.prompt_contexts < 0:
             fail("train.prompt_contexts", f"must be 0 or more, got {self.train.prompt_contexts}")
+        if self.train.split_encoders and not self.target_prompts:
+            fail("train.split_encoders", "gives the target prompts to one text encoder; add target.prompts or templates")
         if self.train.prompt_contexts and not self.target_prompts:
             fail("train.prompt_contexts", "puts the target prompts in contexts; add target.prompts or templates")
         if not 0 < self.train.target_scale_min <= 1:

@@ -40,7 +40,7 @@ from . import __version__, distributed
 from .adapters import AdapterFile, write_adapter
 from .base import describe, load_pipeline, unet_fingerprint
 from .data import ConceptData, data_key, generation_dtype, image_size, prepare_data
-from .family import Conditioning, encode_prompts, family, label, training_target
+from .family import SDXL, Conditioning, encode_for_one_encoder, encode_prompts, family, label, training_target
 from .io import atomic_write
 from .locality import prompts_in_context, shield_directions
 from .recipe import Recipe, RecipeError
@@ -468,6 +468,9 @@ def _train_single(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, 
     # everything that can be refused is refused here, before minutes of data generation
     recipe.validate_image_size(image_size(pipeline), unet.config.sample_size)
     warning = recipe.resolution_warning(image_size(pipeline), label(family(pipeline)))
+    if recipe.train.split_encoders and family(pipeline) != SDXL:
+        warning = (warning + "; " if warning else "") + (f"train.split_encoders applies to SDXL's two text encoders; "
+                                                        f"this {label(family(pipeline))} base has one, so it is ignored")
     if warning and accelerator.is_main_process:
         print(f"[dt-lora] warning: {warning}", file=sys.stderr, flush=True)
     fingerprint = unet_fingerprint(unet)
@@ -481,10 +484,16 @@ def _train_single(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, 
     directions = shield_directions(pipeline, recipe) if recipe.lora.text_local else None
     data = prepare_data(pipeline, recipe, cache_dir, base_fingerprint=fingerprint,
                         progress=progress and accelerator.is_main_process)
+    images = data.target_latents
     if recipe.train.prompt_contexts:  # the same scrambled images, also under their prompts in contexts
         data.target_prompts = Conditioning.cat([data.target_prompts,
                                                 encode_prompts(pipeline, prompts_in_context(recipe, pipeline.tokenizer))])
-        data.target_latents = data.target_latents.repeat(1 + recipe.train.prompt_contexts, 1, 1, 1)
+        data.target_latents = torch.cat([data.target_latents] + [images] * recipe.train.prompt_contexts)
+    if recipe.train.split_encoders and family(pipeline) == SDXL:  # … and under their prompts to one encoder alone
+        prompts = [recipe.target_prompts[i % len(recipe.target_prompts)] for i in range(len(images))]  # as data.py
+        data.target_prompts = Conditioning.cat([data.target_prompts, *(encode_for_one_encoder(pipeline, prompts, e)
+                                                                       for e in (0, 1))])
+        data.target_latents = torch.cat([data.target_latents, images, images])
 
     unet.requires_grad_(False)
     if getattr(unet, "peft_config", None) and ADAPTER_NAME in unet.peft_config:
@@ -497,7 +506,7 @@ def _train_single(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, 
     except ValueError as error:  # peft: "Target modules {...} not found in the base model"
         raise ValueError(f"lora.targets {recipe.lora.targets}: {error}") from None
     if directions is not None:
-        _fix_lora_a(unet, directions)
+        _fix_lora_a(unet, directions, pipeline, recipe)
     base_dtype = unet.dtype
     try:
         return _train(recipe, out, checkpoint, resume, accelerator, pipeline, data, fingerprint, progress,
@@ -511,14 +520,19 @@ def _train_single(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, 
         unet.eval()
 
 
-def _fix_lora_a(unet, directions: torch.Tensor) -> None:
-    """Set every lora_A to the text-local directions and freeze it: only lora_B trains (locality.py)."""
+def _fix_lora_a(unet, directions: torch.Tensor, pipeline=None, recipe: Recipe | None = None) -> None:
+    """Set every lora_A to the text-local directions and freeze it: only lora_B trains (locality.py).
+    SDXL's added embedding (`recipe.POOLED_TARGET`) gets the directions of the pooled embedding."""
     from peft.tuners.lora import LoraLayer
 
-    for module in unet.modules():
+    from .locality import pooled_directions
+    from .recipe import POOLED_TARGET
+
+    for name, module in unet.named_modules():
         if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
             weight = module.lora_A[ADAPTER_NAME].weight
-            weight.data.copy_(directions.to(weight.device, weight.dtype))
+            fixed = pooled_directions(pipeline, recipe, weight.shape[1]) if name.endswith(POOLED_TARGET) else directions
+            weight.data.copy_(fixed.to(weight.device, weight.dtype))
             weight.requires_grad_(False)
 
 
