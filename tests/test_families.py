@@ -34,21 +34,21 @@ def sd2():
     return build_sd2()
 
 
+def tiny_circle_shield(pipeline, folder: Path) -> Path:
+    recipe = load_recipe(ADAPTERS / "toy-circle.toml", TINY)
+    return train_adapter(recipe, folder / "circle.safetensors", cache_dir=folder / "cache", pipeline=pipeline,
+                         progress=False).adapter
+
+
 @pytest.fixture(scope="module")
 def sd2_shield(sd2, tmp_path_factory):
     """Trained with the velocity target: SD 2.1's scheduler predicts v."""
-    folder = tmp_path_factory.mktemp("sd2")
-    recipe = load_recipe(ADAPTERS / "toy-circle.toml", TINY)
-    return train_adapter(recipe, folder / "circle.safetensors", cache_dir=folder / "cache", pipeline=sd2,
-                         progress=False).adapter
+    return tiny_circle_shield(sd2, tmp_path_factory.mktemp("sd2"))
 
 
 @pytest.fixture(scope="module")
 def sdxl_shield(sdxl, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sdxl")
-    recipe = load_recipe(ADAPTERS / "toy-circle.toml", TINY)
-    return train_adapter(recipe, folder / "circle.safetensors", cache_dir=folder / "cache", pipeline=sdxl,
-                         progress=False).adapter
+    return tiny_circle_shield(sdxl, tmp_path_factory.mktemp("sdxl"))
 
 
 def test_families_are_told_apart_by_the_unet(sdxl, sd2):
