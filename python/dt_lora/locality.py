@@ -84,15 +84,21 @@ def text_local_directions(target_embeds: torch.Tensor, retained_embeds: torch.Te
     return directions.float(), ratios[order].float()
 
 
+def _direction_prompts(pipeline, recipe) -> tuple[list[str], list[str]]:
+    """(the prompts whose text the shield listens to, the prompts it must not): the target's prompts, in
+    their contexts too; the anchors, the empty prompt and random word sequences without the concept's words."""
+    exclude = concept_words(recipe.target_prompts, recipe.anchor_prompts)
+    retained = recipe.anchor_prompts + [""] + generic_prompts(pipeline.tokenizer, exclude)
+    return recipe.target_prompts + prompts_in_context(recipe, pipeline.tokenizer), retained
+
+
 def pooled_directions(pipeline, recipe, in_features: int) -> torch.Tensor:
     """SDXL: the (rank, in_features) text-local directions of `recipe`'s concept for the UNet's added
     embedding, whose input is [pooled text embedding, size-id features]: directions of the pooled
     embedding that the target's prompts use and the retained prompts do not, zero on the size ids."""
     from .family import encode_prompts
 
-    exclude = concept_words(recipe.target_prompts, recipe.anchor_prompts)
-    retained = recipe.anchor_prompts + [""] + generic_prompts(pipeline.tokenizer, exclude)
-    targets = recipe.target_prompts + prompts_in_context(recipe, pipeline.tokenizer)
+    targets, retained = _direction_prompts(pipeline, recipe)
     target, kept = encode_prompts(pipeline, targets).pooled, encode_prompts(pipeline, retained).pooled
     directions, _ = text_local_directions(target[:, None], kept[:, None], recipe.lora.rank)
     return torch.cat([directions, directions.new_zeros(len(directions), in_features - directions.shape[1])], 1)
@@ -110,9 +116,7 @@ def shield_directions(pipeline, recipe) -> torch.Tensor:
     if not recipe.target_prompts:
         raise RecipeError(f"{recipe.name}: lora.text_local: needs the target's prompts (its words are what the "
                           "shield listens to); give target.prompts or templates, or set lora.text_local = false")
-    exclude = concept_words(recipe.target_prompts, recipe.anchor_prompts)
-    retained = recipe.anchor_prompts + [""] + generic_prompts(pipeline.tokenizer, exclude)
-    targets = recipe.target_prompts + prompts_in_context(recipe, pipeline.tokenizer)
+    targets, retained = _direction_prompts(pipeline, recipe)
     target_embeds, retained_embeds = encode_prompts(pipeline, targets).embeds, encode_prompts(pipeline, retained).embeds
     if recipe.train.split_encoders and family(pipeline) == SDXL:
         # listen to the concept in either encoder's half of the states, and not to an anchor in either
