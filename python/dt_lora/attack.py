@@ -193,7 +193,7 @@ class _Objective:
     def __init__(self, victim: Victim, latents: torch.Tensor, guidance: float, samples: int,
                  contrast: torch.Tensor | None = None):
         self.pipeline = pipeline = victim.pipeline
-        self.unet, self.encoders, self.tokenizer = pipeline.unet, text_encoders(pipeline), pipeline.tokenizer
+        self.unet, self.encoders = pipeline.unet, text_encoders(pipeline)
         self.device = self.unet.device
         self.latents, self.contrast, self.guidance, self.samples = latents, contrast, guidance, samples
         self.scheduler = pipeline.scheduler
@@ -409,8 +409,8 @@ def soft_attack(objective: _Objective, prompt: _Prompt, allowed: torch.Tensor, s
 # --- drawing and scoring -------------------------------------------------------------------------
 
 
-def _draw_embeds(pipeline, prompt: Conditioning, negative_prompt: str | None, *, seed: int, count: int,
-                 steps: int, guidance: float) -> np.ndarray:
+def draw_prompt_inputs(pipeline, prompt: Conditioning, negative_prompt: str | None, *, seed: int, count: int,
+                       steps: int, guidance: float) -> np.ndarray:
     """`count` images of one prompt's inputs, image i from seed + i (as `generate_images` seeds them)."""
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(count)]
     prompt = prompt.repeat(count).to(pipeline.unet.device)
@@ -606,7 +606,7 @@ def attack_shields(
                         after = generate_images(victim.pipeline, [result.found] * settings.seeds, seed=seed_of(j),
                                                 steps=steps, guidance=guidance, negative_prompt=victim.negative_prompt)
                     else:
-                        after = _draw_embeds(victim.pipeline, result.embeds, victim.negative_prompt, seed=seed_of(j),
+                        after = draw_prompt_inputs(victim.pipeline, result.embeds, victim.negative_prompt, seed=seed_of(j),
                                              count=settings.seeds, steps=steps, guidance=guidance)
                     hits = score(after)
                     entry = {"source": p, "found": result.found, "images_showing_concept": float(hits.mean()),

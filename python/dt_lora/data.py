@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .family import Conditioning, encode_prompts, unconditional_prompt
+from .family import Conditioning, encode_prompts, image_size, unconditional_prompt
 from .generate import generate_images
 from .io import atomic_write
 from .recipe import Recipe
@@ -60,10 +60,6 @@ def encode_pixels(vae, pixels: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
     return (latents * vae.config.scaling_factor).float().cpu()
-
-
-def image_size(pipeline) -> int:
-    return pipeline.unet.config.sample_size * pipeline.vae_scale_factor
 
 
 def load_image_folder(folder: str | Path, size: int) -> np.ndarray:

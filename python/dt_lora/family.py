@@ -25,9 +25,7 @@ from typing import Any
 import torch
 
 SD1, SD2, SDXL = "sd1", "sd2", "sdxl"
-FAMILIES = (SD1, SD2, SDXL)
 LABELS = {SD1: "SD 1.x", SD2: "SD 2.x", SDXL: "SDXL"}
-PIPELINE_CLASSES = {SD1: "StableDiffusionPipeline", SD2: "StableDiffusionPipeline", SDXL: "StableDiffusionXLPipeline"}
 
 
 def family_of(unet_config: Any) -> str:
@@ -180,10 +178,19 @@ def unconditional_prompt(pipeline) -> Conditioning:
     return empty
 
 
-def time_ids(pipeline) -> torch.Tensor:
-    """SDXL's (1, 6) time ids for an uncropped image at the pipeline's default size: (h, w, 0, 0, h, w)."""
-    side = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+def image_size(pipeline) -> int:
+    """The side of the images the pipeline draws by default, in pixels."""
+    return pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+
+
+def size_ids(side: int) -> torch.Tensor:
+    """SDXL's (1, 6) time ids for an uncropped square image of `side` pixels: (h, w, 0, 0, h, w)."""
     return torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32)
+
+
+def time_ids(pipeline) -> torch.Tensor:
+    """The time ids of an image at the pipeline's default size."""
+    return size_ids(image_size(pipeline))
 
 
 def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:

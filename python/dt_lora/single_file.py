@@ -83,7 +83,6 @@ COMPONENTS = {
              "text_encoder_2": "conditioner.embedders.1.model."},
 }
 OPEN_CLIP = {("sd2", "text_encoder"), ("sdxl", "text_encoder_2")}
-COMPONENT_PREFIX = COMPONENTS["sd1"]
 
 # A block that is itself one layer (conv_in, quant_conv, …): only `weight`/`bias` follow its name.
 LAYER: Table = (("", ""),)
@@ -200,10 +199,6 @@ def _config(config: Any, name: str) -> Any:
     return config[name] if isinstance(config, Mapping) else getattr(config, name)
 
 
-def _config_get(config: Any, name: str) -> Any:
-    return config.get(name) if isinstance(config, Mapping) else getattr(config, name, None)
-
-
 def _layers_per_block(config: Any) -> int:
     layers = _config(config, "layers_per_block")
     if isinstance(layers, (list, tuple)):
@@ -230,7 +225,9 @@ def unet_blocks(config: Any) -> list[Block]:
     up = _check_types("UNet up block", _config(config, "up_block_types"), UNET_UP_TYPES)
     _check_types("UNet mid block", [_config(config, "mid_block_type")], [UNET_MID_TYPE])
 
-    fixed = UNET_FIXED + (UNET_TEXT_TIME if _config_get(config, "addition_embed_type") == "text_time" else ())
+    from .family import SDXL, family_of
+
+    fixed = UNET_FIXED + (UNET_TEXT_TIME if family_of(config) == SDXL else ())
     blocks = [Block(d, ldm, LAYER) for d, ldm in fixed]
     for i, kind in enumerate(down):
         for j in range(per):
@@ -481,7 +478,8 @@ def write_single_file(pipeline, path: str | os.PathLike[str], *, metadata: dict[
 
 
 __all__ = [
-    "CLIP_TEXT", "COMPONENTS", "COMPONENT_PREFIX", "OPEN_CLIP_TEXT", "open_clip_to_ldm", "open_clip_blocks", "LAYER", "SAMPLER", "UNET_DOWNSAMPLE", "UNET_FIXED", "UNET_RESNET",
+    "CLIP_TEXT", "COMPONENTS", "LAYER", "OPEN_CLIP_TEXT", "SAMPLER", "UNET_DOWNSAMPLE", "UNET_FIXED", "UNET_RESNET",
     "UNET_TRANSFORMER", "VAE_ATTENTION", "VAE_FIXED", "VAE_RESNET", "Block", "component_to_ldm", "key_table",
-    "text_encoder_blocks", "to_single_file", "unet_blocks", "vae_blocks", "write_single_file",
+    "open_clip_blocks", "open_clip_to_ldm", "text_encoder_blocks", "to_single_file", "unet_blocks", "vae_blocks",
+    "write_single_file",
 ]

@@ -42,8 +42,8 @@ from .base import describe, load_pipeline, unet_fingerprint
 from .data import ConceptData, data_key, generation_dtype, image_size, prepare_data
 from .family import SDXL, Conditioning, encode_for_one_encoder, encode_prompts, family, label, training_target
 from .io import atomic_write
-from .locality import prompts_in_context, shield_directions
-from .recipe import Recipe, RecipeError
+from .locality import pooled_directions, prompts_in_context, shield_directions
+from .recipe import POOLED_TARGET, Recipe, RecipeError
 
 WARMUP_STEPS = 20
 ADAPTER_NAME = "dt_lora"  # the name the adapter has on the UNet while it trains
@@ -482,6 +482,9 @@ def _train_single(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, 
         raise CheckpointError(f"{checkpoint.path}: the processes see different checkpoints (steps "
                               f"{sorted(seen)}); the work folder (--out's folder) must be shared by all machines")
     directions = shield_directions(pipeline, recipe) if recipe.lora.text_local else None
+    pooled = None  # SDXL's added embedding as a target: the pooled embedding's directions
+    if directions is not None and POOLED_TARGET in recipe.lora.targets and family(pipeline) == SDXL:
+        pooled = pooled_directions(pipeline, recipe, unet.add_embedding.linear_1.in_features)
     data = prepare_data(pipeline, recipe, cache_dir, base_fingerprint=fingerprint,
                         progress=progress and accelerator.is_main_process)
     images = data.target_latents
@@ -506,7 +509,7 @@ def _train_single(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, 
     except ValueError as error:  # peft: "Target modules {...} not found in the base model"
         raise ValueError(f"lora.targets {recipe.lora.targets}: {error}") from None
     if directions is not None:
-        _fix_lora_a(unet, directions, pipeline, recipe)
+        _fix_lora_a(unet, directions, pooled)
     base_dtype = unet.dtype
     try:
         return _train(recipe, out, checkpoint, resume, accelerator, pipeline, data, fingerprint, progress,
@@ -520,18 +523,15 @@ def _train_single(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, 
         unet.eval()
 
 
-def _fix_lora_a(unet, directions: torch.Tensor, pipeline=None, recipe: Recipe | None = None) -> None:
+def _fix_lora_a(unet, directions: torch.Tensor, pooled: torch.Tensor | None = None) -> None:
     """Set every lora_A to the text-local directions and freeze it: only lora_B trains (locality.py).
-    SDXL's added embedding (`recipe.POOLED_TARGET`) gets the directions of the pooled embedding."""
+    SDXL's added embedding (`recipe.POOLED_TARGET`) gets `pooled`, the directions of the pooled embedding."""
     from peft.tuners.lora import LoraLayer
-
-    from .locality import pooled_directions
-    from .recipe import POOLED_TARGET
 
     for name, module in unet.named_modules():
         if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
             weight = module.lora_A[ADAPTER_NAME].weight
-            fixed = pooled_directions(pipeline, recipe, weight.shape[1]) if name.endswith(POOLED_TARGET) else directions
+            fixed = pooled if name.endswith(POOLED_TARGET) else directions
             weight.data.copy_(fixed.to(weight.device, weight.dtype))
             weight.requires_grad_(False)
 

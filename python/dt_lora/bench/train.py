@@ -168,10 +168,12 @@ def measure(model: str, *, device: str = "cpu", gradient_checkpointing: bool = F
         t = torch.randint(0, num_timesteps, (batch,), generator=generator, device=device)
         added = {}
         if model in ADDED:
+            from dt_lora.family import size_ids
+
             pooled, side = ADDED[model]
             added["added_cond_kwargs"] = {
                 "text_embeds": torch.randn((batch, pooled), generator=generator, device=device),
-                "time_ids": torch.tensor([[side, side, 0, 0, side, side]] * batch, dtype=torch.float32, device=device)}
+                "time_ids": size_ids(side).to(device).expand(batch, -1)}
         with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
             prediction = unet(latents, t, text, **added).sample
         loss = F.mse_loss(prediction.float(), noise)

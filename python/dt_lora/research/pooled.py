@@ -33,7 +33,8 @@ import torch
 from .. import toy
 from ..adapters import load_adapters, unload_adapters
 from ..base import TOY_SDXL, load_pipeline
-from ..family import encode_for_one_encoder, encode_prompts
+from ..attack import draw_prompt_inputs
+from ..family import Conditioning, encode_for_one_encoder, encode_prompts
 from ..recipe import load_recipe
 from ..recipes import recipe_path
 from ..toy.quality import shows_concept
@@ -43,16 +44,11 @@ CONDITIONS = ("normal", "pooled", "alone", "embeds", "prompt_2", "prompt_1")
 
 
 def _draw(pipeline, embeds: torch.Tensor, pooled: torch.Tensor, seeds: int) -> np.ndarray:
-    images = []
-    for i in range(len(embeds)):
-        generators = [torch.Generator().manual_seed(toy.EVAL_SEED + 100 * i + s) for s in range(seeds)]
-        with torch.inference_mode():
-            drawn = pipeline(prompt_embeds=embeds[i:i + 1].expand(seeds, -1, -1),
-                             pooled_prompt_embeds=pooled[i:i + 1].expand(seeds, -1), generator=generators,
-                             num_inference_steps=toy.DEFAULT_STEPS, guidance_scale=toy.DEFAULT_GUIDANCE,
-                             output_type="np").images
-        images.append(np.clip(np.rint(drawn * 255), 0, 255).astype(np.uint8))
-    return np.concatenate(images)
+    """`seeds` images of every row, row i's from EVAL_SEED + 100·i on."""
+    return np.concatenate([
+        draw_prompt_inputs(pipeline, Conditioning(embeds[i:i + 1], pooled[i:i + 1]), None, seed=toy.EVAL_SEED + 100 * i,
+                           count=seeds, steps=toy.DEFAULT_STEPS, guidance=toy.DEFAULT_GUIDANCE)
+        for i in range(len(embeds))])
 
 
 def measure(adapter: Path, other: str, seeds: int = 4) -> dict:

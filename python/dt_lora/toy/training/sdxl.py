@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ...family import Conditioning, encode_ids, ids_for_encoders
+from ...family import encode_ids, ids_for_encoders, unconditional_prompt
 from .. import world
 from . import architecture
 from .model import encode_dataset, training_batch, warmup_cosine
@@ -59,14 +59,12 @@ def train_sdxl(out: Path, sd_dir: Path, *, steps: int, batch_size: int, dataset_
     schedule = warmup_cosine(optimizer, warmup=200, steps=steps)
     emas = [EMAModel(model.parameters(), decay=0.999) for model in (unet, *encoders)]
 
+    zeros = unconditional_prompt(pipeline)  # SDXL's unconditional input, for the 10 % "" prompts
     progress = tqdm(range(steps), desc="sdxl denoiser")
     for _ in progress:
         index, latents, ids = training_batch(rng, latent_mean, latent_std, scale, scenes, tokenizer, batch_size)
         prompts = encode_ids(pipeline, ids_for_encoders(pipeline, ids))
-        empty = ids[:, 1] == tokenizer.eos_token_id  # the 10 % "" prompts: SDXL's unconditional input is zeros
-        zeros = Conditioning(torch.zeros_like(prompts.embeds[:1]), torch.zeros_like(prompts.pooled[:1]),
-                             prompts.time_ids[:1])
-        prompts = prompts.where(empty, zeros)
+        prompts = prompts.where(ids[:, 1] == tokenizer.eos_token_id, zeros)
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,))
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
