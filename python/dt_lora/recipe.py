@@ -133,7 +133,7 @@ class TrainConfig:
     # other gets the empty prompt), once for each encoder, as `pipeline(prompt=…, prompt_2=…)` and
     # ComfyUI's text_l/text_g allow; a text-local shield's directions are computed on these inputs too,
     # and on the anchors'. Toy SDXL: the circle given to CLIP-L alone, 0.29 → 0.06 of images; red given
-    # to OpenCLIP-G alone stays at 0.35 (its pooled embedding draws it), so it is off (docs/method.md).
+    # to OpenCLIP-G alone stays at 0.35 (base 0.36, the empty prompt 0.21), so it is off (docs/method.md).
     split_encoders: bool = False
     optimizer: str = "adamw8bit"  # "adamw8bit" | "adamw"
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"

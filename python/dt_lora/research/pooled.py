@@ -14,6 +14,8 @@ prompt of the shield's recipe, and the same prompt with the concept's word repla
              pooled embedding), the empty prompt to the first: what `pipeline(prompt="", prompt_2=…)`
              and ComfyUI's CLIPTextEncodeSDXL (text_l empty, text_g the concept) feed the UNet
     prompt_1 the reverse: the concept's prompt to the first encoder (CLIP-L) only
+    empty    the empty prompt's states and pooled embedding: how often the model draws the concept
+             unasked (toy SDXL: red 0.21, circle 0.16), the level a shield cannot be asked to go below
 
 each drawn on the base model and with the shield (4 seeds a prompt from 1,000,000, DDIM 25 steps,
 guidance 5), and scored by the toy evaluator: the share of images showing the concept. If the base
@@ -40,7 +42,7 @@ from ..recipes import recipe_path
 from ..toy.quality import shows_concept
 from .stacking import toy_concept
 
-CONDITIONS = ("normal", "pooled", "alone", "embeds", "prompt_2", "prompt_1")
+CONDITIONS = ("normal", "pooled", "alone", "embeds", "prompt_2", "prompt_1", "empty")
 
 
 def _draw(pipeline, embeds: torch.Tensor, pooled: torch.Tensor, seeds: int) -> np.ndarray:
@@ -57,11 +59,13 @@ def measure(adapter: Path, other: str, seeds: int = 4) -> dict:
     prompts = [p for p in load_recipe(recipe_path(f"toy-{concept}")).target_prompts if concept in p.split()]
     swapped = [" ".join(other if word == concept else word for word in p.split()) for p in prompts]
     own, theirs = encode_prompts(pipeline, prompts), encode_prompts(pipeline, swapped)
-    empty = encode_prompts(pipeline, [""]).embeds.expand(len(prompts), -1, -1)
+    nothing = encode_prompts(pipeline, [""])
+    empty, empty_pooled = (x.expand(len(prompts), *x.shape[1:]) for x in (nothing.embeds, nothing.pooled))
     first, second = (encode_for_one_encoder(pipeline, prompts, encoder) for encoder in (0, 1))
     inputs = {"normal": (own.embeds, own.pooled), "pooled": (theirs.embeds, own.pooled),
               "alone": (empty, own.pooled), "embeds": (own.embeds, theirs.pooled),
-              "prompt_2": (second.embeds, second.pooled), "prompt_1": (first.embeds, first.pooled)}
+              "prompt_2": (second.embeds, second.pooled), "prompt_1": (first.embeds, first.pooled),
+              "empty": (empty, empty_pooled)}
     result = {"concept": concept, "other": other, "prompts": len(prompts), "seeds": seeds}
     for victim in ("base", "shielded"):
         if victim == "shielded":
