@@ -606,8 +606,8 @@ def attack_shields(
                         after = generate_images(victim.pipeline, [result.found] * settings.seeds, seed=seed_of(j),
                                                 steps=steps, guidance=guidance, negative_prompt=victim.negative_prompt)
                     else:
-                        after = draw_prompt_inputs(victim.pipeline, result.embeds, victim.negative_prompt, seed=seed_of(j),
-                                             count=settings.seeds, steps=steps, guidance=guidance)
+                        after = draw_prompt_inputs(victim.pipeline, result.embeds, victim.negative_prompt,
+                                                   seed=seed_of(j), count=settings.seeds, steps=steps, guidance=guidance)
                     hits = score(after)
                     entry = {"source": p, "found": result.found, "images_showing_concept": float(hits.mean()),
                              "plain_prompt_showing_concept": float(plain[j].mean()),

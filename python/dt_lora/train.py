@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from . import __version__, distributed
 from .adapters import AdapterFile, write_adapter
 from .base import describe, load_pipeline, unet_fingerprint
-from .data import ConceptData, data_key, generation_dtype, image_size, prepare_data
-from .family import SDXL, Conditioning, encode_for_one_encoder, encode_prompts, family, label, training_target
+from .data import ConceptData, data_key, generation_dtype, prepare_data
+from .family import (SDXL, Conditioning, encode_for_one_encoder, encode_prompts, family, image_size, label,
+                     training_target)
 from .io import atomic_write
 from .locality import pooled_directions, prompts_in_context, shield_directions
 from .recipe import POOLED_TARGET, Recipe, RecipeError

@@ -135,6 +135,7 @@ def measure(model: str, *, device: str = "cpu", gradient_checkpointing: bool = F
     import torch.nn.functional as F
     from peft import LoraConfig
 
+    from dt_lora.family import size_ids
     from dt_lora.train import make_optimizer
 
     if steps < 1 or warmup < 0 or batch < 1:
@@ -168,8 +169,6 @@ def measure(model: str, *, device: str = "cpu", gradient_checkpointing: bool = F
         t = torch.randint(0, num_timesteps, (batch,), generator=generator, device=device)
         added = {}
         if model in ADDED:
-            from dt_lora.family import size_ids
-
             pooled, side = ADDED[model]
             added["added_cond_kwargs"] = {
                 "text_embeds": torch.randn((batch, pooled), generator=generator, device=device),
