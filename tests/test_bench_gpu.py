@@ -57,6 +57,18 @@ def test_stages_train_bake_generate_on_the_saved_pipeline(tmp_path):
     adapter = read_adapter(tmp_path / f"{gpu.SD15_RECIPE}.safetensors")
     assert adapter.concepts[0]["name"] == gpu.SD15_RECIPE
 
+    attacked = gpu.run_stage("attack", device="cpu", work=work, tiny=True)
+    assert "error" not in attacked, attacked.get("traceback")
+    assert [p["name"] for p in attacked["phases"]] == ["attack: load", "attack: images", "attack: search"]
+    from dt_lora.recipe import load_recipe
+    from dt_lora.recipes import recipe_path
+
+    tokenizer = loaded.tokenizer  # the found prompt is decoded tokens: lower case, as the tokenizer spells words
+    typed = [tokenizer.decode(tokenizer(t, add_special_tokens=False).input_ids)
+             for t in load_recipe(recipe_path(gpu.SD15_RECIPE)).target_prompts]
+    [found] = attacked["details"]["found"]  # free tokens before one of the recipe's prompts
+    assert any(found.endswith(" " + t) and len(found) > len(t) + 8 for t in typed), (found, typed)
+
     baked = gpu.run_stage("bake", device="cpu", work=work, tiny=True)
     assert "error" not in baked, baked.get("traceback")
     generated = gpu.run_stage("generate", device="cpu", work=work, tiny=True)

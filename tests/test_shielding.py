@@ -111,3 +111,18 @@ def test_stacking_picture_shows_base_and_stack_per_family(trained_shields, tmp_p
     rows = (image.height - 20) // (32 * 3 + 4)  # 32 px images drawn at 3×, 4 px between rows
     assert families < rows <= families + 4  # every family without a target, and up to four naming one
     assert image.width == 260 + 2 * 2 * 32 * 3  # label column, then 2 seeds of the base and 2 stacked
+
+
+def test_stacking_measures_merged_and_baked_shields_as_the_stack(trained_shields, monkeypatch):
+    """`python -m dt_lora.research.stacking ... --merge-rank R --bake`, on one small family: merged
+    exactly and baked, the two shields draw what they draw stacked."""
+    from dt_lora.research import stacking
+
+    monkeypatch.setattr(stacking, "GROUPS", {"standard": {"one attribute": ("a {shape}", "a {colour} shape")}})
+    result = stacking.run([trained_shields["circle"], trained_shields["red"]], merge_rank=4, bake=True,
+                          progress=False)
+    rows = {r["shields"]: r["standard"] for r in result["rows"]}
+    assert list(rows) == ["circle", "circle + red", "all 2 merged exactly", "all 2 merged to rank 4", "all 2 baked"]
+    for label in ("all 2 merged exactly", "all 2 baked"):
+        assert rows[label]["targets"] == pytest.approx(rows["circle + red"]["targets"], abs=0.1), label
+        assert rows[label]["worst_other"] >= 0.9, label

@@ -175,6 +175,18 @@ def test_a_colour_counts_only_on_a_recognisable_shape():
         shows_concept(evaluator, red, "hexagon")
 
 
+def test_phrasing_families_fill_every_slot_and_label_what_they_name():
+    from dt_lora.toy.phrasings import family_prompts
+
+    one = family_prompts({"f": ("a {colour} {shape}", "a {shape}")})
+    assert len(one) == 25 + 5 and one[0].text == "a red circle" and one[0].concepts == ("circle", "red")
+    assert one[-1].text == "a star" and one[-1].names("star") and not one[-1].names("red")
+    two = family_prompts({"f": ("a {colour} {shape} and a {shape2}",)})
+    assert len(two) == 5 * 5 * 4  # a second shape is always a different one
+    assert two[0].text == "a red circle and a square" and two[0].concepts == ("circle", "red", "square")
+    assert all(p.names(p.text.split()[-1]) and len(set(p.concepts)) == 3 for p in two)
+
+
 def test_run_time_code_imports_neither_training_nor_research_code():
     import subprocess
     import sys

@@ -92,21 +92,10 @@ def _direction_prompts(pipeline, recipe) -> tuple[list[str], list[str]]:
     return recipe.target_prompts + prompts_in_context(recipe, pipeline.tokenizer), retained
 
 
-def pooled_directions(pipeline, recipe, in_features: int) -> torch.Tensor:
-    """SDXL: the (rank, in_features) text-local directions of `recipe`'s concept for the UNet's added
-    embedding, whose input is [pooled text embedding, size-id features]: directions of the pooled
-    embedding that the target's prompts use and the retained prompts do not, zero on the size ids."""
+def encode_direction_prompts(pipeline, recipe):
+    """The encoded (target, retained) prompts of `_direction_prompts`: what `shield_directions` and
+    `pooled_directions` compute from, encoded once when a shield needs both (a few thousand prompts)."""
     from .family import encode_prompts
-
-    targets, retained = _direction_prompts(pipeline, recipe)
-    target, kept = encode_prompts(pipeline, targets).pooled, encode_prompts(pipeline, retained).pooled
-    directions, _ = text_local_directions(target[:, None], kept[:, None], recipe.lora.rank)
-    return torch.cat([directions, directions.new_zeros(len(directions), in_features - directions.shape[1])], 1)
-
-
-def shield_directions(pipeline, recipe) -> torch.Tensor:
-    """The (rank, D) text-local directions of `recipe`'s concept on `pipeline`'s text encoder."""
-    from .family import SDXL, encode_for_one_encoder, encode_prompts, family
     from .recipe import RecipeError
 
     width = pipeline.unet.config.cross_attention_dim  # SDXL: both text encoders' widths, concatenated
@@ -117,7 +106,25 @@ def shield_directions(pipeline, recipe) -> torch.Tensor:
         raise RecipeError(f"{recipe.name}: lora.text_local: needs the target's prompts (its words are what the "
                           "shield listens to); give target.prompts or templates, or set lora.text_local = false")
     targets, retained = _direction_prompts(pipeline, recipe)
-    target_embeds, retained_embeds = encode_prompts(pipeline, targets).embeds, encode_prompts(pipeline, retained).embeds
+    return encode_prompts(pipeline, targets), encode_prompts(pipeline, retained)
+
+
+def pooled_directions(pipeline, recipe, in_features: int, encoded=None) -> torch.Tensor:
+    """SDXL: the (rank, in_features) text-local directions of `recipe`'s concept for the UNet's added
+    embedding, whose input is [pooled text embedding, size-id features]: directions of the pooled
+    embedding that the target's prompts use and the retained prompts do not, zero on the size ids.
+    `encoded`: `encode_direction_prompts`' result, if already computed."""
+    target, kept = (x.pooled for x in encoded or encode_direction_prompts(pipeline, recipe))
+    directions, _ = text_local_directions(target[:, None], kept[:, None], recipe.lora.rank)
+    return torch.cat([directions, directions.new_zeros(len(directions), in_features - directions.shape[1])], 1)
+
+
+def shield_directions(pipeline, recipe, encoded=None) -> torch.Tensor:
+    """The (rank, D) text-local directions of `recipe`'s concept on `pipeline`'s text encoder.
+    `encoded`: `encode_direction_prompts`' result, if already computed."""
+    from .family import SDXL, encode_for_one_encoder, family
+
+    target_embeds, retained_embeds = (x.embeds for x in encoded or encode_direction_prompts(pipeline, recipe))
     if recipe.train.split_encoders and family(pipeline) == SDXL:
         # listen to the concept in either encoder's half of the states, and not to an anchor in either
         target_embeds = torch.cat([target_embeds, *(encode_for_one_encoder(pipeline, recipe.target_prompts, e).embeds

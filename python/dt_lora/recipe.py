@@ -108,15 +108,19 @@ class TrainConfig:
     # keep the anchors by changes that cancel each other inside the network, and a second shield
     # stacked on it breaks the cancellation (toy world, circle + red stacked: other concepts fell to
     # 0.69 × base). Requiring the anchors to hold along a whole segment of strengths removes that:
-    # 0.94 × base stacked, each shield alone unchanged (docs/method.md).
-    anchor_scale_jitter: float = 1.0
+    # 0.94 × base stacked, each shield alone unchanged (docs/method.md). 2 (not 1) since the target
+    # range was widened (below): it keeps six stacked at ≥ 0.97 × base with the target trained to 0.5.
+    anchor_scale_jitter: float = 2.0
     # The target is degenerated with the adapter at a random strength s ∈ [target_scale_min, 1]. A
     # text-local shield responds to how strongly a prompt moves the concept's text directions, and a
-    # paraphrase moves them less than the recipe's own templates; training at a weaker strength too
-    # makes the shield hold there. Lower holds more paraphrases, higher disturbs other concepts less
-    # when many shields are stacked: 1 let red's paraphrases through (0.25), 0.5 kept six stacked at
-    # 0.90 × base on phrasings nobody listed, 0.75 holds both (docs/method.md).
-    target_scale_min: float = 0.75
+    # paraphrase, or an attack's words around the prompt, move them less than the recipe's own
+    # templates (the attack halves the circle's response); training at a weaker strength too makes the
+    # shield hold there. Lower holds more, but disturbs other concepts unless the anchors are kept over
+    # a wider range too: 0.5 with jitter 1 kept six stacked at only 0.90 × base; 0.5 with jitter 2 keeps
+    # them at ≥ 0.97 and halves the attack's success on red and on the circle stacked with red, against
+    # 0.75 with jitter 1 (attack seed 5, never used to choose: 6 of 36 prompts broken against 12;
+    # docs/method.md).
+    target_scale_min: float = 0.5
     # Adversarial training (AdvUnlearn-style, in rounds; adversarial.py): after training, attack the
     # shield (`dt-lora attack`'s discrete attack on `adversarial_prompts` target prompts), add the
     # prompts found to the target prompts, and train again; `adversarial_rounds` times. 0: off.

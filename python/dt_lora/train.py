@@ -43,7 +43,7 @@ from .data import ConceptData, data_key, generation_dtype, prepare_data
 from .family import (SDXL, Conditioning, encode_for_one_encoder, encode_prompts, family, image_size, label,
                      training_target)
 from .io import atomic_write
-from .locality import pooled_directions, prompts_in_context, shield_directions
+from .locality import encode_direction_prompts, pooled_directions, prompts_in_context, shield_directions
 from .recipe import POOLED_TARGET, Recipe, RecipeError
 
 WARMUP_STEPS = 20
@@ -482,10 +482,12 @@ def _train_single(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, 
     if len(seen) > 1:  # e.g. a work folder on one machine's local disk: the processes would not agree on a step
         raise CheckpointError(f"{checkpoint.path}: the processes see different checkpoints (steps "
                               f"{sorted(seen)}); the work folder (--out's folder) must be shared by all machines")
-    directions = shield_directions(pipeline, recipe) if recipe.lora.text_local else None
-    pooled = None  # SDXL's added embedding as a target: the pooled embedding's directions
-    if directions is not None and POOLED_TARGET in recipe.lora.targets and family(pipeline) == SDXL:
-        pooled = pooled_directions(pipeline, recipe, unet.add_embedding.linear_1.in_features)
+    directions = pooled = None  # pooled: SDXL's added embedding as a target, the pooled embedding's directions
+    if recipe.lora.text_local:
+        encoded = encode_direction_prompts(pipeline, recipe)
+        directions = shield_directions(pipeline, recipe, encoded)
+        if POOLED_TARGET in recipe.lora.targets and family(pipeline) == SDXL:
+            pooled = pooled_directions(pipeline, recipe, unet.add_embedding.linear_1.in_features, encoded)
     data = prepare_data(pipeline, recipe, cache_dir, base_fingerprint=fingerprint,
                         progress=progress and accelerator.is_main_process)
     images = data.target_latents

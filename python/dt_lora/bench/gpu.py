@@ -14,6 +14,9 @@ Stages, each in a fresh Python process (so each peak is its own, and one failure
              (generate, scramble, encode), train (steps, checkpoints, adapter write)
   bake       `dt-lora bake --dtype float16` of that adapter into the random base (CPU work)
   generate   the baked model loaded in float16 on the GPU draws four 512 px images
+  attack     `dt-lora attack`'s discrete search against that adapter on the random base, in float32 as the
+             command loads it: one target prompt, 8 coordinate-search steps (the default budget is 6 prompts
+             × 32 steps), in phases: load, images (the base's images of the prompt and its neighbours), search
   toy        the toy world's red shield (adapters/toy-red.toml, full recipe) trained and evaluated on the GPU
 
 Memory per phase: `torch.cuda.max_memory_allocated()` (and `max_memory_reserved()`), reset at the start of
@@ -67,10 +70,12 @@ TEXT_TOKENS = 77  # SD 1.5's prompt length; the toy tokenizer's vocabulary, padd
 # `--tiny` shrinks them further for the CPU smoke run.
 FULL = {"unet_model": "sd15", "sdxl_model": "sdxl", "unet_steps": 30, "train_flags": {
     "target-images": 8, "anchors-images": 8, "sampling-steps": 10, "sampling-batch-size": 8,
-    "train-steps": 30, "train-checkpoint-every": 10}, "generate_steps": 25, "toy_overrides": {}}
+    "train-steps": 30, "train-checkpoint-every": 10}, "generate_steps": 25,
+    "attack": {"prompts": 1, "steps": 8}, "toy_overrides": {}}
 TINY = {"unet_model": "toy", "sdxl_model": "toy-sdxl", "unet_steps": 2, "train_flags": {
     "target-images": 4, "anchors-images": 4, "sampling-steps": 2, "sampling-batch-size": 4,
-    "train-steps": 3, "train-checkpoint-every": 2}, "generate_steps": 2, "toy_overrides": {
+    "train-steps": 3, "train-checkpoint-every": 2}, "generate_steps": 2,
+    "attack": {"prompts": 1, "steps": 1, "candidates": 2, "samples": 2, "concept_images": 1}, "toy_overrides": {
     # fewer prompts to evaluate, drawn with the toy's own sampler, so that its base rates stay 1.00
     "target.images": 4, "anchors.images": 4, "train.steps": 2, "target.templates": ["a red {shape}"],
     "target.vars": {"shape": ["circle", "star"]}, "target.paraphrases": ["a picture showing a red circle"],
@@ -207,6 +212,30 @@ class Meter:
         return phase
 
 
+@contextlib.contextmanager
+def _phases_around(meter: Meter, module, name: str, *, before: tuple[str, str] | None = None,
+                   after: tuple[str, str] | None = None):
+    """While inside, `module.<name>` ends the meter's running phase as `before` (name, note) when it is
+    called and as `after` when it returns: how a stage splits a command it runs whole into phases."""
+    if not hasattr(module, name):
+        raise RuntimeError(f"{module.__name__} no longer calls {name}: update the phase split in bench/gpu.py")
+    original = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        if before:
+            meter.close(*before)
+        result = original(*args, **kwargs)
+        if after:
+            meter.close(*after)
+        return result
+
+    setattr(module, name, wrapped)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
 def _cli(argv: list[str]) -> None:
     """Run `dt-lora ARGV` in this process; a non-zero exit raises with what it printed to stderr."""
     from dt_lora import cli
@@ -245,23 +274,12 @@ def stage_train(device: str, work: str, tiny: bool, optimizer: str | None = None
     argv = ["train", str(recipe_path(SD15_RECIPE)), "--base", str(work / "sd15-random"),
             "-o", str(work / f"{SD15_RECIPE}.safetensors"), "--cache-dir", str(work / "cache"),
             "--overwrite", "-q", *_flags(flags)]
-    if not hasattr(training, "prepare_data"):
-        raise RuntimeError("dt_lora.train no longer calls prepare_data: update the phase split in bench/gpu.py")
     meter = Meter(device)
-    original = training.prepare_data
-
-    def prepare_data(*args, **kwargs):
-        meter.close("train: load", "base from the folder, UNet fingerprint")
-        data = original(*args, **kwargs)
-        meter.close("train: data", f"{flags['target-images']} target + {flags['anchors-images']} anchor images, "
-                                   f"{flags['sampling-steps']} sampler steps, scramble, VAE encode")
-        return data
-
-    training.prepare_data = prepare_data
-    try:
+    data = (f"{flags['target-images']} target + {flags['anchors-images']} anchor images, "
+            f"{flags['sampling-steps']} sampler steps, scramble, VAE encode")
+    with _phases_around(meter, training, "prepare_data", before=("train: load", "base from the folder, UNet fingerprint"),
+                        after=("train: data", data)):
         _cli(argv)
-    finally:
-        training.prepare_data = original
     phase = meter.close("train: train", "")
     steps = flags["train-steps"]
     phase["note"] = f"{steps} steps ({steps / phase['seconds']:.2f}/s), checkpoints, adapter write"
@@ -300,6 +318,32 @@ def stage_generate(device: str, work: str, tiny: bool) -> dict:
                                                 "distinct_images": len({im.tobytes() for im in images})}}
 
 
+def stage_attack(device: str, work: str, tiny: bool) -> dict:
+    """The discrete attack's search (`attack.find_prompts`, what `dt-lora attack` runs before drawing and
+    scoring) against the trained adapter; phases split where it calls `_search_inputs`."""
+    import dt_lora.attack as attack
+    from dt_lora.base import load_pipeline
+    from dt_lora.recipe import load_recipe
+
+    work = Path(work)
+    sizes = TINY if tiny else FULL
+    settings = attack.AttackSettings(methods=("discrete",), **sizes["attack"])
+    # the train stage's sampler steps: the attack draws its images as the recipe's data was drawn
+    recipe = load_recipe(recipe_path(SD15_RECIPE), {"sampling.steps": sizes["train_flags"]["sampling-steps"]})
+    meter = Meter(device)
+    pipeline = load_pipeline(work / "sd15-random", device=device)
+    meter.close("attack: load", "random base, float32 (as `dt-lora attack` loads it)")
+    images = (f"the base's images: {settings.concept_images} of the prompt, as many of its neighbours, "
+              f"{recipe.sampling.steps} sampler steps")
+    with _phases_around(meter, attack, "_search_inputs", after=("attack: images", images)):
+        found = attack.find_prompts(pipeline, recipe, [work / f"{SD15_RECIPE}.safetensors"], settings)
+    phase = meter.close("attack: search", "")
+    per_step = phase["seconds"] / (settings.prompts * settings.steps)
+    phase["note"] = (f"{settings.steps} steps ({per_step:.2f} s each), {settings.candidates} candidates, "
+                     f"{settings.samples} samples; 6 prompts × 32 steps like these ≈ {per_step * 6 * 32 / 60:.0f} min")
+    return {"phases": meter.phases, "details": {"found": found, "seconds_per_step": per_step}}
+
+
 def stage_toy(device: str, work: str, tiny: bool) -> dict:
     from dt_lora import toy
     from dt_lora.evaluate import ToyScorer, evaluate_shields
@@ -332,9 +376,9 @@ def stage_toy(device: str, work: str, tiny: bool) -> dict:
 
 
 STAGE_FUNCTIONS = {"build": stage_build, "train": stage_train, "bake": stage_bake, "generate": stage_generate,
-                   "toy": stage_toy}
+                   "attack": stage_attack, "toy": stage_toy}
 STAGES = ("unet-b1", "unet-b4", "unet-sdxl", *STAGE_FUNCTIONS)
-NEEDS = {"train": "build", "bake": "train", "generate": "bake"}
+NEEDS = {"train": "build", "bake": "train", "generate": "bake", "attack": "train"}
 
 
 def run_stage(stage: str, **kwargs) -> dict:

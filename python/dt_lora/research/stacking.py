@@ -9,7 +9,8 @@ and every prompt of `toy.phrasings`' families is drawn (2 images a prompt, seeds
 each target's rate over the prompts that name it, and every concept no stacked shield names compared
 with the base model on the same prompts and seeds. Families come in groups: `standard` (the recipes'
 templates and one attribute alone), `paraphrases` (the recipes' held-out paraphrases), `tuning`
-(phrasings looked at while choosing defaults) and `heldout` (phrasings for measuring only).
+(phrasings looked at while choosing defaults), `heldout` (phrasings for measuring only) and `several`
+(two shapes in one prompt, where a shield can tip which one is drawn).
 `--singles` also measures each shield alone; `--merge-rank R` all n merged exactly and merged to rank
 R; `--bake` all n baked into the UNet's weights; `--picture FILE` draws, for the first prompt of each
 family that names no shielded concept and of a few that name one, the base model and all n stacked.
@@ -34,6 +35,7 @@ GROUPS = {
     "paraphrases": phrasings.PARAPHRASE_FAMILIES,
     "tuning": phrasings.TUNING_FAMILIES,
     "heldout": phrasings.HELDOUT_FAMILIES,
+    "several": phrasings.SEVERAL_FAMILIES,
 }
 
 
@@ -78,12 +80,13 @@ def run(adapters: list[Path], *, singles: bool = False, merge_rank: int | None =
         started = time.perf_counter()
         report = phrasings.phrasing_report(model or pipeline, evaluator, chosen, families=families,
                                            images_per_prompt=images_per_prompt, adapters=stack)
-        result = {**row(label, chosen, report, base), "seconds": round(time.perf_counter() - started, 1)}
+        result = {**row(label, chosen, report, reference), "seconds": round(time.perf_counter() - started, 1)}
         if progress:
             print(summary_line(result), flush=True)
         return result
 
-    base = phrasings.phrasing_report(pipeline, evaluator, [], families=families, images_per_prompt=images_per_prompt)
+    reference = phrasings.phrasing_report(pipeline, evaluator, [], families=families,
+                                          images_per_prompt=images_per_prompt)  # the base model's
     rows = [measure(" + ".join(targets[:k]), targets[:k], adapters[:k]) for k in range(1, len(adapters) + 1)]
     if singles:
         rows += [measure(f"{t} alone", [t], [a]) for t, a in zip(targets[1:], adapters[1:])]
@@ -150,8 +153,8 @@ def summary_line(result: dict) -> str:
 
 
 def table(result: dict) -> str:
-    lines = ["| shields | targets, worst (recipe templates / paraphrases / tuning / held-out) | "
-             "others, worst × base (standard / paraphrases / tuning / held-out) |", "|---|---|---|"]
+    lines = ["| shields | targets, worst (recipe templates / paraphrases / tuning / held-out / several) | "
+             "others, worst × base (standard / paraphrases / tuning / held-out / several) |", "|---|---|---|"]
     for r in result["rows"]:
         targets = " / ".join(f"{max(r[g]['targets'].values()):.2f}" for g in GROUPS)
         others = " / ".join(f"{r[g]['worst_other']:.2f} ({r[g]['worst_concept']})" for g in GROUPS)

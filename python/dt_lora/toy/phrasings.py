@@ -10,7 +10,10 @@ names. They are split in two, and the split is the point:
   dt-lora's defaults was chosen by looking at them (docs/method.md says which were used when).
 
 A family's templates name a shape and a colour (`{shape}`, `{colour}`), or one of the two, in which
-case the prompt is about that concept alone ("a star", "something purple").
+case the prompt is about that concept alone ("a star", "something purple"). `SEVERAL_FAMILIES` also
+name a second shape (`{shape2}`): the toy model draws one shape, so a shield that tips the choice
+between two named shapes shows there, and nowhere else. Red's shield did exactly that, and the attack
+used it against the circle stacked with red (docs/method.md).
 
     report = phrasing_report(pipeline, evaluator, ["circle", "red"], families=HELDOUT_FAMILIES)
     report.target_rates["circle"], report.worst_other()      # with the base's rates from base_report
@@ -46,29 +49,35 @@ HELDOUT_FAMILIES: dict[str, tuple[str, ...]] = {
                      "there is something here: a {colour} {shape}"),
     "one attribute, reworded": ("there is a {shape} here", "a {colour} thing", "a picture showing a {shape}"),
 }
+# Two shapes in one prompt, each ordered pair of different shapes. Added after the defaults were chosen,
+# to measure a failure no other family shows; may be looked at while developing a method.
+SEVERAL_FAMILIES: dict[str, tuple[str, ...]] = {
+    "two shapes": ("a {shape} and a {shape2}", "a {colour} {shape} and a {shape2}", "a {shape}, a {shape2}, a {shape2}"),
+}
 
 
 @dataclass(frozen=True)
 class LabelledPrompt:
     text: str
-    shape: str | None
-    colour: str | None
+    concepts: tuple[str, ...]  # the shapes and colours it names
     family: str
 
     def names(self, concept: str) -> bool:
-        return concept in (self.shape, self.colour)
+        return concept in self.concepts
 
 
 def family_prompts(families: dict[str, tuple[str, ...]]) -> list[LabelledPrompt]:
-    """Every template of every family filled with every shape and/or colour it names."""
+    """Every template of every family filled with every shape, colour and second shape it names."""
     out = []
     for family, templates in families.items():
         for template in templates:
-            shapes = world.SHAPES if "{shape}" in template else (None,)
-            colours = world.COLOURS if "{colour}" in template else (None,)
-            for shape in shapes:
-                for colour in colours:
-                    out.append(LabelledPrompt(template.format(shape=shape, colour=colour), shape, colour, family))
+            slots = {"shape": world.SHAPES, "colour": world.COLOURS, "shape2": world.SHAPES}
+            fillings = [{}]
+            for slot, values in slots.items():
+                if "{" + slot + "}" in template:
+                    fillings = [{**f, slot: v} for f in fillings for v in values if v not in f.values()]
+            for filling in fillings:
+                out.append(LabelledPrompt(template.format(**filling), tuple(filling.values()), family))
     return out
 
 
