@@ -339,8 +339,10 @@ def stage_attack(device: str, work: str, tiny: bool) -> dict:
         found = attack.find_prompts(pipeline, recipe, [work / f"{SD15_RECIPE}.safetensors"], settings)
     phase = meter.close("attack: search", "")
     per_step = phase["seconds"] / (settings.prompts * settings.steps)
+    default = attack.AttackSettings()
     phase["note"] = (f"{settings.steps} steps ({per_step:.2f} s each), {settings.candidates} candidates, "
-                     f"{settings.samples} samples; 6 prompts × 32 steps like these ≈ {per_step * 6 * 32 / 60:.0f} min")
+                     f"{settings.samples} samples; {default.prompts} prompts × {default.steps} steps like these ≈ "
+                     f"{per_step * default.prompts * default.steps / 60:.0f} min")
     return {"phases": meter.phases, "details": {"found": found, "seconds_per_step": per_step}}
 
 

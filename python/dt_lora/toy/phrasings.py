@@ -56,6 +56,10 @@ SEVERAL_FAMILIES: dict[str, tuple[str, ...]] = {
 }
 
 
+# What a template's `{slot}` is filled with, in this order (the order of the prompts and of their labels).
+SLOTS = {"shape": world.SHAPES, "colour": world.COLOURS, "shape2": world.SHAPES}
+
+
 @dataclass(frozen=True)
 class LabelledPrompt:
     text: str
@@ -71,9 +75,8 @@ def family_prompts(families: dict[str, tuple[str, ...]]) -> list[LabelledPrompt]
     out = []
     for family, templates in families.items():
         for template in templates:
-            slots = {"shape": world.SHAPES, "colour": world.COLOURS, "shape2": world.SHAPES}
             fillings = [{}]
-            for slot, values in slots.items():
+            for slot, values in SLOTS.items():
                 if "{" + slot + "}" in template:
                     fillings = [{**f, slot: v} for f in fillings for v in values if v not in f.values()]
             for filling in fillings:
