@@ -84,7 +84,7 @@ PIPELINE_CLASSES = {
 }
 
 
-def _pipeline_class(class_name: object, where: str):
+def pipeline_class_for(class_name: object, where: str):
     """The diffusers pipeline class for a model_index.json `_class_name`; a one-line error for any other."""
     import diffusers
 
@@ -126,7 +126,7 @@ def load_pipeline(base: str | os.PathLike = TOY, *, device: str = "cpu", dtype=N
         index = _model_index(path)
         if not pickle_allowed(allow_pickle):
             _refuse_pickle_only_components(path, index)
-        pipeline_class = _pipeline_class(index.get("_class_name"), f"base model folder {path}")
+        pipeline_class = pipeline_class_for(index.get("_class_name"), f"base model folder {path}")
         pipeline = pipeline_class.from_pretrained(path, dtype=dtype, use_safetensors=_use_safetensors(allow_pickle),
                                                   **_pipeline_kwargs(pipeline_class))
     else:
@@ -149,7 +149,7 @@ def _from_hub(model_id: str, dtype, allow_pickle: bool | None = None):
     for local_only in (True,) if offline else (True, False):
         try:
             index = DiffusionPipeline.load_config(model_id, local_files_only=local_only)
-            pipeline_class = _pipeline_class(index.get("_class_name"), f"base model {model_id!r}")
+            pipeline_class = pipeline_class_for(index.get("_class_name"), f"base model {model_id!r}")
             return pipeline_class.from_pretrained(
                 model_id, dtype=dtype, local_files_only=local_only, use_safetensors=_use_safetensors(allow_pickle),
                 **_pipeline_kwargs(pipeline_class))

@@ -7,7 +7,8 @@ tools compute scale = alpha / rank from these, so the exported file draws what t
 whenever the two differ; this one keeps alpha.)
 
 Module paths are diffusers' for SD 1.x/2.x, as sd-scripts names them. For SDXL, sd-scripts (and so
-A1111) names the original SGM UNet's blocks, so attention blocks are renamed (SDXL has 2 layers a block):
+A1111) names the original SGM UNet's blocks, so attention blocks are renamed as single_file's block table
+names them (SDXL has 2 layers a block):
 
     down_blocks.i.attentions.j   →  input_blocks.{3i+j+1}.1
     mid_block.attentions.0       →  middle_block.1
@@ -17,31 +18,36 @@ A1111) names the original SGM UNet's blocks, so attention blocks are renamed (SD
 from __future__ import annotations
 
 import json
-import re
+from functools import cache
 from pathlib import Path
 
 import torch
 
 from .adapters import DT_METADATA_KEY, AdapterFile, adapter_family, lora_layers
 from .io import atomic_write
+from .single_file import UNET_TEXT_TIME, UNET_TRANSFORMER, unet_blocks
 
 KOHYA_PREFIX = "lora_unet_"
 
 
-SDXL_BLOCKS = (
-    (re.compile(r"down_blocks\.(\d+)\.attentions\.(\d+)\."), lambda i, j: f"input_blocks.{3 * i + j + 1}.1."),
-    (re.compile(r"mid_block\.attentions\.0\."), lambda: "middle_block.1."),
-    (re.compile(r"up_blocks\.(\d+)\.attentions\.(\d+)\."), lambda i, j: f"output_blocks.{3 * i + j}.1."),
-    (re.compile(r"add_embedding\.linear_1"), lambda: "label_emb.0.0"),  # the pooled-path shield
-)
+SDXL_UNET_CONFIG = Path(__file__).resolve().parent / "configs" / "sdxl_unet.json"
+
+
+@cache
+def _sgm_prefixes() -> tuple[tuple[str, str], ...]:
+    """(diffusers prefix, SGM prefix) of every block a shield may train, from single_file's block table
+    of SDXL's UNet (the toy SDXL has the same block layout at a smaller width)."""
+    config = json.loads(SDXL_UNET_CONFIG.read_text())
+    return tuple((block.diffusers + ".", block.ldm + ".") for block in unet_blocks(config)
+                 if block.table is UNET_TRANSFORMER) + tuple((d, ldm) for d, ldm in UNET_TEXT_TIME)
 
 
 def sgm_module(module: str) -> str:
-    """An SDXL attention layer's path in the original (SGM) UNet: `down_blocks.1.attentions.0.…` → `input_blocks.4.1.…`."""
-    for pattern, rename in SDXL_BLOCKS:
-        match = pattern.match(module)
-        if match:
-            return rename(*map(int, match.groups())) + module[match.end():]
+    """An SDXL layer's path in the original (SGM) UNet: `down_blocks.1.attentions.0.…` → `input_blocks.4.1.…`,
+    `add_embedding.linear_1` (the pooled-path shield) → `label_emb.0.0`."""
+    for prefix, sgm in _sgm_prefixes():
+        if module.startswith(prefix):
+            return sgm + module[len(prefix):]
     raise ValueError(f"adapter layer {module} is not in an SDXL attention block; kohya's SDXL layout has no name for it")
 
 

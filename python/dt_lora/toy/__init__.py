@@ -37,7 +37,7 @@ def load(device: str = "cpu", dtype=None, model_dir: str | Path | None = None):
 
     import torch
 
-    from ..base import _pipeline_class
+    from ..base import pipeline_class_for
 
     folder = Path(model_dir) if model_dir is not None else MODEL_DIR
     if not (folder / "model_index.json").is_file():
@@ -45,8 +45,8 @@ def load(device: str = "cpu", dtype=None, model_dir: str | Path | None = None):
             f"toy model not found at {folder}: reinstall dt-lora or rebuild it with "
             f"`python -m dt_lora.toy.build --out {folder}`"
         )
-    pipeline_class = _pipeline_class(json.loads((folder / "model_index.json").read_text()).get("_class_name"),
-                                     f"toy model folder {folder}")
+    class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    pipeline_class = pipeline_class_for(class_name, f"toy model folder {folder}")
     # shipped in float16 to stay small; computed in float32 on CPU, where float16 is slow
     pipeline = pipeline_class.from_pretrained(folder, dtype=dtype or torch.float32)
     pipeline.set_progress_bar_config(disable=True)
