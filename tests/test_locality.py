@@ -32,6 +32,19 @@ def test_directions_find_what_only_the_target_uses():
     assert response[1] == pytest.approx(1.0, rel=1e-2)
 
 
+def test_the_weakest_target_strength_gives_every_target_the_same_response_floor():
+    from dt_lora.locality import LOWEST_TARGET_STRENGTH, TARGET_RESPONSE_FLOOR, weakest_target_strength
+
+    directions = torch.eye(2, 8)  # responses: the first two coordinates
+    for rms in (12.0, 30.0):  # a target that answers 2.5 × as strongly is degenerated down to 1/2.5 the strength
+        embeds = torch.zeros(5, 3, 8)
+        embeds[..., 0] = rms  # mean over both directions of the squared response: rms² / 2
+        embeds[..., 1] = rms
+        assert weakest_target_strength(directions, embeds) == pytest.approx(TARGET_RESPONSE_FLOOR / rms)
+    assert weakest_target_strength(directions, torch.ones(5, 3, 8)) == 1.0  # a weak target: trained at 1 only
+    assert weakest_target_strength(directions, torch.full((5, 3, 8), 1e4)) == LOWEST_TARGET_STRENGTH
+
+
 def test_generic_prompts_leave_out_the_concept_and_repeat():
     tokenizer = toy.load().tokenizer
     prompts = generic_prompts(tokenizer, {"circle"}, count=300)
@@ -57,11 +70,12 @@ def test_a_text_local_shield_moves_only_its_concepts_prompts(tmp_path):
     pipeline = toy.load()
     recipe = load_recipe(ADAPTERS / "toy-circle.toml", {
         "target.images": "8", "anchors.images": "8", "train.steps": "20", "train.batch_size": "4",
-        "sampling.steps": "4"})
+        "sampling.steps": "4", "train.target_scale_min": "auto"})
     assert recipe.lora.text_local  # the default
     result = train_adapter(recipe, tmp_path / "c.safetensors", cache_dir=tmp_path / "cache", pipeline=pipeline,
                            progress=False)
     adapter = read_adapter(result.adapter)
+    concept = adapter.concepts[0]
     layers = [k[: -len(".lora_A.weight")] for k in adapter.weights if k.endswith(".lora_A.weight")]
     assert layers and all(layer.endswith(("attn2.to_k", "attn2.to_v")) for layer in layers)
     first_a = adapter.weights[f"{layers[0]}.lora_A.weight"]
@@ -75,6 +89,13 @@ def test_a_text_local_shield_moves_only_its_concepts_prompts(tmp_path):
 
     others = ["a green star", "something purple", "a big yellow cross with a dark background", ""]
     assert response(recipe.target.paraphrases) > 100 * response(others)
+
+    # train.target_scale_min "auto": down to where the recipe's prompts answer with TARGET_RESPONSE_FLOOR × rms
+    from dt_lora.locality import TARGET_RESPONSE_FLOOR
+
+    lowest = concept["train"]["target_scale_min"]
+    floor = lowest * response(recipe.target_prompts) ** 0.5 / 2 ** 0.5  # the rms over both directions
+    assert 0.1 < lowest < 0.5 and floor == pytest.approx(TARGET_RESPONSE_FLOOR, rel=1e-3)
 
 
 def test_prompt_contexts_put_each_target_image_s_prompt_in_random_words(tmp_path):

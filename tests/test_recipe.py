@@ -103,6 +103,8 @@ VALID = 'name = "x"\n[target]\nprompts = ["p"]\n[anchors]\nprompts = ["q"]\n'
     # NaN passes every `<` test, so each float field is checked for it on its own
     ({"train.preservation_weight": "nan"}, r"train\.preservation_weight: must be a finite number"),
     ({"train.anchor_scale_jitter": "nan"}, r"train\.anchor_scale_jitter: must be a finite number"),
+    ({"train.target_scale_min": "1.5"}, r"train\.target_scale_min: must be \"auto\" or in \(0, 1\], got 1\.5"),
+    ({"train.target_scale_min": "low"}, r"train\.target_scale_min: expected \"auto\" or a float, got 'low'"),
     ({"sampling.guidance": "nan"}, r"sampling\.guidance: must be a finite number"),
     ({"sampling.guidance": "inf"}, r"sampling\.guidance: must be a finite number, got inf"),
     ({"lora.alpha": "nan"}, r"lora\.alpha: must be a finite number"),
@@ -115,6 +117,14 @@ VALID = 'name = "x"\n[target]\nprompts = ["p"]\n[anchors]\nprompts = ["q"]\n'
 def test_every_setting_is_checked_before_any_work(tmp_path, overrides, message):
     with pytest.raises(RecipeError, match=r"r\.toml: " + message):
         load_recipe(write(tmp_path, VALID), overrides)
+
+
+def test_the_weakest_target_strength_is_a_number_or_auto(tmp_path):
+    assert load_recipe(write(tmp_path, VALID)).train.target_scale_min == 0.5  # the default
+    assert load_recipe(write(tmp_path, VALID), {"train.target_scale_min": "auto"}).train.target_scale_min is None
+    assert load_recipe(write(tmp_path, VALID + '[train]\ntarget_scale_min = "auto"\n')).train.target_scale_min is None
+    assert load_recipe(write(tmp_path, VALID + "[train]\ntarget_scale_min = 0.5\n")).train.target_scale_min == 0.5
+    assert load_recipe(write(tmp_path, VALID), {"train.target_scale_min": "0.25"}).train.target_scale_min == 0.25
 
 
 def test_nan_in_the_toml_file_is_refused(tmp_path):

@@ -71,6 +71,22 @@ def test_adapter_carries_format_and_provenance(pipeline, tmp_path):
     assert "a red circle" in concept["prompts"] and concept["lora"]["text_local"] is True
 
 
+def test_an_auto_target_strength_is_computed_for_each_shield_and_recorded(pipeline, tmp_path):
+    """train.target_scale_min "auto": from a text-local shield's directions (the value is checked in
+    test_locality), the fixed FREE_LORA_TARGET_SCALE_MIN for a free LoRA; a number is recorded as given."""
+    from dt_lora.train import FREE_LORA_TARGET_SCALE_MIN
+
+    def recorded(name, **extra):
+        result = train_adapter(tiny_recipe(**extra), tmp_path / f"{name}.safetensors", cache_dir=tmp_path / "cache",
+                               pipeline=pipeline, progress=False)
+        return read_adapter(result.adapter).concepts[0]["train"]["target_scale_min"]
+
+    assert 0.1 < recorded("auto", **{"train.target_scale_min": "auto"}) < 0.5  # the circle answers strongly
+    assert recorded("free", **{"train.target_scale_min": "auto", "lora.text_local": "false"}) == \
+        FREE_LORA_TARGET_SCALE_MIN
+    assert recorded("given", **{"train.target_scale_min": "0.75"}) == 0.75
+
+
 def test_diffusers_loads_the_adapter_with_its_alpha(pipeline, tmp_path):
     """alpha (2) ≠ rank (4): diffusers must apply scale alpha/rank = 0.5, read from our metadata."""
     result = train_adapter(tiny_recipe(**{"train.learning_rate": "0.05"}), tmp_path / "a.safetensors",

@@ -23,6 +23,14 @@ GENERIC_PROMPTS = 2000  # random word sequences in the retained set
 GENERIC_SEED = 0
 CONTEXT_SEED = 1  # the contexts of `train.prompt_contexts`: other words than the retained set's
 CONTEXT_WORDS = 6  # at most, so that a toy prompt (≤ 6 words) and its context fit the 16-token encoder
+# `train.target_scale_min = "auto"`: the target is degenerated down to the strength at which its prompts
+# answer the directions with this many times the retained prompts' rms. One strength for every concept
+# means a different response for each (toy world, at 0.5: circle 14 ×, red 6 ×), and an attack halves the
+# response; 6 is where red's shield sits at the default 0.5, which holds six stacked. Given to every
+# concept, it holds the circle stacked with red against the attack, but four or more stacked lose
+# locality (toy world, docs/method.md): an option, not the default.
+TARGET_RESPONSE_FLOOR = 6.0
+LOWEST_TARGET_STRENGTH = 0.1  # a guard for concepts that answer very strongly: B would have to be huge
 
 
 def concept_words(target_prompts: list[str], anchor_prompts: list[str]) -> set[str]:
@@ -82,6 +90,15 @@ def text_local_directions(target_embeds: torch.Tensor, retained_embeds: torch.Te
     order = ratios.argsort(descending=True)[:count]
     directions = (whiten.T @ vectors[:, order]).T  # dᵀ C_retained d = 1
     return directions.float(), ratios[order].float()
+
+
+def weakest_target_strength(directions: torch.Tensor, target_embeds: torch.Tensor) -> float:
+    """The strength down to which the target is degenerated when `train.target_scale_min` is "auto": where
+    the target's prompts (`target_embeds`, (N, L, D)) answer `directions` with `TARGET_RESPONSE_FLOOR` × the
+    retained prompts' rms (1, as `text_local_directions` scales them); at most 1."""
+    x = target_embeds.reshape(-1, target_embeds.shape[-1]).double()
+    rms = (x @ directions.double().T).pow(2).mean().sqrt().item()
+    return min(1.0, max(LOWEST_TARGET_STRENGTH, TARGET_RESPONSE_FLOOR / rms))
 
 
 def _direction_prompts(pipeline, recipe) -> tuple[list[str], list[str]]:

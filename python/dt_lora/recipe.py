@@ -21,6 +21,7 @@ import math
 import re
 import string
 import sys
+import types
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -118,9 +119,12 @@ class TrainConfig:
     # shield hold there. Lower holds more, but disturbs other concepts unless the anchors are kept over
     # a wider range too: 0.5 with jitter 1 kept six stacked at only 0.90 × base; 0.5 with jitter 2 keeps
     # them at ≥ 0.97 and halves the attack's success on red and on the circle stacked with red, against
-    # 0.75 with jitter 1 (attack seed 5, never used to choose: 6 of 36 prompts broken against 12;
-    # docs/method.md).
-    target_scale_min: float = 0.5
+    # 0.75 with jitter 1 (attack seed 5, never used to choose: 6 of 36 prompts broken against 12).
+    # "auto" (None): per concept, down to the strength where the target's prompts still answer with
+    # 6 × the retained prompts' rms (locality.py; toy world: circle 0.21, red 0.49). It holds the circle
+    # stacked with red against the attack (0.00 at two seeds, against 0.33), but four or more such
+    # shields stacked keep other concepts at only 0.93–0.96 × base; an option (docs/method.md).
+    target_scale_min: float | None = 0.5
     # Adversarial training (AdvUnlearn-style, in rounds; adversarial.py): after training, attack the
     # shield (`dt-lora attack`'s discrete attack on `adversarial_prompts` target prompts), add the
     # prompts found to the target prompts, and train again; `adversarial_rounds` times. 0: off.
@@ -248,8 +252,8 @@ class Recipe:
             fail("train.split_encoders", "gives the target prompts to one text encoder; add target.prompts or templates")
         if self.train.prompt_contexts and not self.target_prompts:
             fail("train.prompt_contexts", "puts the target prompts in contexts; add target.prompts or templates")
-        if not 0 < self.train.target_scale_min <= 1:
-            fail("train.target_scale_min", f"must be in (0, 1], got {self.train.target_scale_min}")
+        if self.train.target_scale_min is not None and not 0 < self.train.target_scale_min <= 1:
+            fail("train.target_scale_min", f"must be \"auto\" or in (0, 1], got {self.train.target_scale_min}")
         if self.train.anchor_scale_jitter < 0:
             fail("train.anchor_scale_jitter", f"must be 0 or more, got {self.train.anchor_scale_jitter}")
         if self.train.checkpoint_every < 1 or self.train.sample_every < 0:
@@ -296,6 +300,14 @@ def _float_fields(node, prefix: str = ""):
 def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
     """Check a TOML (or CLI string) value against the field's type, converting where lossless."""
     origin = get_origin(annotation)
+    if origin is types.UnionType and type(None) in get_args(annotation):  # a setting with an "auto" default
+        if value is None or value == "auto":  # TOML has no null: "auto" stands for it
+            return None
+        (inner,) = (a for a in get_args(annotation) if a is not type(None))
+        try:
+            return _coerce(value, inner, key, source)
+        except RecipeError:
+            raise RecipeError(f"{source}: {key}: expected \"auto\" or a {inner.__name__}, got {value!r}") from None
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise RecipeError(f"{source}: {key}: expected a table, got {type(value).__name__}")
