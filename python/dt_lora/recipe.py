@@ -300,7 +300,7 @@ def _float_fields(node, prefix: str = ""):
 def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
     """Check a TOML (or CLI string) value against the field's type, converting where lossless."""
     origin = get_origin(annotation)
-    if origin is types.UnionType and type(None) in get_args(annotation):  # a setting with an "auto" default
+    if origin is types.UnionType and type(None) in get_args(annotation):  # a setting that may be "auto"
         if value is None or value == "auto":  # TOML has no null: "auto" stands for it
             return None
         (inner,) = (a for a in get_args(annotation) if a is not type(None))
