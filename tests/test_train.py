@@ -73,8 +73,8 @@ def test_adapter_carries_format_and_provenance(pipeline, tmp_path):
 
 def test_an_auto_target_strength_is_computed_for_each_shield_and_recorded(pipeline, tmp_path):
     """train.target_scale_min "auto": from a text-local shield's directions (the value is checked in
-    test_locality), the fixed FREE_LORA_TARGET_SCALE_MIN for a free LoRA; a number is recorded as given."""
-    from dt_lora.train import FREE_LORA_TARGET_SCALE_MIN
+    test_locality), the default TARGET_SCALE_MIN for a free LoRA; a number is recorded as given."""
+    from dt_lora.recipe import TARGET_SCALE_MIN
 
     def recorded(name, **extra):
         result = train_adapter(tiny_recipe(**extra), tmp_path / f"{name}.safetensors", cache_dir=tmp_path / "cache",
@@ -83,7 +83,7 @@ def test_an_auto_target_strength_is_computed_for_each_shield_and_recorded(pipeli
 
     assert 0.1 < recorded("auto", **{"train.target_scale_min": "auto"}) < 0.5  # the circle answers strongly
     assert recorded("free", **{"train.target_scale_min": "auto", "lora.text_local": "false"}) == \
-        FREE_LORA_TARGET_SCALE_MIN
+        TARGET_SCALE_MIN
     assert recorded("given", **{"train.target_scale_min": "0.75"}) == 0.75
 
 

@@ -32,6 +32,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+TARGET_SCALE_MIN = 0.5  # train.target_scale_min's default, and "auto"'s for a shield that is not text-local
+
+
 class RecipeError(ValueError):
     """A recipe file or override is invalid; the message names the file and the key."""
 
@@ -123,8 +126,9 @@ class TrainConfig:
     # "auto" (None): per concept, down to the strength where the target's prompts still answer with
     # 6 × the retained prompts' rms (locality.py; toy world: circle 0.21, red 0.49). It holds the circle
     # stacked with red against the attack (0.00 at two seeds, against 0.33), but four or more such
-    # shields stacked keep other concepts at only 0.93–0.96 × base; an option (docs/method.md).
-    target_scale_min: float | None = 0.5
+    # shields stacked keep other concepts at only 0.93–0.96 × base (2 images a prompt); an option
+    # (docs/method.md).
+    target_scale_min: float | None = TARGET_SCALE_MIN
     # Adversarial training (AdvUnlearn-style, in rounds; adversarial.py): after training, attack the
     # shield (`dt-lora attack`'s discrete attack on `adversarial_prompts` target prompts), add the
     # prompts found to the target prompts, and train again; `adversarial_rounds` times. 0: off.

@@ -45,10 +45,9 @@ from .family import (SDXL, Conditioning, encode_for_one_encoder, encode_prompts,
 from .io import atomic_write
 from .locality import (encode_direction_prompts, pooled_directions, prompts_in_context, shield_directions,
                        weakest_target_strength)
-from .recipe import POOLED_TARGET, Recipe, RecipeError
+from .recipe import POOLED_TARGET, TARGET_SCALE_MIN, Recipe, RecipeError
 
 WARMUP_STEPS = 20
-FREE_LORA_TARGET_SCALE_MIN = 0.5  # target_scale_min "auto" for a shield without text-local directions
 ADAPTER_NAME = "dt_lora"  # the name the adapter has on the UNet while it trains
 
 
@@ -492,7 +491,7 @@ def _train_single(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, 
             pooled = pooled_directions(pipeline, recipe, unet.add_embedding.linear_1.in_features, encoded)
     if recipe.train.target_scale_min is None:  # "auto": per concept, from its directions (recipe.py)
         low = (weakest_target_strength(directions, encoded[0].embeds) if directions is not None
-               else FREE_LORA_TARGET_SCALE_MIN)
+               else TARGET_SCALE_MIN)
         recipe = replace(recipe, train=replace(recipe.train, target_scale_min=low))
     data = prepare_data(pipeline, recipe, cache_dir, base_fingerprint=fingerprint,
                         progress=progress and accelerator.is_main_process)
