@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dt_lora.adapters import write_adapter
-from dt_lora.attack import AttackSettings, _Prompt, allowed_tokens, attack_shields, concept_words, nearest_anchors
+from dt_lora.attack import (AttackSettings, FoundPrompt, _Prompt, allowed_tokens, attack_shields, concept_words,
+                            nearest_anchors, without_words)
 from dt_lora.cli import main
 from dt_lora.evaluate import ToyScorer
 from dt_lora.recipe import load_recipe
@@ -153,6 +154,33 @@ def test_the_search_lowers_the_objective_and_is_deterministic(toy_pipeline, trai
                            scorer=ToyScorer(), settings=settings, progress=False, write=False)
     assert [e["found"] for e in again.rates[recipe.name]["shielded"]["discrete attack"]["found"]] == \
         [e["found"] for e in found]
+
+
+def test_the_concept_words_come_out_of_a_found_prompt_whole():
+    assert without_words("circle a circled Circle, circle!", ["circle"]) == "a circled , !"
+    assert without_words("mickey a photo of Mickey Mouse", ["mickey", "mouse"]) == "a photo of"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("found, unasked", [("a photo of a yellow square", True),
+                                            ("triangle triangle a yellow square", False)])
+def test_a_found_prompt_that_draws_the_concept_without_its_words_is_counted_unasked(
+        toy_pipeline, trained_shields, tmp_path, monkeypatch, found, unasked):
+    """The toy draws a square when no shape is named: "a photo of a yellow" shows a square in 3 of 4 images at
+    the attack's seeds, "triangle triangle a yellow" in none. The red shield holds "a red square" (no square in
+    4 images), so both found prompts, which draw the square in 4 of 4, break it; only the first is unasked."""
+    monkeypatch.setattr("dt_lora.attack.discrete_attack",
+                        lambda *args: FoundPrompt("", found, 0.0, -1.0, 0.0))
+    recipe = load_recipe(ADAPTERS / "toy-square.toml")
+    settings = AttackSettings(prompts=1, samples=1, concept_images=1, methods=("discrete",))
+    result = attack_shields(toy_pipeline, [recipe], tmp_path, adapters=[trained_shields["red"]], scorer=ToyScorer(),
+                            settings=settings, progress=False, write=False)
+    row = result.rates[recipe.name]["shielded"]["discrete attack"]
+    entry = row["found"][0]
+    assert entry["source"] == "a red square" and entry["searched"] and entry["broken"]
+    assert (entry["without_concept_words"] >= 0.5) == unasked
+    assert row["prompt_rate"] == 1.0 and row["unasked_rate"] == float(unasked)
+    assert ("unasked" in result.table()) == unasked
 
 
 @pytest.mark.slow
