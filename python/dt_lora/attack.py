@@ -660,10 +660,10 @@ def attack_shields(
                         entry["picture"] = name
                         pictures.append(name)
                 found = [entry for _, entry, _ in results]
-                rows[f"{method} attack"] = {**_rates([shows for shows, _, _ in results]),
-                                            **({"unasked_rate": float(np.mean([_unasked(e) for e in found]))} if method == "discrete" else {}),
-                                            "found": found,
+                rows[f"{method} attack"] = {**_rates([shows for shows, _, _ in results]), "found": found,
                                             "seconds": round(time.perf_counter() - clock, 1)}
+                if method == "discrete":
+                    rows[f"{method} attack"]["unasked_rate"] = float(np.mean([_unasked(e) for e in found]))
             return rows
 
         if adapters or shielded_pipeline is not None:
