@@ -166,7 +166,7 @@ def test_the_concept_words_come_out_of_a_found_prompt_whole():
                                             ("triangle triangle a yellow square", False)])
 def test_a_found_prompt_that_draws_the_concept_without_its_words_is_counted_unasked(
         toy_pipeline, trained_shields, tmp_path, monkeypatch, found, unasked):
-    """The toy draws a square when no shape is named: "a photo of a yellow" shows a square in 3 of 4 images at
+    """The toy often draws a square when no shape is named: "a photo of a yellow" shows one in 3 of 4 images at
     the attack's seeds, "triangle triangle a yellow" in none. The red shield holds "a red square" (no square in
     4 images), so both found prompts, which draw the square in 4 of 4, break it; only the first is unasked."""
     monkeypatch.setattr("dt_lora.attack.discrete_attack",
