@@ -18,7 +18,7 @@ from dt_lora.cli import main
 from dt_lora.recipe import RecipeError, load_recipe
 from dt_lora.scramble import scramble_grid
 from dt_lora.train import (CHECKPOINT, Checkpoint, CheckpointError, TrainingDiverged, adapter_strength,
-                           run_identity, train_adapter)
+                           run_identity, train_adapter, update_uninterrupted)
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
 TINY = {"target.images": "8", "anchors.images": "8", "train.steps": "6", "train.batch_size": "4",
@@ -240,6 +240,24 @@ def test_gradient_checkpointing_and_training_samples(pipeline, tmp_path):
     assert result.adapter.is_file()
     assert sorted(p.name for p in (work / "samples").iterdir()) == ["step-000003.png", "step-000006.png"]
     assert not pipeline.unet.is_gradient_checkpointing
+
+
+def test_ctrl_c_during_an_update_arrives_once_the_update_is_whole():
+    """A Ctrl-C between optimizer.step() and the step count once made a resumed run replay an update."""
+    import signal
+
+    # as in an interactive terminal (a shell's background job, as some CI runners start the suite, ignores it)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        done = []
+        with pytest.raises(KeyboardInterrupt):
+            with update_uninterrupted():
+                signal.raise_signal(signal.SIGINT)
+                done.append("the rest of the update")
+        assert done == ["the rest of the update"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_ctrl_c_then_same_command_resumes(pipeline, tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -412,6 +413,26 @@ def step_generator(recipe: Recipe, step: int, process_index: int) -> torch.Gener
     return torch.Generator().manual_seed((recipe.train.seed * 1_000_003 + step) * 64 + process_index)
 
 
+@contextmanager
+def update_uninterrupted() -> Iterator[None]:
+    """Ctrl-C inside the block is delivered when it ends. The checkpoint written on Ctrl-C then records the
+    weights, optimizer state and step count of one and the same update: inside `optimizer.step()`, or between
+    it and the step count, it would resume from half an update or replay one (seen as a resumed run that
+    differed from an uninterrupted one)."""
+    held: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    except ValueError:  # not the main thread, where Python never delivers signals anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)  # to the handler that was there: KeyboardInterrupt, or ignored
+
+
 # --- training -----------------------------------------------------------------------------------
 
 
@@ -607,9 +628,10 @@ def _train(recipe: Recipe, out: Path, checkpoint: Checkpoint, resume: ResumeStat
                     f"loss became {loss_value:.4g} at step {step} (lr {lr:.3g}); lower --train-learning-rate. "
                     f"The last good checkpoint is kept in {checkpoint.folder}")
             smoothed = loss_value if smoothed is None else 0.9 * smoothed + 0.1 * loss_value
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            completed = step + 1
+            with update_uninterrupted():
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                completed = step + 1
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             if completed % recipe.train.checkpoint_every == 0 and completed < recipe.train.steps:
                 save_checkpoint(completed, loss_value)
