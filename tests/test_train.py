@@ -243,7 +243,7 @@ def test_gradient_checkpointing_and_training_samples(pipeline, tmp_path):
 
 
 def test_ctrl_c_during_an_update_arrives_once_the_update_is_whole():
-    """A Ctrl-C between optimizer.step() and the step count once made a resumed run replay an update."""
+    """A Ctrl-C between optimizer.step() and the step count would make a resumed run replay an update."""
     import signal
 
     # as in an interactive terminal (a shell's background job, as some CI runners start the suite, ignores it)

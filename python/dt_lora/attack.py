@@ -634,7 +634,7 @@ def attack_shields(
                              "broken": bool(max(hits.mean(), plain[j].mean()) >= 0.5), "searched": True,
                              "loss_before": round(result.loss_before, 5),
                              "loss_after": round(result.loss_after, 5), "seconds": round(result.seconds, 1)}
-                    if result.embeds is None:  # did the shield give way, or do the other words draw it unasked?
+                    if method == "discrete":  # did the shield give way, or do the other words draw it unasked?
                         entry["without_concept_words"] = float(score(generate_images(
                             victim.pipeline, [without_words(result.found, words)] * settings.seeds, seed=seed_of(j),
                             steps=steps, guidance=guidance, negative_prompt=victim.negative_prompt)).mean())

@@ -417,8 +417,8 @@ def step_generator(recipe: Recipe, step: int, process_index: int) -> torch.Gener
 def update_uninterrupted() -> Iterator[None]:
     """Ctrl-C inside the block is delivered when it ends. The checkpoint written on Ctrl-C then records the
     weights, optimizer state and step count of one and the same update: inside `optimizer.step()`, or between
-    it and the step count, it would resume from half an update or replay one (seen as a resumed run that
-    differed from an uninterrupted one)."""
+    it and the step count, it would resume from half an update or replay one (the likely cause of a resumed
+    run that once differed from an uninterrupted one in CI)."""
     held: list[int] = []
     try:
         previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
