@@ -15,7 +15,6 @@ from dt_lora.base import unet_fingerprint
 from dt_lora.cli import main
 from lora_helpers import random_adapter, unet_output
 
-from dt_lora.recipes import recipe_path
 
 pytestmark = pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters:RuntimeWarning")
 
@@ -195,7 +194,8 @@ def test_eval_refuses_an_adapter_of_another_base_before_drawing(toy_pipeline, tm
     monkeypatch.setattr("dt_lora.evaluate.generate_images", no_drawing)
     path = write_adapter(tmp_path / "other.safetensors",
                          random_adapter(toy_pipeline.unet, LAYERS, 4, 4.0, 1, "star", "0123456789abcdef"))
-    code = main(["eval", "--recipe", str(recipe_path("toy-circle")), "--adapter", str(path), "-o", str(tmp_path / "r")])
+    # the shipped recipe by its name, as `train` takes it
+    code = main(["eval", "--recipe", "toy-circle", "--adapter", str(path), "-o", str(tmp_path / "r")])
     assert code == 2
     assert "other.safetensors: shield(s) star were trained on another base" in error_line(capsys.readouterr().err, "eval")
     assert not (tmp_path / "r").exists()

@@ -51,7 +51,8 @@ def test_an_adapter_for_another_base_is_refused_before_any_work(toy_pipeline, tm
     foreign = tmp_path / "foreign.safetensors"
     layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
     write_adapter(foreign, random_adapter(toy_pipeline.unet, [layer], 2, 2, 0, "elsewhere", fingerprint="0123456789abcdef"))
-    code = main(["attack", "--recipe", str(CIRCLE), "--adapter", str(foreign), "-o", str(tmp_path / "out")])
+    # the shipped recipe by its name, as `train` takes it
+    code = main(["attack", "--recipe", "toy-circle", "--adapter", str(foreign), "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()[-1]  # above it: the base model's loading bar
     assert code == 2
     assert err.startswith("dt-lora attack: error: ") and "foreign.safetensors" in err and "another base" in err

@@ -68,7 +68,8 @@ def _add_adapter_argument(parser, *, required: bool = False, help: str = "a shie
 
 def _add_measurement_arguments(parser: argparse.ArgumentParser) -> None:
     """What `eval` and `attack` measure: --recipe, -o, the base, and the shield (adapters or a baked model)."""
-    parser.add_argument("--recipe", type=Path, action="append", required=True, help="a shield's recipe; repeat")
+    parser.add_argument("--recipe", type=Path, action="append", required=True,
+                        help="a shield's recipe (.toml), or a shipped recipe's name (`dt-lora recipes`); repeat")
     parser.add_argument("-o", "--out", type=Path, required=True, metavar="OUT_DIR")
     _add_base_arguments(parser)
     shield = parser.add_mutually_exclusive_group(required=True)
@@ -419,9 +420,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from dt_lora.io import check_output
     from dt_lora.metrics import read_captions
     from dt_lora.recipe import load_recipe
+    from dt_lora.recipes import recipe_path
 
     check_output(args.out, args.overwrite, folder=True)
-    recipes = [load_recipe(path) for path in args.recipe]
+    recipes = [load_recipe(recipe_path(path)) for path in args.recipe]
     quality = None
     if args.captions:
         quality = QualityRequest(read_captions(args.captions), tuple(m for m in args.metrics.split(",") if m),
@@ -514,6 +516,7 @@ def run_attack(args: argparse.Namespace) -> int:
     from dt_lora.evaluate import ClipScorer, ToyScorer
     from dt_lora.io import check_output
     from dt_lora.recipe import load_recipe
+    from dt_lora.recipes import recipe_path
 
     check_output(args.out, args.overwrite, folder=True)
     settings = AttackSettings(prompts=args.prompts, free_tokens=args.free_tokens, steps=args.attack_steps,
@@ -522,7 +525,7 @@ def run_attack(args: argparse.Namespace) -> int:
                               objective=args.objective, placement=args.placement,
                               methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
     settings.check()
-    recipes = [load_recipe(path) for path in args.recipe]
+    recipes = [load_recipe(recipe_path(path)) for path in args.recipe]
     if args.adapter and any(w != 1.0 for _, w in args.adapter):
         raise ValueError("attack measures shields at weight 1; bake or merge weighted shields first")
     adapters = [p for p, _ in args.adapter]
