@@ -11,7 +11,7 @@ import torch
 
 from dt_lora.adapters import write_adapter
 from dt_lora.attack import (AttackSettings, FoundPrompt, _Prompt, allowed_tokens, attack_shields, concept_words,
-                            nearest_anchors, without_words)
+                            nearest_anchors, rate_interval, without_words)
 from dt_lora.cli import main
 from dt_lora.evaluate import ToyScorer
 from dt_lora.recipe import load_recipe
@@ -195,10 +195,21 @@ def test_attack_command_writes_the_rates_and_pictures(trained_shields, tmp_path,
     assert set(victims) == {"base", "shielded", "negative prompt"}
     for victim in ("shielded", "negative prompt"):
         for row in ("target prompts", "paraphrases", "discrete attack", "soft attack"):
-            assert 0 <= victims[victim][row]["prompt_rate"] <= 1
+            low, high = victims[victim][row]["prompt_rate_interval"]
+            assert 0 <= low <= victims[victim][row]["prompt_rate"] <= high <= 1 and high - low > 0.5  # one prompt
         entry = victims[victim]["discrete attack"]["found"][0]
         assert entry["source"] in entry["found"]
         assert (out / entry["picture"]).is_file() if entry["searched"] else entry["found"] == entry["source"]
     assert victims["shielded"]["discrete attack"]["found"][0]["searched"]  # the shield holds the plain prompt
     assert victims["base"]["target prompts"]["prompt_rate"] == 1.0
     assert "discrete attack" in (out / "report.html").read_text()
+
+
+def test_the_rate_interval_is_wilsons():
+    # reference values: Wilson's score interval at z = 1.96 (Newcombe 1998, table I: 0/10 and 1/29)
+    assert rate_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert rate_interval(1, 29) == pytest.approx((0.0061, 0.1718), abs=1e-4)
+    low, high = rate_interval(6, 12)
+    assert low == pytest.approx(1 - high) and high < 0.8
+    with pytest.raises(ValueError):
+        rate_interval(0, 0)
