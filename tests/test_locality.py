@@ -123,3 +123,16 @@ def test_prompt_contexts_put_each_target_image_s_prompt_in_random_words(tmp_path
     assert read_adapter(result.adapter).concepts[0]["train"]["prompt_contexts"] == 2
     with pytest.raises(RecipeError, match="train.prompt_contexts"):
         load_recipe(ADAPTERS / "toy-circle.toml", {"train.prompt_contexts": "-1"})
+
+
+def test_the_dilution_table_sets_found_prompts_against_the_kept_ones():
+    from dt_lora.research.dilution import dilution
+
+    recipe = load_recipe(ADAPTERS / "toy-circle.toml")
+    found = [{"source": "a blue circle", "found": "square square triangle green square a blue circle", "broken": True},
+             {"source": "a red circle", "found": "a red circle", "broken": False}]
+    table = dilution(toy.load(), recipe, found)
+    assert table["retained max"] < table["target prompts"] / 3  # the circle's directions tell them apart
+    assert table["after 4-8 neighbour words"] < table["after 1-8 vocabulary words"] < table["target prompts"]
+    assert table["found / source, held"] == pytest.approx(1.0) and table["found / source, broken"] < 0.9
+    assert table["retained answering most"][0][1] == table["retained max"]

@@ -1,0 +1,92 @@
+"""How far an attack's found prompts dilute a text-local shield's response, against the prompts it keeps.
+
+    dt-lora attack --recipe toy-red --adapter red.safetensors --methods discrete --prompts 25 -o red-attack
+    python -m dt_lora.research.dilution toy-red red-attack/report.json
+
+A text-local shield acts on a prompt in proportion to how strongly the prompt's token embeddings answer
+its directions (locality.py). Each prompt's response here is the norm of that projection over every
+token position, the directions scaled to unit rms on the retained prompts. Printed: the recipe's target
+prompts, the same after random words of the vocabulary and after the anchors' words; the attack's found
+prompts, relative to their source prompts, broken and held apart; and the retained prompts (99th
+percentile, maximum, and those that answer most). No lora_B can degenerate a found prompt and keep every
+retained prompt when the found prompt answers less than a retained one (docs/method.md, "How the attack
+gets through").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from .. import toy
+from ..family import encode_prompts
+from ..locality import _direction_prompts, concept_words, generic_prompts, shield_directions
+from ..recipe import load_recipe
+from ..recipes import recipe_path
+
+CONTEXTS = 1000  # target prompts drawn in each kind of context
+SEED = 7
+
+
+def responses(pipeline, directions: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """(N,) each prompt's response: ‖projection on `directions`‖ over every token position."""
+    embeds = encode_prompts(pipeline, prompts).embeds
+    return (embeds @ directions.T).norm(dim=-1).norm(dim=-1)
+
+
+def in_contexts(prompts: list[str], words: list[str], count: int, low: int, high: int, seed: int) -> list[str]:
+    """`count` of `prompts`, each after `low`–`high` random `words`."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(low, high))) + " " + rng.choice(prompts)
+            for _ in range(count)]
+
+
+def dilution(pipeline, recipe, found: list[dict], top: int = 5) -> dict:
+    """The table of the module docstring, for `recipe`'s shield and an attack's `found` entries
+    (report.json's `found` list: source, found, broken)."""
+    directions = shield_directions(pipeline, recipe)
+    _, retained = _direction_prompts(pipeline, recipe)
+    exclude = concept_words(recipe.target_prompts, recipe.anchor_prompts)
+    vocabulary = sorted({w for p in generic_prompts(pipeline.tokenizer, exclude) for w in p.split()})  # its words
+    neighbours = sorted({w for p in recipe.anchor_prompts for w in p.lower().split()} - exclude)
+    kept = responses(pipeline, directions, retained)
+    median = lambda x: round(float(x.median()), 1) if len(x) else None  # noqa: E731
+    table = {
+        "target prompts": median(responses(pipeline, directions, recipe.target_prompts)),
+        "after 1-8 vocabulary words": median(responses(
+            pipeline, directions, in_contexts(recipe.target_prompts, vocabulary, CONTEXTS, 1, 8, SEED))),
+        "after 4-8 neighbour words": median(responses(
+            pipeline, directions, in_contexts(recipe.target_prompts, neighbours, CONTEXTS, 4, 8, SEED))),
+        "retained p99": round(float(kept.quantile(0.99)), 1), "retained max": round(float(kept.max()), 1),
+        "retained answering most": [(retained[i], round(float(kept[i]), 1)) for i in kept.argsort(descending=True)[:top]],
+    }
+    if found:
+        after = responses(pipeline, directions, [e["found"] for e in found])
+        ratio = after / responses(pipeline, directions, [e["source"] for e in found])
+        broken = torch.tensor([bool(e["broken"]) for e in found])
+        table.update({"found prompts": median(after), "found / source, broken": median(ratio[broken]),
+                      "found / source, held": median(ratio[~broken]),
+                      "found prompts above the retained max": int((after > kept.max()).sum())})
+    return table
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dt_lora.research.dilution", description=__doc__.split("\n")[0])
+    parser.add_argument("recipe", help="the shield's recipe (.toml) or a shipped recipe's name")
+    parser.add_argument("report", type=Path, nargs="?", help="a `dt-lora attack` report.json of that shield")
+    parser.add_argument("--victim", default="shielded")
+    args = parser.parse_args(argv)
+    recipe = load_recipe(recipe_path(args.recipe))
+    found = []
+    if args.report:
+        found = json.loads(args.report.read_text())["attack"]["concepts"][recipe.name][args.victim]["discrete attack"]["found"]
+    for key, value in dilution(toy.load(), recipe, found).items():
+        print(f"{key}: {value}")
+
+
+if __name__ == "__main__":
+    main()
