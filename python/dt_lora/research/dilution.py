@@ -8,9 +8,9 @@ its directions (locality.py). Each prompt's response here is the norm of that pr
 token position, the directions scaled to unit rms on the retained prompts. Printed: the recipe's target
 prompts, the same after random words of the vocabulary and after the anchors' words; the attack's found
 prompts, relative to their source prompts, broken and held apart; and the retained prompts (99th
-percentile, maximum, and those that answer most). No lora_B can degenerate a found prompt and keep every
-retained prompt when the found prompt answers less than a retained one (docs/method.md, "How the attack
-gets through").
+percentile, maximum, and those that answer most). A found prompt that answers less than some retained
+prompts can be degenerated without touching them only by the direction of its response, not by its size
+(docs/method.md, "How the attack gets through").
 """
 
 from __future__ import annotations
