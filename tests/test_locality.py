@@ -136,3 +136,6 @@ def test_the_dilution_table_sets_found_prompts_against_the_kept_ones():
     assert table["after 4-8 neighbour words"] < table["after 1-8 vocabulary words"] < table["target prompts"]
     assert table["found / source, held"] == pytest.approx(1.0) and table["found / source, broken"] < 0.9
     assert table["retained answering most"][0][1] == table["retained max"]
+    kept_p99, kept_max = table["along the target's direction: retained p99 / max"]
+    assert kept_p99 < kept_max < table["along the target's direction: target prompts"] / 3
+    assert table["along the target's direction: found above the retained max"] >= 1  # "a red circle" is a target

@@ -8,7 +8,8 @@ its directions (locality.py). Each prompt's response here is the norm of that pr
 token position, the directions scaled to unit rms on the retained prompts. Printed: the recipe's target
 prompts, the same after random words of the vocabulary and after the anchors' words; the attack's found
 prompts, relative to their source prompts, broken and held apart; and the retained prompts (99th
-percentile, maximum, and those that answer most). A found prompt that answers less than some retained
+percentile, maximum, and those that answer most); then the same along the target prompts' own direction
+of response, which is what lora_B can single out. A found prompt that answers less than some retained
 prompts can be degenerated without touching them only by the direction of its response, not by its size
 (docs/method.md, "How the attack gets through").
 """
@@ -32,10 +33,14 @@ CONTEXTS = 1000  # target prompts drawn in each kind of context
 SEED = 7
 
 
+def token_responses(pipeline, directions: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """(N, L, rank): each token's projection on `directions`."""
+    return encode_prompts(pipeline, prompts).embeds @ directions.T
+
+
 def responses(pipeline, directions: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """(N,) each prompt's response: ‖projection on `directions`‖ over every token position."""
-    embeds = encode_prompts(pipeline, prompts).embeds
-    return (embeds @ directions.T).norm(dim=-1).norm(dim=-1)
+    return token_responses(pipeline, directions, prompts).norm(dim=-1).norm(dim=-1)
 
 
 def in_contexts(prompts: list[str], words: list[str], count: int, low: int, high: int, seed: int) -> list[str]:
@@ -71,6 +76,21 @@ def dilution(pipeline, recipe, found: list[dict], top: int = 5) -> dict:
         table.update({"found prompts": median(after), "found / source, broken": median(ratio[broken]),
                       "found / source, held": median(ratio[~broken]),
                       "found prompts above the retained max": int((after > kept.max()).sum())})
+    # The norm hides direction: lora_B sees the rank-dimensional response and can treat directions apart.
+    # Along the target's own (the target tokens' summed response), each prompt's largest token:
+    target_tokens = token_responses(pipeline, directions, recipe.target_prompts)
+    own = target_tokens.reshape(-1, target_tokens.shape[-1]).sum(0)
+    own = own / own.norm()
+    along = lambda prompts: (token_responses(pipeline, directions, prompts) @ own).max(1).values  # noqa: E731
+    kept_along = along(retained)
+    table.update({"along the target's direction: target prompts": median((target_tokens @ own).max(1).values),
+                  "along the target's direction: retained p99 / max":
+                      (round(float(kept_along.quantile(0.99)), 1), round(float(kept_along.max()), 1))})
+    if found:
+        found_along = along([e["found"] for e in found])
+        table.update({"along the target's direction: found prompts": median(found_along),
+                      "along the target's direction: found above the retained max":
+                          int((found_along > kept_along.max()).sum())})
     return table
 
 
