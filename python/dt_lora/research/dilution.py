@@ -73,8 +73,9 @@ def dilution(pipeline, recipe, found: list[dict], top: int = 5) -> dict:
         after = responses(pipeline, directions, [e["found"] for e in found])
         ratio = after / responses(pipeline, directions, [e["source"] for e in found])
         broken = torch.tensor([bool(e["broken"]) for e in found])
-        table.update({"found prompts": median(after), "found / source, broken": median(ratio[broken]),
-                      "found / source, held": median(ratio[~broken]),
+        share = lambda x: round(float(x.median()), 2) if len(x) else None  # noqa: E731
+        table.update({"found prompts": median(after), "found / source, broken": share(ratio[broken]),
+                      "found / source, held": share(ratio[~broken]),
                       "found prompts above the retained max": int((after > kept.max()).sum())})
     # The norm hides direction: lora_B sees the rank-dimensional response and can treat directions apart.
     # Along the target's own (the target tokens' summed response), each prompt's largest token:
