@@ -148,7 +148,8 @@ def test_eval_and_attack_split_their_drawing_and_report_what_one_process_does(tw
         attacks[processes] = json.loads((out / "report.json").read_text())["attack"]
         assert len(list((out / "attack").glob("*.png"))) == len(attacks[processes]["pictures"]) > 0
     assert evals[1]["shields"] == evals[2]["shields"]
-    assert evals[1]["image_distance"] == evals[2]["image_distance"]
+    # float32 sums over images drawn in other batches: equal to float precision, not bit for bit (seen: 1e-6 apart)
+    assert evals[1]["image_distance"] == pytest.approx(evals[2]["image_distance"], rel=1e-5)
     assert without_seconds(attacks[1]["concepts"]) == without_seconds(attacks[2]["concepts"])
     assert attacks[1]["pictures"] == attacks[2]["pictures"]
 
