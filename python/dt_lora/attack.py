@@ -117,7 +117,7 @@ class AttackResult:
                     value = rows.get(row)
                     cell = "–"
                     if value:
-                        low, high = value.get("prompt_rate_interval", (value["prompt_rate"],) * 2)
+                        low, high = value["prompt_rate_interval"]
                         cell = f"{value['prompt_rate']:.2f} [{low:.2f}–{high:.2f}] ({value['image_rate']:.2f})"
                     if value and value.get("unasked_rate"):
                         cell += f", {value['unasked_rate']:.2f} unasked"

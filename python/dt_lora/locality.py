@@ -39,12 +39,17 @@ def concept_words(target_prompts: list[str], anchor_prompts: list[str]) -> set[s
     return {w for prompt in target_prompts for w in prompt.lower().split()} - anchor_words
 
 
+def vocabulary_words(tokenizer, exclude: set[str]) -> list[str]:
+    """The tokenizer's whole words of two letters or more, sorted, none of them in `exclude`."""
+    suffix = "</w>"  # CLIP's end-of-word marker: whole words are the tokens that carry it
+    return sorted({token[: -len(suffix)] for token in tokenizer.get_vocab()
+                   if token.endswith(suffix) and token[: -len(suffix)].isalpha() and len(token) > len(suffix) + 1}
+                  - exclude)
+
+
 def generic_prompts(tokenizer, exclude: set[str], count: int = GENERIC_PROMPTS, seed: int = GENERIC_SEED) -> list[str]:
     """Random sequences of 1–8 whole words from the tokenizer's vocabulary, none of them in `exclude`."""
-    suffix = "</w>"  # CLIP's end-of-word marker: whole words are the tokens that carry it
-    words = sorted({token[: -len(suffix)] for token in tokenizer.get_vocab()
-                    if token.endswith(suffix) and token[: -len(suffix)].isalpha() and len(token) > len(suffix) + 1}
-                   - exclude)
+    words = vocabulary_words(tokenizer, exclude)
     if not words:
         return []
     rng = random.Random(seed)

@@ -25,22 +25,12 @@ import torch
 
 from .. import toy
 from ..family import encode_prompts
-from ..locality import _direction_prompts, concept_words, generic_prompts, shield_directions
+from ..locality import _direction_prompts, concept_words, shield_directions, vocabulary_words
 from ..recipe import load_recipe
 from ..recipes import recipe_path
 
 CONTEXTS = 1000  # target prompts drawn in each kind of context
 SEED = 7
-
-
-def token_responses(pipeline, directions: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """(N, L, rank): each token's projection on `directions`."""
-    return encode_prompts(pipeline, prompts).embeds @ directions.T
-
-
-def responses(pipeline, directions: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """(N,) each prompt's response: ‖projection on `directions`‖ over every token position."""
-    return token_responses(pipeline, directions, prompts).norm(dim=-1).norm(dim=-1)
 
 
 def in_contexts(prompts: list[str], words: list[str], count: int, low: int, high: int, seed: int) -> list[str]:
@@ -56,42 +46,52 @@ def dilution(pipeline, recipe, found: list[dict], top: int = 5) -> dict:
     directions = shield_directions(pipeline, recipe)
     _, retained = _direction_prompts(pipeline, recipe)
     exclude = concept_words(recipe.target_prompts, recipe.anchor_prompts)
-    vocabulary = sorted({w for p in generic_prompts(pipeline.tokenizer, exclude) for w in p.split()})  # its words
     neighbours = sorted({w for p in recipe.anchor_prompts for w in p.lower().split()} - exclude)
-    kept = responses(pipeline, directions, retained)
-    median = lambda x: round(float(x.median()), 1) if len(x) else None  # noqa: E731
-    table = {
-        "target prompts": median(responses(pipeline, directions, recipe.target_prompts)),
-        "after 1-8 vocabulary words": median(responses(
-            pipeline, directions, in_contexts(recipe.target_prompts, vocabulary, CONTEXTS, 1, 8, SEED))),
-        "after 4-8 neighbour words": median(responses(
-            pipeline, directions, in_contexts(recipe.target_prompts, neighbours, CONTEXTS, 4, 8, SEED))),
-        "retained p99": round(float(kept.quantile(0.99)), 1), "retained max": round(float(kept.max()), 1),
-        "retained answering most": [(retained[i], round(float(kept[i]), 1)) for i in kept.argsort(descending=True)[:top]],
-    }
-    if found:
-        after = responses(pipeline, directions, [e["found"] for e in found])
-        ratio = after / responses(pipeline, directions, [e["source"] for e in found])
-        broken = torch.tensor([bool(e["broken"]) for e in found])
-        share = lambda x: round(float(x.median()), 2) if len(x) else None  # noqa: E731
-        table.update({"found prompts": median(after), "found / source, broken": share(ratio[broken]),
-                      "found / source, held": share(ratio[~broken]),
-                      "found prompts above the retained max": int((after > kept.max()).sum())})
+
+    def tokens(prompts: list[str]) -> torch.Tensor:
+        """(N, L, rank): each token's projection on the directions."""
+        return encode_prompts(pipeline, prompts).embeds @ directions.T
+
+    def size(projections: torch.Tensor) -> torch.Tensor:
+        """(N,) each prompt's response: the norm of its projections over every token position."""
+        return projections.norm(dim=-1).norm(dim=-1)
+
     # The norm hides direction: lora_B sees the rank-dimensional response and can treat directions apart.
     # Along the target's own (the target tokens' summed response), each prompt's largest token:
-    target_tokens = token_responses(pipeline, directions, recipe.target_prompts)
-    own = target_tokens.reshape(-1, target_tokens.shape[-1]).sum(0)
+    target, kept = tokens(recipe.target_prompts), tokens(retained)
+    own = target.reshape(-1, target.shape[-1]).sum(0)
     own = own / own.norm()
-    along = lambda prompts: (token_responses(pipeline, directions, prompts) @ own).max(1).values  # noqa: E731
-    kept_along = along(retained)
-    table.update({"along the target's direction: target prompts": median((target_tokens @ own).max(1).values),
+
+    def along(projections: torch.Tensor) -> torch.Tensor:
+        return (projections @ own).max(1).values
+
+    median = lambda x: round(float(x.median()), 1) if len(x) else None  # noqa: E731
+    kept_size, kept_along = size(kept), along(kept)
+    table = {
+        "target prompts": median(size(target)),
+        "after 1-8 vocabulary words": median(size(tokens(in_contexts(
+            recipe.target_prompts, vocabulary_words(pipeline.tokenizer, exclude), CONTEXTS, 1, 8, SEED)))),
+        "after 4-8 neighbour words": median(size(tokens(in_contexts(
+            recipe.target_prompts, neighbours, CONTEXTS, 4, 8, SEED)))),
+        "retained p99": round(float(kept_size.quantile(0.99)), 1), "retained max": round(float(kept_size.max()), 1),
+        "retained answering most": [(retained[i], round(float(kept_size[i]), 1))
+                                    for i in kept_size.argsort(descending=True)[:top]],
+    }
+    if found:
+        found_tokens = tokens([e["found"] for e in found])
+        ratio = size(found_tokens) / size(tokens([e["source"] for e in found]))
+        broken = torch.tensor([bool(e["broken"]) for e in found])
+        share = lambda x: round(float(x.median()), 2) if len(x) else None  # noqa: E731
+        table.update({"found prompts": median(size(found_tokens)), "found / source, broken": share(ratio[broken]),
+                      "found / source, held": share(ratio[~broken]),
+                      "found prompts above the retained max": int((size(found_tokens) > kept_size.max()).sum())})
+    table.update({"along the target's direction: target prompts": median(along(target)),
                   "along the target's direction: retained p99 / max":
                       (round(float(kept_along.quantile(0.99)), 1), round(float(kept_along.max()), 1))})
     if found:
-        found_along = along([e["found"] for e in found])
-        table.update({"along the target's direction: found prompts": median(found_along),
+        table.update({"along the target's direction: found prompts": median(along(found_tokens)),
                       "along the target's direction: found above the retained max":
-                          int((found_along > kept_along.max()).sum())})
+                          int((along(found_tokens) > kept_along.max()).sum())})
     return table
 
 
