@@ -90,7 +90,10 @@ def test_generation_is_reproducible(pipeline):
     a = generate_images(pipeline, prompts, seed=EVAL_SEED, steps=10, guidance=5.0)
     b = generate_images(pipeline, prompts, seed=EVAL_SEED, steps=10, guidance=5.0, batch_size=2)
     assert a.shape == (3, 32, 32, 3) and a.dtype == np.uint8
-    np.testing.assert_array_equal(a, b)  # an image depends on its seed, not on its batch
+    # An image depends on its seed, not on its batch. Not bit for bit: float32 sums over a batch of 3 and
+    # one of 2 may round differently, which moves a pixel by one level now and then (1 of 9,216 in CI).
+    difference = np.abs(a.astype(int) - b.astype(int))
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.01
 
 
 @pytest.mark.slow  # the `quality` fixture draws every (shape, colour) pair
