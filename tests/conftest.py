@@ -1,24 +1,14 @@
-"""Fixtures several test files share. The trained shields are expensive (about a minute each), so
-they are trained once per session, with the shipped recipes, and reused; every test that uses them
-is marked `slow` here (`pytest -m "not slow"` leaves them out)."""
+"""Fixtures several test files share."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from lora_helpers import STACKED
-
-SLOW_FIXTURES = {"trained_shields"}
-
-
-def pytest_collection_modifyitems(items):
-    # fixturenames holds every fixture a test needs, directly or through other fixtures
-    for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -29,18 +19,14 @@ def toy_pipeline():
 
 
 @pytest.fixture(scope="session")
-def trained_shields(toy_pipeline, tmp_path_factory) -> dict[str, Path]:
-    """concept → adapter trained with the shipped recipe toy-<concept> (named toy-<concept>.safetensors)."""
-    from dt_lora.recipe import load_recipe
-    from dt_lora.recipes import recipe_path
-    from dt_lora.train import train_adapter
+def toy_shields(tmp_path_factory) -> dict[str, Path]:
+    """concept → a copy of the shipped shield adapters/toy-<concept>.safetensors. Training the four would take
+    minutes; `python -m dt_lora.toy.shields` trained them with their recipes, and test_shipped_shields checks
+    that they still are what those recipes train."""
+    from dt_lora.recipes import adapter_path
 
     folder = tmp_path_factory.mktemp("shields")
-    return {
-        concept: train_adapter(load_recipe(recipe_path(f"toy-{concept}")), folder / f"toy-{concept}.safetensors",
-                               cache_dir=folder / "cache", pipeline=toy_pipeline, progress=False).adapter
-        for concept in STACKED
-    }
+    return {concept: Path(shutil.copy(adapter_path(f"toy-{concept}"), folder)) for concept in STACKED}
 
 
 # ---- stand-ins for the weights of real-model metrics (random, nothing downloaded)

@@ -1,5 +1,5 @@
 """Shared by the adapter tests: random LoRA adapters on chosen layers, a fixed UNet probe, and the
-concepts conftest's `trained_shields` trains."""
+concepts of conftest's `toy_shields` (the shipped shields)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from dt_lora.adapters import AdapterFile
 
 SHIELDED = ("circle", "red")  # one shape, one colour: measured alone and as a pair
-STACKED = ("circle", "red", "square", "blue")  # the keys of the `trained_shields` fixture: stacked all four
+STACKED = ("circle", "red", "square", "blue")  # the keys of the `toy_shields` fixture: stacked all four
 
 
 def random_adapter(unet, layers, rank, alpha, seed, name, fingerprint="same-base") -> AdapterFile:

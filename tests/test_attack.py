@@ -141,17 +141,17 @@ def test_the_attack_beats_the_negative_prompt_baseline(toy_pipeline, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_search_lowers_the_objective_and_is_deterministic(toy_pipeline, trained_shields, tmp_path):
+def test_the_search_lowers_the_objective_and_is_deterministic(toy_pipeline, toy_shields, tmp_path):
     recipe = load_recipe(CIRCLE)
     settings = AttackSettings(prompts=2, steps=6, candidates=8, samples=3, seeds=1, methods=("discrete",))
-    result = attack_shields(toy_pipeline, [recipe], tmp_path, adapters=[trained_shields["circle"]],
+    result = attack_shields(toy_pipeline, [recipe], tmp_path, adapters=[toy_shields["circle"]],
                             scorer=ToyScorer(), settings=settings, progress=False, write=False)
     found = result.rates[recipe.name]["shielded"]["discrete attack"]["found"]
     assert all(entry["searched"] and entry["loss_after"] < entry["loss_before"] for entry in found)
     for entry in found:  # free tokens before the attacked prompt, none of them the concept's word
         assert entry["found"].endswith(entry["source"])
         assert "circle" not in entry["found"][: -len(entry["source"])].split()
-    again = attack_shields(toy_pipeline, [recipe], tmp_path, adapters=[trained_shields["circle"]],
+    again = attack_shields(toy_pipeline, [recipe], tmp_path, adapters=[toy_shields["circle"]],
                            scorer=ToyScorer(), settings=settings, progress=False, write=False)
     assert [e["found"] for e in again.rates[recipe.name]["shielded"]["discrete attack"]["found"]] == \
         [e["found"] for e in found]
@@ -166,7 +166,7 @@ def test_the_concept_words_come_out_of_a_found_prompt_whole():
 @pytest.mark.parametrize("found, unasked", [("a photo of a yellow square", True),
                                             ("triangle triangle a yellow square", False)])
 def test_a_found_prompt_that_draws_the_concept_without_its_words_is_counted_unasked(
-        toy_pipeline, trained_shields, tmp_path, monkeypatch, found, unasked):
+        toy_pipeline, toy_shields, tmp_path, monkeypatch, found, unasked):
     """The toy often draws a square when no shape is named: "a photo of a yellow" shows one in 3 of 4 images at
     the attack's seeds, "triangle triangle a yellow" in none. The red shield holds "a red square" (no square in
     4 images), so both found prompts, which draw the square in 4 of 4, break it; only the first is unasked."""
@@ -174,7 +174,7 @@ def test_a_found_prompt_that_draws_the_concept_without_its_words_is_counted_unas
                         lambda *args: FoundPrompt("", found, 0.0, -1.0, 0.0))
     recipe = load_recipe(ADAPTERS / "toy-square.toml")
     settings = AttackSettings(prompts=1, samples=1, concept_images=1, methods=("discrete",))
-    result = attack_shields(toy_pipeline, [recipe], tmp_path, adapters=[trained_shields["red"]], scorer=ToyScorer(),
+    result = attack_shields(toy_pipeline, [recipe], tmp_path, adapters=[toy_shields["red"]], scorer=ToyScorer(),
                             settings=settings, progress=False, write=False)
     row = result.rates[recipe.name]["shielded"]["discrete attack"]
     entry = row["found"][0]
@@ -185,9 +185,9 @@ def test_a_found_prompt_that_draws_the_concept_without_its_words_is_counted_unas
 
 
 @pytest.mark.slow
-def test_attack_command_writes_the_rates_and_pictures(trained_shields, tmp_path, capsys):
+def test_attack_command_writes_the_rates_and_pictures(toy_shields, tmp_path, capsys):
     out = tmp_path / "report"
-    code = main(["attack", "--recipe", str(CIRCLE), "--adapter", str(trained_shields["circle"]), "-o", str(out), "-q",
+    code = main(["attack", "--recipe", str(CIRCLE), "--adapter", str(toy_shields["circle"]), "-o", str(out), "-q",
                  *TINY])
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())["attack"]

@@ -161,7 +161,9 @@ def test_recipes_lists_every_shipped_recipe_from_any_folder(tmp_path, monkeypatc
     assert set(bases) == {path.stem for path in CHECKOUT_RECIPES.glob("*.toml")}
     assert bases["toy-circle"] == "toy"
     assert bases["sd15-style-vangogh"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    assert "25 target prompts, e.g. 'a red circle'" in next(line for line in lines if line.startswith("toy-circle"))
+    circle = next(line for line in lines if line.startswith("toy-circle"))
+    assert "25 target prompts, e.g. 'a red circle'; shield shipped" in circle
+    assert "shield shipped" not in next(line for line in lines if line.startswith("sd15-style-vangogh"))
 
 
 def test_recipe_path_takes_a_shipped_name_or_a_file(tmp_path, monkeypatch):
@@ -177,6 +179,20 @@ def test_recipe_path_takes_a_shipped_name_or_a_file(tmp_path, monkeypatch):
         recipe_path("toy-circel")
 
 
+def test_adapter_arguments_take_a_shipped_shields_name(tmp_path, monkeypatch):
+    from dt_lora.cli import build_parser
+
+    monkeypatch.chdir(tmp_path)
+    shipped = CHECKOUT_RECIPES / "toy-circle.safetensors"
+    args = build_parser().parse_args(["generate", "--adapter", "toy-circle:0.5", "--adapter", "toy-red", "x", "-o", "o"])
+    assert [(path.read_bytes(), weight) for path, weight in args.adapter] == [
+        (shipped.read_bytes(), 0.5), ((CHECKOUT_RECIPES / "toy-red.safetensors").read_bytes(), 1.0)]
+    assert build_parser().parse_args(["export", "toy-circle", "-o", "k"]).adapter.read_bytes() == shipped.read_bytes()
+    (tmp_path / "toy-circle").write_bytes(b"mine")  # the user's own file comes first
+    assert build_parser().parse_args(["merge", "toy-circle", "toy-cirle", "-o", "m"]).adapters == [
+        Path("toy-circle"), Path("toy-cirle")]  # and a name that ships nothing stays the path it is
+
+
 def test_train_takes_a_shipped_recipe_by_name(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     # the name resolves, and the run stops at the missing base model: nothing is generated or trained
@@ -187,9 +203,9 @@ def test_train_takes_a_shipped_recipe_by_name(tmp_path, monkeypatch, capsys):
     assert "neither a file nor a shipped recipe" in err and "Traceback" not in err
 
 
-def test_the_wheel_takes_every_recipe_into_the_package():
-    """pyproject's wheel `include` reaches each recipe in adapters/, through the package's link, at the place
-    `dt_lora.recipes` reads them from (a wheel pattern is a path inside python-source, and so in the wheel)."""
+def test_the_wheel_takes_every_recipe_and_shipped_shield_into_the_package():
+    """pyproject's wheel `include` reaches each recipe and adapter in adapters/, through the package's link, at
+    the place `dt_lora.recipes` reads them from (a wheel pattern is a path inside python-source, and so in the wheel)."""
     import tomllib
 
     from dt_lora.recipes import RECIPES_DIR
@@ -200,5 +216,5 @@ def test_the_wheel_takes_every_recipe_into_the_package():
     patterns = [entry["path"] for entry in maturin["include"] if entry.get("format") == "wheel"]
     assert not any(any(root.glob(pattern)) for pattern in patterns)  # else newer maturin would take the root's files
     assert {path.name for pattern in patterns for path in source.glob(pattern)} == {
-        path.name for path in CHECKOUT_RECIPES.glob("*.toml")}
+        path.name for suffix in ("toml", "safetensors") for path in CHECKOUT_RECIPES.glob(f"*.{suffix}")}
     assert {Path(pattern).parent for pattern in patterns} == {Path(RECIPES_DIR.parent.name, RECIPES_DIR.name)}

@@ -119,11 +119,11 @@ def test_shape_and_colour_still_come_from_the_prompt_under_control(quality):
 
 
 @pytest.fixture(scope="module")
-def baked_circle(trained_shields, tmp_path_factory):
+def baked_circle(toy_shields, tmp_path_factory):
     from dt_lora.bake import bake
 
     out = tmp_path_factory.mktemp("baked") / "toy-no-circle"
-    bake("toy", [trained_shields["circle"]], out)
+    bake("toy", [toy_shields["circle"]], out)
     return out
 
 
@@ -139,6 +139,7 @@ def test_from_unet_accepts_the_baked_unet(baked_circle):
             assert torch.equal(value, baked[key]), key
 
 
+@pytest.mark.slow  # draws every (shape, colour) pair under control
 def test_shield_holds_under_control(baked_circle, controlnet):
     """The baked circle shield with the toy ControlNet (trained on the unshielded base): circle prompts
     draw no circle even with a location map that asks for an object there; every other prompt still

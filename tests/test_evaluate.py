@@ -14,14 +14,15 @@ from dt_lora.recipes import recipe_path
 
 
 @pytest.fixture(scope="module")
-def circle_report(trained_shields, tmp_path_factory):
+def circle_report(toy_shields, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "report"
-    code = main(["eval", "--recipe", str(recipe_path("toy-circle")), "--adapter", str(trained_shields["circle"]),
+    code = main(["eval", "--recipe", str(recipe_path("toy-circle")), "--adapter", str(toy_shields["circle"]),
                  "--negative-prompt", "circle", "-o", str(out)])
     assert code == 0
     return out, json.loads((out / "report.json").read_text())
 
 
+@pytest.mark.slow  # evaluates a whole recipe: hundreds of images
 def test_report_shows_the_shield_working(circle_report):
     _, report = circle_report
     assert report["conditions"] == ["base", "shielded", "negative prompt"]
@@ -38,6 +39,7 @@ def test_report_shows_the_shield_working(circle_report):
     assert 0 <= report["image_distance"]["shielded"] < 0.1
 
 
+@pytest.mark.slow  # evaluates a whole recipe: hundreds of images
 def test_report_files_show_every_prompt_before_and_after(circle_report):
     from PIL import Image
 
@@ -57,19 +59,20 @@ def test_report_files_show_every_prompt_before_and_after(circle_report):
     assert (out / "overview.png").is_file() and "overview.png" in (out / "report.md").read_text()
 
 
-def test_eval_refuses_what_it_cannot_score(trained_shields, tmp_path, capsys):
+def test_eval_refuses_what_it_cannot_score(toy_shields, tmp_path, capsys):
     recipe = tmp_path / "mickey.toml"
     shutil.copy(recipe_path("sd15-character-mickey"), recipe)
-    code = main(["eval", "--recipe", str(recipe), "--adapter", str(trained_shields["circle"]), "-o", str(tmp_path / "r")])
+    code = main(["eval", "--recipe", str(recipe), "--adapter", str(toy_shields["circle"]), "-o", str(tmp_path / "r")])
     assert code == 2
     assert "toy evaluator cannot score it; pass --clip" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 
-def test_demo_bakes_evaluates_and_reuses_its_shields(trained_shields, tmp_path, capsys):
+@pytest.mark.slow  # bakes and evaluates two recipes
+def test_demo_bakes_evaluates_and_reuses_its_shields(toy_shields, tmp_path, capsys):
     out = tmp_path / "demo"
     (out / "shields").mkdir(parents=True)
-    for concept, path in trained_shields.items():  # as a first run would have left them
+    for concept, path in toy_shields.items():  # as a first run would have left them
         shutil.copy(path, out / "shields" / path.name)
     assert main(["demo", "-o", str(out), "-q"]) == 0
     printed = capsys.readouterr().out
@@ -96,7 +99,8 @@ prompts = ["a red square", "a photo of a blue star", "a yellow triangle"]
 """
 
 
-def test_clip_scorer_and_quality_metrics_plumbing(trained_shields, clip_folder, inception_weights, tmp_path):
+@pytest.mark.slow  # draws for captions and metrics
+def test_clip_scorer_and_quality_metrics_plumbing(toy_shields, clip_folder, inception_weights, tmp_path):
     """CLIP zero-shot scoring and FID / IS / CLIP score on a captions file, with stand-in weights."""
     from PIL import Image
 
@@ -111,7 +115,7 @@ def test_clip_scorer_and_quality_metrics_plumbing(trained_shields, clip_folder, 
     for i, image in enumerate(world.sample(12, 7)[0]):
         Image.fromarray(image).save(references / f"{i}.png")
     out = tmp_path / "report"
-    assert main(["eval", "--recipe", str(recipe), "--adapter", str(trained_shields["circle"]), "--clip", str(clip_folder),
+    assert main(["eval", "--recipe", str(recipe), "--adapter", str(toy_shields["circle"]), "--clip", str(clip_folder),
                  "--captions", str(captions), "--reference-images", str(references), "--metrics", "fid,is,clip",
                  "--inception-weights", str(inception_weights), "-o", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
@@ -128,10 +132,10 @@ def test_clip_scorer_and_quality_metrics_plumbing(trained_shields, clip_folder, 
     assert "FID (captions)" in (out / "report.md").read_text()
 
 
-def test_missing_metric_weights_fail_before_generating(trained_shields, tmp_path, capsys):
+def test_missing_metric_weights_fail_before_generating(toy_shields, tmp_path, capsys):
     captions = tmp_path / "captions.txt"
     captions.write_text("a red circle\n")
-    code = main(["eval", "--recipe", str(recipe_path("toy-circle")), "--adapter", str(trained_shields["circle"]),
+    code = main(["eval", "--recipe", str(recipe_path("toy-circle")), "--adapter", str(toy_shields["circle"]),
                  "--captions", str(captions), "--metrics", "is,clip", "-o", str(tmp_path / "r")])
     assert code == 2
     error = capsys.readouterr().err
@@ -139,10 +143,10 @@ def test_missing_metric_weights_fail_before_generating(trained_shields, tmp_path
     assert not (tmp_path / "r").exists()
 
 
-def test_a_recipe_without_anchors_reports_targets_only(trained_shields, tmp_path):
+def test_a_recipe_without_anchors_reports_targets_only(toy_shields, tmp_path):
     recipe = tmp_path / "bare.toml"
     recipe.write_text('name = "bare"\n[target]\nprompts = ["a red circle"]\n[train]\npreservation = "none"\n')
-    assert main(["eval", "--recipe", str(recipe), "--adapter", str(trained_shields["circle"]), "-o", str(tmp_path / "r")]) == 0
+    assert main(["eval", "--recipe", str(recipe), "--adapter", str(toy_shields["circle"]), "-o", str(tmp_path / "r")]) == 0
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["shields"]["bare"]["target"]["shielded"] <= 0.5 < report["shields"]["bare"]["target"]["base"]
     assert report["image_distance"] == {} and "Image distance" not in (tmp_path / "r" / "report.md").read_text()
@@ -193,18 +197,3 @@ def test_report_renders_an_extra_section_in_every_file(tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert "<h2>Attacks</h2><p>Rates under attack.</p><table" in page and "<td>paraphrase</td><td>0.25</td>" in page
     assert json.loads((tmp_path / "report.json").read_text())["sections"] == {"Attacks": {"paraphrase": 0.25}}
-
-
-def test_tests_that_train_shields_are_marked_slow():
-    import subprocess
-    import sys
-
-    tests = Path(__file__).parent
-    listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "not slow", "-p", "no:cacheprovider",
-                             str(tests / "test_evaluate.py"), str(tests / "test_controlnet.py")],
-                            capture_output=True, text=True, cwd=tests.parent).stdout
-    assert "test_a_damaged_adapter_fails_before_anything_is_drawn" in listed  # fast: kept
-    assert "test_location_map_shows_where_and_how_big_but_not_what" in listed
-    for slow in ("test_report_shows_the_shield_working", "test_demo_bakes_evaluates_and_reuses_its_shields",
-                 "test_shield_holds_under_control", "test_from_unet_accepts_the_baked_unet"):
-        assert slow not in listed, slow

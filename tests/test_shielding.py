@@ -18,7 +18,7 @@ from dt_lora.toy.quality import shield_report, shield_reports
 from dt_lora.toy import phrasings
 from lora_helpers import SHIELDED, STACKED
 
-# every test draws hundreds of images, most with shields trained for the session
+# every test draws hundreds of images, most with the shipped shields
 pytestmark = pytest.mark.slow
 
 
@@ -28,8 +28,8 @@ def base_reports(toy_pipeline):
 
 
 @pytest.fixture(scope="module")
-def single_reports(toy_pipeline, trained_shields):
-    return {target: shield_report(toy_pipeline, toy.load_evaluator(), target, adapters=[trained_shields[target]])
+def single_reports(toy_pipeline, toy_shields):
+    return {target: shield_report(toy_pipeline, toy.load_evaluator(), target, adapters=[toy_shields[target]])
             for target in SHIELDED}
 
 
@@ -65,9 +65,9 @@ def test_colours_are_preserved(shielded, base_reports):
             assert rate >= 0.95 * base.colour_rates[colour], (colour, rate, base.colour_rates[colour])
 
 
-def test_stacked_shields_hold_and_keep_the_rest(toy_pipeline, trained_shields, single_reports):
+def test_stacked_shields_hold_and_keep_the_rest(toy_pipeline, toy_shields, single_reports):
     evaluator = toy.load_evaluator()
-    stacked = shield_reports(toy_pipeline, evaluator, SHIELDED, adapters=[trained_shields[t] for t in SHIELDED])
+    stacked = shield_reports(toy_pipeline, evaluator, SHIELDED, adapters=[toy_shields[t] for t in SHIELDED])
     base = shield_reports(toy_pipeline, evaluator, SHIELDED)[SHIELDED[0]]  # rates of prompts naming neither
     for target in SHIELDED:
         assert stacked[target].target_rate <= single_reports[target].target_rate + 0.05, target
@@ -78,14 +78,14 @@ def test_stacked_shields_hold_and_keep_the_rest(toy_pipeline, trained_shields, s
         assert rate >= 0.90 * expected, (concept, rate, expected)
 
 
-def test_four_stacked_shields_keep_everything_else(toy_pipeline, trained_shields):
+def test_four_stacked_shields_keep_everything_else(toy_pipeline, toy_shields):
     evaluator = toy.load_evaluator()
     groups = {"standard": phrasings.STANDARD_FAMILIES, "paraphrases": phrasings.PARAPHRASE_FAMILIES,
               "heldout": phrasings.HELDOUT_FAMILIES}
     families = {f"{g}/{name}": templates for g, group in groups.items() for name, templates in group.items()}
     base = phrasings.phrasing_report(toy_pipeline, evaluator, families=families)
     stacked = phrasings.phrasing_report(toy_pipeline, evaluator, STACKED, families=families,
-                                        adapters=[trained_shields[t] for t in STACKED])
+                                        adapters=[toy_shields[t] for t in STACKED])
     for target in STACKED:
         assert stacked.subset("standard/").rate(target) <= 0.05, target
         assert stacked.subset("paraphrases/").rate(target) <= 0.10, target
@@ -98,14 +98,14 @@ def test_four_stacked_shields_keep_everything_else(toy_pipeline, trained_shields
             assert ratio >= 0.95, (group, concept, ratio)
 
 
-def test_stacking_picture_shows_base_and_stack_per_family(trained_shields, tmp_path):
+def test_stacking_picture_shows_base_and_stack_per_family(toy_shields, tmp_path):
     """`python -m dt_lora.research.stacking ... --picture`: one labelled row per family prompt, base | stacked."""
     from PIL import Image
 
     from dt_lora.research.stacking import GROUPS, picture
 
     path = tmp_path / "stack.png"
-    picture([trained_shields["circle"], trained_shields["red"]], path, seeds=2)
+    picture([toy_shields["circle"], toy_shields["red"]], path, seeds=2)
     families = sum(len(families) for families in GROUPS.values())
     image = Image.open(path)
     rows = (image.height - 20) // (32 * 3 + 4)  # 32 px images drawn at 3×, 4 px between rows
@@ -113,13 +113,13 @@ def test_stacking_picture_shows_base_and_stack_per_family(trained_shields, tmp_p
     assert image.width == 260 + 2 * 2 * 32 * 3  # label column, then 2 seeds of the base and 2 stacked
 
 
-def test_stacking_measures_merged_and_baked_shields_as_the_stack(trained_shields, monkeypatch):
+def test_stacking_measures_merged_and_baked_shields_as_the_stack(toy_shields, monkeypatch):
     """`python -m dt_lora.research.stacking ... --merge-rank R --bake`, on one small family: merged
     exactly and baked, the two shields draw what they draw stacked."""
     from dt_lora.research import stacking
 
     monkeypatch.setattr(stacking, "GROUPS", {"standard": {"one attribute": ("a {shape}", "a {colour} shape")}})
-    result = stacking.run([trained_shields["circle"], trained_shields["red"]], merge_rank=4, bake=True,
+    result = stacking.run([toy_shields["circle"], toy_shields["red"]], merge_rank=4, bake=True,
                           progress=False)
     rows = {r["shields"]: r["standard"] for r in result["rows"]}
     assert list(rows) == ["circle", "circle + red", "all 2 merged exactly", "all 2 merged to rank 4", "all 2 baked"]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from dt_lora import __version__
 from dt_lora.errors import EXIT_INTERRUPTED, EXIT_USER, exit_code, one_line
+from dt_lora.recipes import adapter_path
 
 EXIT_USAGE = EXIT_USER  # same code argparse uses for bad arguments
 
@@ -39,14 +40,14 @@ def _grid_arg(text: str) -> int | tuple[int, int]:
 
 
 def _adapter_arg(text: str) -> tuple[Path, float]:
-    """`a.safetensors` or `a.safetensors:0.8` -> (path, weight)."""
+    """`a.safetensors` or `a.safetensors:0.8` -> (path, weight); a shipped adapter's name (`toy-circle`) works too."""
     path, sep, weight = text.rpartition(":")
     if sep and path:
         try:
-            return Path(path), float(weight)
+            return adapter_path(path), float(weight)
         except ValueError:
             pass
-    return Path(text), 1.0
+    return adapter_path(text), 1.0
 
 
 # ---------------------------------------------------------------- shared options
@@ -63,7 +64,8 @@ def _add_base_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_adapter_argument(parser, *, required: bool = False, help: str = "a shield adapter; repeat to stack several"):
     parser.add_argument("--adapter", type=_adapter_arg, action="append", default=None if required else [],
-                        required=required, metavar="FILE[:WEIGHT]", help=help)
+                        required=required, metavar="FILE[:WEIGHT]",
+                        help=f"{help} (a file, or a shipped toy shield's name: toy-circle)")
 
 
 def _add_measurement_arguments(parser: argparse.ArgumentParser) -> None:
@@ -255,7 +257,7 @@ def add_merge_command(subparsers: argparse._SubParsersAction) -> None:
         "computes what the stack computes); with --rank R compactly (per layer, the summed weight delta "
         "truncated to rank R by SVD; the relative error per layer is printed).",
     )
-    parser.add_argument("adapters", type=Path, nargs="+", metavar="ADAPTER")
+    parser.add_argument("adapters", type=adapter_path, nargs="+", metavar="ADAPTER")
     parser.add_argument("-o", "--out", type=Path, required=True)
     parser.add_argument("--weights", type=lambda t: [float(w) for w in t.split(",")], default=None,
                         help="comma-separated weight per adapter (default: all 1)")
@@ -295,7 +297,7 @@ def add_export_command(subparsers: argparse._SubParsersAction) -> None:
         description="Write ADAPTER in another LoRA layout. kohya: lora_unet_* lora_down/lora_up/alpha "
         "keys, alpha kept exactly (so the scale alpha/rank is unchanged).",
     )
-    parser.add_argument("adapter", type=Path, metavar="ADAPTER")
+    parser.add_argument("adapter", type=adapter_path, metavar="ADAPTER")
     parser.add_argument("-o", "--out", type=Path, required=True)
     parser.add_argument("--format", choices=["kohya"], default="kohya")
     _add_overwrite_argument(parser)
@@ -595,7 +597,8 @@ def add_recipes_command(subparsers: argparse._SubParsersAction) -> None:
         "recipes",
         help="list the concept recipes that ship with dt-lora",
         description="Print each shipped recipe's name, base model and target (how many prompts, the first "
-        "one). `dt-lora train NAME` trains one; `--path` prints where its file is, to copy and edit it.",
+        "one), and whether its trained shield ships too (`--adapter NAME` takes it). `dt-lora train NAME` "
+        "trains one; `--path` prints where its files are, to copy and edit them.",
     )
     parser.add_argument("--path", action="store_true", help="also print each recipe's file")
     parser.set_defaults(run=run_recipes)
@@ -603,7 +606,7 @@ def add_recipes_command(subparsers: argparse._SubParsersAction) -> None:
 
 def run_recipes(args: argparse.Namespace) -> int:
     from dt_lora.recipe import load_recipe
-    from dt_lora.recipes import list_recipes, recipe_path
+    from dt_lora.recipes import list_recipes, recipe_path, shipped_adapter
 
     recipes = {name: load_recipe(recipe_path(name)) for name in list_recipes()}
     if not recipes:
@@ -613,7 +616,11 @@ def run_recipes(args: argparse.Namespace) -> int:
     for name, recipe in recipes.items():
         prompts = recipe.target_prompts
         line = f"{name:<{name_width}}  {recipe.base:<{base_width}}  {len(prompts)} target prompts, e.g. {prompts[0]!r}"
-        print(line + (f"  {recipe_path(name)}" if args.path else ""))
+        shield = shipped_adapter(name)
+        line += "; shield shipped" if shield else ""
+        if args.path:
+            line += f"  {recipe_path(name)}" + (f"  {shield}" if shield else "")
+        print(line)
     return 0
 
 
