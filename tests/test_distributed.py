@@ -136,15 +136,19 @@ def without_seconds(value):
 def test_eval_and_attack_split_their_drawing_and_report_what_one_process_does(two_process_run, tmp_path):
     folder, _ = two_process_run
     adapter = str(folder / "circle.safetensors")
+    recipe = tmp_path / "circle-few.toml"  # a few prompts of each kind: enough to split over two processes
+    recipe.write_text('name = "toy-circle"\n[target]\nprompts = ["a red circle", "a blue circle", "a photo of a green '
+                      'circle", "a yellow circle"]\nparaphrases = ["there is a purple circle here"]\n[anchors]\n'
+                      'prompts = ["a red square", "a blue star", "a yellow triangle"]\n')
     budget = ["--prompts", "3", "--free-tokens", "2", "--attack-steps", "2", "--candidates", "4", "--soft-steps", "2",
               "--seeds", "2", "-q"]
     evals, attacks = {}, {}
     for processes in (1, 2):
         out = tmp_path / f"eval-{processes}"
-        dt_lora(["eval", "--recipe", str(RECIPE), "--adapter", adapter, "--steps", "4", "-o", str(out)], processes)
+        dt_lora(["eval", "--recipe", str(recipe), "--adapter", adapter, "--steps", "4", "-o", str(out)], processes)
         evals[processes] = json.loads((out / "report.json").read_text())
         out = tmp_path / f"attack-{processes}"
-        dt_lora(["attack", "--recipe", str(RECIPE), "--adapter", adapter, "-o", str(out), *budget], processes)
+        dt_lora(["attack", "--recipe", str(recipe), "--adapter", adapter, "-o", str(out), *budget], processes)
         attacks[processes] = json.loads((out / "report.json").read_text())["attack"]
         assert len(list((out / "attack").glob("*.png"))) == len(attacks[processes]["pictures"]) > 0
     assert evals[1]["shields"] == evals[2]["shields"]

@@ -14,42 +14,63 @@ from dt_lora.recipes import recipe_path
 
 
 @pytest.fixture(scope="module")
-def circle_report(toy_shields, tmp_path_factory):
-    out = tmp_path_factory.mktemp("eval") / "report"
-    code = main(["eval", "--recipe", str(recipe_path("toy-circle")), "--adapter", str(toy_shields["circle"]),
-                 "--negative-prompt", "circle", "-o", str(out)])
-    assert code == 0
-    return out, json.loads((out / "report.json").read_text())
+def demo(tmp_path_factory):
+    """`dt-lora demo` with the shipped shields in its folder, as a first run would have left them: it
+    merges, bakes and evaluates (training is test_shipped_shields'). → (folder, what it printed, report.json)"""
+    import contextlib
+    import io
+
+    from dt_lora.recipes import adapter_path
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    (out / "shields").mkdir(parents=True)
+    for name in ("toy-circle", "toy-red"):
+        shutil.copy(adapter_path(name), out / "shields")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "-o", str(out), "-q"]) == 0
+    return out, printed.getvalue(), json.loads((out / "report" / "report.json").read_text())
 
 
-@pytest.mark.slow  # evaluates a whole recipe: hundreds of images
-def test_report_shows_the_shield_working(circle_report):
-    _, report = circle_report
+@pytest.mark.slow  # bakes and evaluates two recipes
+def test_demo_bakes_evaluates_and_reuses_its_shields(demo):
+    out, printed, report = demo
+    assert "shields reused" in printed and f"report: {out / 'report' / 'report.html'}" in printed
+    for name in ("toy-circle", "toy-red"):
+        shield = report["shields"][name]
+        assert shield["target"]["base"] >= 0.9 and shield["target"]["shielded"] <= 0.10  # the bar of test_shielding
+        assert shield["paraphrases"]["base"] >= 0.9 and shield["paraphrases"]["shielded"] <= 0.20
+        base, shielded = shield["preservation"]["base"], shield["preservation"]["shielded"]
+        assert set(base) == {"square", "triangle", "cross", "star", "green", "blue", "yellow", "purple"}
+        for concept, rate in shielded.items():  # the stacking bar: ≥ 0.9 × base for all else
+            assert rate >= 0.9 * base[concept], (name, concept, rate)
+    provenance = json.loads((out / "toy-shielded" / "dt_lora.json").read_text())
+    assert [c["name"] for c in provenance["concepts"]] == ["toy-circle", "toy-red"]
+
+
+@pytest.mark.slow  # the demo's report
+def test_report_shows_what_dt_adds_over_a_negative_prompt(demo):
+    _, _, report = demo
     assert report["conditions"] == ["base", "shielded", "negative prompt"]
-    circle = report["shields"]["toy-circle"]
-    assert circle["target"]["base"] >= 0.9 and circle["target"]["shielded"] <= 0.10  # the bar of test_shielding
-    assert circle["paraphrases"]["base"] >= 0.9 and circle["paraphrases"]["shielded"] <= 0.20
-    base, shielded = circle["preservation"]["base"], circle["preservation"]["shielded"]
-    assert set(base) == {"square", "triangle", "cross", "star", "red", "green", "blue", "yellow", "purple"}
-    for concept, rate in shielded.items():
-        assert rate >= 0.9 * base[concept], concept
-    # a negative prompt does not take the circle away: what DT adds over it
-    assert circle["target"]["negative prompt"] >= 0.5
-    # anchors move less between base and shielded than a circle prompt does
-    assert 0 <= report["image_distance"]["shielded"] < 0.1
+    # a negative prompt ("circle, red") does not take the circle away
+    assert report["shields"]["toy-circle"]["target"]["negative prompt"] >= 0.5
+    # anchors move less between base and shielded than between two seeds
+    assert 0 <= report["image_distance"]["shielded"] < report["image_distance"]["seed_to_seed"] < 0.1
 
 
-@pytest.mark.slow  # evaluates a whole recipe: hundreds of images
-def test_report_files_show_every_prompt_before_and_after(circle_report):
+@pytest.mark.slow  # the demo's report
+def test_report_files_show_every_prompt_before_and_after(demo):
     from PIL import Image
 
     from dt_lora.recipe import load_recipe
 
-    out, _ = circle_report
-    recipe = load_recipe(recipe_path("toy-circle"))
-    prompts = len(recipe.target_prompts) + len(recipe.target.paraphrases) + len(recipe.anchor_prompts)
+    out = demo[0] / "report"
+    prompts = set()
+    for name in ("toy-circle", "toy-red"):
+        recipe = load_recipe(recipe_path(name))
+        prompts |= {*recipe.target_prompts, *recipe.target.paraphrases, *recipe.anchor_prompts}
     grids = sorted((out / "grids").glob("*.png"))
-    assert len(grids) == prompts
+    assert len(grids) == len(prompts)
     # each strip: 3 conditions × 2 images of 32 px at scale 3, with two 8-px gaps
     assert Image.open(grids[0]).size == (3 * 2 * 96 + 2 * 8, 96)
     page = (out / "report.html").read_text()
@@ -66,27 +87,6 @@ def test_eval_refuses_what_it_cannot_score(toy_shields, tmp_path, capsys):
     assert code == 2
     assert "toy evaluator cannot score it; pass --clip" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
-
-
-@pytest.mark.slow  # bakes and evaluates two recipes
-def test_demo_bakes_evaluates_and_reuses_its_shields(toy_shields, tmp_path, capsys):
-    out = tmp_path / "demo"
-    (out / "shields").mkdir(parents=True)
-    for concept, path in toy_shields.items():  # as a first run would have left them
-        shutil.copy(path, out / "shields" / path.name)
-    assert main(["demo", "-o", str(out), "-q"]) == 0
-    printed = capsys.readouterr().out
-    assert "shields reused" in printed and f"report: {out / 'report' / 'report.html'}" in printed
-
-    report = json.loads((out / "report" / "report.json").read_text())
-    for name in ("toy-circle", "toy-red"):
-        shield = report["shields"][name]
-        assert shield["target"]["shielded"] <= 0.10 and shield["paraphrases"]["shielded"] <= 0.20
-        base, shielded = shield["preservation"]["base"], shield["preservation"]["shielded"]
-        for concept, rate in shielded.items():  # the stacking bar: ≥ 0.9 × base for all else
-            assert rate >= 0.9 * base[concept], (name, concept, rate)
-    provenance = json.loads((out / "toy-shielded" / "dt_lora.json").read_text())
-    assert [c["name"] for c in provenance["concepts"]] == ["toy-circle", "toy-red"]
 
 
 SMALL_RECIPE = """

@@ -6,6 +6,7 @@ The pipelines are family_tiny.py's: the real block layouts at toy width, random 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ from dt_lora.train import train_adapter
 from family_tiny import build_sd2, build_sdxl
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+# the demo's two shields trained on the toy SDXL (`python -m dt_lora.toy.shields --base toy-sdxl --out …`)
+SDXL_SHIELDS = Path(__file__).resolve().parent / "data" / "sdxl-shields"
 TINY = {"target.images": "4", "anchors.images": "4", "train.steps": "3", "train.batch_size": "2",
         "sampling.steps": "2", "lora.rank": "2", "lora.alpha": "2"}
 
@@ -318,14 +321,19 @@ def test_an_sd15_recipe_on_an_sdxl_base_warns_about_its_resolution(sdxl, tmp_pat
     assert load_recipe(ADAPTERS / "sd15-style-vangogh.toml").resolution_warning(512, "SD 1.x") is None
 
 
-@pytest.mark.slow  # trains two shields on the toy SDXL: about 3 minutes on 2 cores
+@pytest.mark.slow  # bakes and evaluates two recipes on the toy SDXL: about 2 minutes on 2 cores
 def test_the_demo_on_the_toy_sdxl_shields_both_concepts_and_keeps_the_rest(tmp_path, capsys):
-    """The whole job on an SDXL-architecture model that really draws the toy world: train (the recipes
-    unchanged), merge, bake into an SDXL folder, evaluate. The SD toy's bars hold."""
+    """The whole job on an SDXL-architecture model that really draws the toy world: the recipes' shields
+    (unchanged recipes; tests/data/sdxl-shields, as a first run would have left them: training them is
+    test_shipped_shields'), merged, baked into an SDXL folder, evaluated. The SD toy's bars hold."""
     from dt_lora.cli import main
 
     out = tmp_path / "demo"
+    (out / "shields").mkdir(parents=True)
+    for path in SDXL_SHIELDS.glob("toy-*.safetensors"):
+        shutil.copy(path, out / "shields")
     assert main(["demo", "--base", "toy-sdxl", "-o", str(out), "-q"]) == 0
+    assert "shields reused" in capsys.readouterr().out
     report = json.loads((out / "report" / "report.json").read_text())
     for name in ("toy-circle", "toy-red"):
         shield = report["shields"][name]

@@ -4,6 +4,8 @@ shipped weights. Most tests load these files rather than train, so a stale file 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,18 +19,26 @@ VOLATILE = ("created", "training_seconds", "dt_lora_version")  # differ from one
 # were equal bit for bit; other CPUs may round float32 sums differently, which training can amplify a
 # little. A change to the training itself moves the weights by tens of percent.
 TOLERANCE = 1e-2
-RETRAIN = "run `python -m dt_lora.toy.shields` to train the shipped shields again"
+RETRAIN = ("run `python -m dt_lora.toy.shields` (for the SDXL ones: `--base toy-sdxl --out tests/data/sdxl-shields "
+           "circle red`) to train the shields again")
 
 
-def test_every_toy_recipe_ships_the_shield_it_trains(toy_pipeline):
-    from dt_lora.base import unet_fingerprint
+SDXL_SHIELDS = Path(__file__).resolve().parent / "data" / "sdxl-shields"  # the SDXL demo test's
 
-    assert len(TOY_RECIPES) == 10
-    fingerprint = unet_fingerprint(toy_pipeline.unet)
-    for name in TOY_RECIPES:
-        shipped = read_adapter(adapter_path(name))
-        expected = AdapterFile.from_training({}, recipe=load_recipe(recipe_path(name)), base="toy",
-                                             base_fingerprint=fingerprint, version="", seconds=0)
+
+@pytest.mark.parametrize("base", ["toy", "toy-sdxl"])
+def test_every_toy_recipe_ships_the_shield_it_trains(base, toy_pipeline):
+    from dt_lora.base import load_pipeline, unet_fingerprint
+
+    shields = {name: adapter_path(name) for name in TOY_RECIPES} if base == "toy" else {
+        path.stem: path for path in SDXL_SHIELDS.glob("toy-*.safetensors")}
+    assert len(shields) == (10 if base == "toy" else 2)
+    pipeline = toy_pipeline if base == "toy" else load_pipeline(base)
+    fingerprint, family = unet_fingerprint(pipeline.unet), "sd1" if base == "toy" else "sdxl"
+    for name, path in shields.items():
+        shipped = read_adapter(path)
+        expected = AdapterFile.from_training({}, recipe=load_recipe(recipe_path(name), {"base": base}), base=base,
+                                             base_fingerprint=fingerprint, version="", seconds=0, family=family)
         [record] = shipped.concepts
         [wanted] = expected.concepts
         for key in VOLATILE:

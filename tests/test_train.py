@@ -267,7 +267,7 @@ def test_ctrl_c_then_same_command_resumes(pipeline, tmp_path):
     import time
 
     out = tmp_path / "a.safetensors"
-    overrides = {**TINY, "train.steps": "150", "train.checkpoint_every": "5"}
+    overrides = {**TINY, "train.steps": "60", "train.checkpoint_every": "5"}
     flags = [f"--{k.replace('.', '-').replace('_', '-')}={v}" for k, v in overrides.items()]
     command = [sys.executable, "-m", "dt_lora", "train", str(ADAPTERS / "toy-circle.toml"), "-o", str(out),
                "--cache-dir", str(tmp_path / "cache"), "-q", *flags]
@@ -496,8 +496,14 @@ def test_half_precision_generation_keeps_the_cache_exact_and_the_unet_intact(pip
     assert (half.target_latents - full.target_latents).abs().mean() < 0.25 * full.target_latents.abs().mean()
 
 
-def test_adversarial_training_adds_the_found_prompts_to_the_target(pipeline, tmp_path):
+def test_adversarial_training_adds_the_found_prompts_to_the_target(pipeline, tmp_path, monkeypatch):
     """One adversarial round: train, attack (two prompts), train again on the original prompts plus the found ones."""
+    import functools
+
+    from dt_lora import attack
+
+    # a short search: this test is about the rounds, not about how strong their attack is
+    monkeypatch.setattr(attack, "AttackSettings", functools.partial(attack.AttackSettings, steps=4, candidates=8))
     recipe = tiny_recipe(**{"train.adversarial_rounds": "1", "train.adversarial_prompts": "2"})
     result = train_adapter(recipe, tmp_path / "adv.safetensors", cache_dir=tmp_path / "cache", pipeline=pipeline,
                            progress=False)
