@@ -21,8 +21,6 @@ VOLATILE = ("created", "training_seconds", "dt_lora_version")  # differ from one
 TOLERANCE = 1e-2
 RETRAIN = ("run `python -m dt_lora.toy.shields` (for the SDXL ones: `--base toy-sdxl --out tests/data/sdxl-shields "
            "circle red`) to train the shields again")
-
-
 SDXL_SHIELDS = Path(__file__).resolve().parent / "data" / "sdxl-shields"  # the SDXL demo test's
 
 
