@@ -1,7 +1,10 @@
-"""Shared by the adapter tests: random LoRA adapters on chosen layers, a fixed UNet probe, and the
-concepts of conftest's `toy_shields` (the shipped shields)."""
+"""Shared by the adapter tests: random LoRA adapters on chosen layers, a fixed UNet probe, the
+concepts of conftest's `toy_shields` (the shipped shields), and a demo folder holding trained shields."""
 
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
 
 import torch
 
@@ -9,6 +12,17 @@ from dt_lora.adapters import AdapterFile
 
 SHIELDED = ("circle", "red")  # one shape, one colour: measured alone and as a pair
 STACKED = ("circle", "red", "square", "blue")  # the keys of the `toy_shields` fixture: stacked all four
+# the demo's two shields trained on the toy SDXL (`python -m dt_lora.toy.shields --base toy-sdxl --out …`)
+SDXL_SHIELDS = Path(__file__).resolve().parent / "data" / "sdxl-shields"
+
+
+def demo_folder(out: Path, shields) -> Path:
+    """`out`, a `dt-lora demo` folder holding `shields` as a first run would have left them: the demo
+    reuses them and only merges, bakes and evaluates."""
+    (out / "shields").mkdir(parents=True)
+    for path in shields:
+        shutil.copy(path, out / "shields")
+    return out
 
 
 def random_adapter(unet, layers, rank, alpha, seed, name, fingerprint="same-base") -> AdapterFile:

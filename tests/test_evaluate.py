@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 
 from dt_lora.cli import main
 from dt_lora.recipes import recipe_path
+from lora_helpers import demo_folder
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +22,7 @@ def demo(tmp_path_factory):
 
     from dt_lora.recipes import adapter_path
 
-    out = tmp_path_factory.mktemp("demo") / "demo"
-    (out / "shields").mkdir(parents=True)
-    for name in ("toy-circle", "toy-red"):
-        shutil.copy(adapter_path(name), out / "shields")
+    out = demo_folder(tmp_path_factory.mktemp("demo") / "demo", [adapter_path(n) for n in ("toy-circle", "toy-red")])
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert main(["demo", "-o", str(out), "-q"]) == 0

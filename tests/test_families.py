@@ -6,7 +6,6 @@ The pipelines are family_tiny.py's: the real block layouts at toy width, random 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,10 +18,9 @@ from dt_lora.errors import UserError
 from dt_lora.recipe import load_recipe
 from dt_lora.train import train_adapter
 from family_tiny import build_sd2, build_sdxl
+from lora_helpers import SDXL_SHIELDS, demo_folder
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
-# the demo's two shields trained on the toy SDXL (`python -m dt_lora.toy.shields --base toy-sdxl --out …`)
-SDXL_SHIELDS = Path(__file__).resolve().parent / "data" / "sdxl-shields"
 TINY = {"target.images": "4", "anchors.images": "4", "train.steps": "3", "train.batch_size": "2",
         "sampling.steps": "2", "lora.rank": "2", "lora.alpha": "2"}
 
@@ -324,14 +322,11 @@ def test_an_sd15_recipe_on_an_sdxl_base_warns_about_its_resolution(sdxl, tmp_pat
 @pytest.mark.slow  # bakes and evaluates two recipes on the toy SDXL: about 2 minutes on 2 cores
 def test_the_demo_on_the_toy_sdxl_shields_both_concepts_and_keeps_the_rest(tmp_path, capsys):
     """The whole job on an SDXL-architecture model that really draws the toy world: the recipes' shields
-    (unchanged recipes; tests/data/sdxl-shields, as a first run would have left them: training them is
-    test_shipped_shields'), merged, baked into an SDXL folder, evaluated. The SD toy's bars hold."""
+    (unchanged recipes, trained on the toy SDXL: tests/data/sdxl-shields, whose records test_shipped_shields
+    checks), merged, baked into an SDXL folder, evaluated. The SD toy's bars hold."""
     from dt_lora.cli import main
 
-    out = tmp_path / "demo"
-    (out / "shields").mkdir(parents=True)
-    for path in SDXL_SHIELDS.glob("toy-*.safetensors"):
-        shutil.copy(path, out / "shields")
+    out = demo_folder(tmp_path / "demo", SDXL_SHIELDS.glob("toy-*.safetensors"))
     assert main(["demo", "--base", "toy-sdxl", "-o", str(out), "-q"]) == 0
     assert "shields reused" in capsys.readouterr().out
     report = json.loads((out / "report" / "report.json").read_text())

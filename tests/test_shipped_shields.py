@@ -4,14 +4,13 @@ shipped weights. Most tests load these files rather than train, so a stale file 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from dt_lora.adapters import AdapterFile, read_adapter
 from dt_lora.recipe import load_recipe
 from dt_lora.recipes import adapter_path, list_recipes, recipe_path
+from lora_helpers import SDXL_SHIELDS
 
 TOY_RECIPES = [name for name in list_recipes() if name.startswith("toy-")]
 VOLATILE = ("created", "training_seconds", "dt_lora_version")  # differ from one run to the next
@@ -21,7 +20,6 @@ VOLATILE = ("created", "training_seconds", "dt_lora_version")  # differ from one
 TOLERANCE = 1e-2
 RETRAIN = ("run `python -m dt_lora.toy.shields` (for the SDXL ones: `--base toy-sdxl --out tests/data/sdxl-shields "
            "circle red`) to train the shields again")
-SDXL_SHIELDS = Path(__file__).resolve().parent / "data" / "sdxl-shields"  # the SDXL demo test's
 
 
 @pytest.mark.parametrize("base", ["toy", "toy-sdxl"])

@@ -79,19 +79,20 @@ def dilution(pipeline, recipe, found: list[dict], top: int = 5) -> dict:
     }
     if found:
         found_tokens = tokens([e["found"] for e in found])
-        ratio = size(found_tokens) / size(tokens([e["source"] for e in found]))
+        found_size, found_along = size(found_tokens), along(found_tokens)
+        ratio = found_size / size(tokens([e["source"] for e in found]))
         broken = torch.tensor([bool(e["broken"]) for e in found])
         share = lambda x: round(float(x.median()), 2) if len(x) else None  # noqa: E731
-        table.update({"found prompts": median(size(found_tokens)), "found / source, broken": share(ratio[broken]),
+        table.update({"found prompts": median(found_size), "found / source, broken": share(ratio[broken]),
                       "found / source, held": share(ratio[~broken]),
-                      "found prompts above the retained max": int((size(found_tokens) > kept_size.max()).sum())})
+                      "found prompts above the retained max": int((found_size > kept_size.max()).sum())})
     table.update({"along the target's direction: target prompts": median(along(target)),
                   "along the target's direction: retained p99 / max":
                       (round(float(kept_along.quantile(0.99)), 1), round(float(kept_along.max()), 1))})
     if found:
-        table.update({"along the target's direction: found prompts": median(along(found_tokens)),
+        table.update({"along the target's direction: found prompts": median(found_along),
                       "along the target's direction: found above the retained max":
-                          int((along(found_tokens) > kept_along.max()).sum())})
+                          int((found_along > kept_along.max()).sum())})
     return table
 
 
