@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -55,10 +56,12 @@ def fuse_adapters(pipeline, adapters, weights=None, *, force: bool = False) -> l
 
 def bake(base: str, adapters, out: str | Path, *, format: str = "diffusers", weights=None,
          dtype: torch.dtype = torch.float16, force: bool = False, overwrite: bool = False,
-         allow_pickle: bool | None = None) -> BakeResult:
+         allow_pickle: bool | None = None, before_save: Callable[[object], dict] | None = None) -> BakeResult:
     """Load `base`, fuse `adapters` into its UNet and write the full model to `out` in `format`.
 
     With `overwrite`, an existing `out` is replaced only if dt-lora wrote it (`io.check_output`).
+    `before_save(pipeline)` may change the fused pipeline further (research.text_guard's text-encoder
+    guards); what it returns joins the provenance.
     """
     from .io import atomic_directory, check_output
 
@@ -72,10 +75,11 @@ def bake(base: str, adapters, out: str | Path, *, format: str = "diffusers", wei
         read_adapter(path)  # a malformed adapter fails now, not after loading a large base model
     pipeline = load_pipeline(base, allow_pickle=allow_pickle)
     concepts = fuse_adapters(pipeline, adapters, weights, force=force)
+    extra = before_save(pipeline) if before_save else {}
     with diffusers_errors_only():  # "modules that should be kept in float32: []": SD has none
         pipeline.to(dtype)
     fingerprint = unet_fingerprint(pipeline.unet)
-    provenance = {"concepts": concepts, "base": describe(base), "baked_unet_fingerprint": fingerprint}
+    provenance = {"concepts": concepts, "base": describe(base), "baked_unet_fingerprint": fingerprint, **extra}
     if format == "diffusers":
         with atomic_directory(out, overwrite=overwrite) as folder:
             pipeline.save_pretrained(folder, safe_serialization=True)
