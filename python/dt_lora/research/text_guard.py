@@ -7,7 +7,7 @@
 
 A text-local shield (locality.py) is a linear gate on the text encoder's output: it degenerates a prompt in
 proportion to how strongly the prompt's tokens answer the concept's directions. The attack's free tokens
-before the prompt lower that response (on the toy, to about half at the end token and padding, where the
+before the prompt lower that response (on the toy, to a quarter to a half at the end token and padding, where the
 concept sits) and the concept comes back. The guard is a LoRA on the text encoder's attention and MLP,
 trained on text alone, with two losses:
 
