@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from dt_lora.recipe import load_recipe
 from dt_lora.recipes import recipe_path
@@ -46,7 +46,7 @@ def test_a_guard_keeps_the_response_the_text_attack_takes_away(toy_pipeline, red
     assert float(kept.median()) > float(unguarded.median()) + 0.3
 
     # prompts without the concept's words keep their output
-    others = [p for p in recipe.anchor_prompts[::7]] + ["", "a photo of a star", "something purple"]
+    others = recipe.anchor_prompts[::7] + ["", "a photo of a star", "something purple"]
     ids = toy_pipeline.tokenizer(others, padding="max_length", max_length=texts.length, return_tensors="pt").input_ids
     with torch.no_grad():
         before, after = base(ids)[0], guarded(ids)[0]
@@ -59,8 +59,6 @@ def test_a_guard_file_that_does_not_fit_is_refused_naming_it(toy_pipeline, red_g
     weights = load_file(str(path))
     key = next(k for k in weights if k.endswith(".lora_B.weight"))
     weights[key] = weights[key][:-1]  # one output row short
-    from safetensors.torch import save_file
-
     broken = tmp_path / "broken.safetensors"
     save_file(weights, str(broken))
     encoder = copy.deepcopy(toy_pipeline.text_encoder)

@@ -41,7 +41,7 @@ import json
 import math
 import re
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -261,19 +261,26 @@ class _Objective:
         transformers' CLIPTextModel takes input ids only (no `inputs_embeds`), so the replacement is a
         forward hook on its token embedding: position embeddings, causal mask and layers stay as they are.
         """
-        handles = []
-        for encoder, replacement in zip(self.encoders, free or ()):
-            def replace(module, inputs, output, replacement=replacement):
-                output = output.clone()
-                output[:, slots] = replacement.to(output.dtype)
-                return output
-
-            handles.append(encoder.get_input_embeddings().register_forward_hook(replace))
-        try:
+        with ExitStack() as stack:
+            for encoder, replacement in zip(self.encoders, free or ()):
+                stack.enter_context(token_embeddings_replaced(encoder, slots, replacement))
             return encode_ids(self.pipeline, ids_for_encoders(self.pipeline, ids))
-        finally:
-            for handle in handles:
-                handle.remove()
+
+
+@contextmanager
+def token_embeddings_replaced(encoder, slots: list[int], replacement: torch.Tensor):
+    """While inside, `encoder`'s token embeddings at `slots` are `replacement` ((P, k, D_e)), whatever the ids
+    there: a forward hook, since CLIPTextModel takes no `inputs_embeds`."""
+    def replace(module, inputs, output):
+        output = output.clone()
+        output[:, slots] = replacement.to(output.dtype)
+        return output
+
+    handle = encoder.get_input_embeddings().register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 # --- the prompt with free slots ------------------------------------------------------------------

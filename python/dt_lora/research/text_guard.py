@@ -31,6 +31,7 @@ import argparse
 import json
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -74,19 +75,11 @@ class _Texts:
 
 def _hidden(encoder, ids: torch.Tensor, slots=None, free_embeds=None) -> torch.Tensor:
     """The encoder's last hidden state; with `free_embeds`, the token embeddings at `slots` replaced (the
-    attack's one-hot gradient, as attack._Objective.encode does it)."""
-    handle = None
-    if free_embeds is not None:
-        def replace(module, inputs, output):
-            output = output.clone()
-            output[:, slots] = free_embeds.to(output.dtype)
-            return output
-        handle = encoder.get_input_embeddings().register_forward_hook(replace)
-    try:
+    attack's one-hot gradient)."""
+    from ..attack import token_embeddings_replaced
+
+    with token_embeddings_replaced(encoder, slots, free_embeds) if free_embeds is not None else nullcontext():
         return encoder(input_ids=ids.to(encoder.device))[0]
-    finally:
-        if handle is not None:
-            handle.remove()
 
 
 def response_kept(encoder, base_encoder, directions, texts: _Texts, pairs) -> torch.Tensor:
