@@ -14,15 +14,17 @@ trained on text alone, with two losses:
 - invariance: a target prompt after random words (and after the words a text-only attack finds, below)
   answers the shield's directions as the plain prompt does, at the same positions from its end token on;
 - preservation: a prompt without the concept's words (the shield's retained prompts: anchors, the empty
-  prompt, random word sequences; half of them after random words) keeps its output, relative squared
-  change weighted `keep_weight`.
+  prompt, random word sequences, and anchors joined two or three to a prompt; half of them after random
+  words) keeps its output, relative squared change weighted `keep_weight`.
 
 Adversarial rounds are cheap because the inner attack needs no UNet: GCG over `free_tokens` tokens before
 each target prompt, lowering the response along the plain prompt's (AdvUnlearn trains the text encoder
 for the same reason, against a costlier attack). The UNet shield is left as it is. A guard file holds the
 LoRA's A and B per text-encoder module (`text_encoder.<module>.lora_A.weight`, scale alpha/rank = 1);
 several guards add up like shields. Measured on the toy world in docs/method.md ("a text encoder that
-undoes it"); SD 1.x/2.x only (SDXL's second encoder has no guard yet).
+undoes it", "Guards that keep prompts naming several objects"): one guard holds its concept against the attack
+and keeps the other prompts, but two stacked tip prompts that name two shapes; so guards stay research, out
+of shield files. SD 1.x/2.x only (SDXL's second encoder has no guard yet).
 """
 
 from __future__ import annotations
@@ -48,11 +50,22 @@ class GuardSettings:
     steps: int = 600  # optimiser steps per round (and before the first)
     rank: int = 8
     learning_rate: float = 3e-3
-    keep_weight: float = 10.0
+    keep_weight: float = 40.0  # 10 tipped two-shape prompts further (docs/method.md, T3)
     batch: int = 32  # target prompts in context per step (twice as many retained prompts)
     free_tokens: int = 8  # the attack's default
     attack_steps: int = 32
     seed: int = 0
+    composed: int = 512  # retained prompts that join 2-3 anchors: prompts naming several objects
+
+
+def composed_prompts(anchors: Sequence[str], count: int, seed: int = 0) -> list[str]:
+    """`count` prompts that each join 2-3 of `anchors` with " and " or ", " ("a blue circle and a green star"),
+    so that preserved prompts name several objects too. On their own they did not stop a guard tipping the
+    choice between two named shapes (docs/method.md, "Guards that keep prompts naming several objects")."""
+    if len(anchors) < 2:
+        return []
+    rng = random.Random(seed)
+    return [rng.choice((" and ", ", ")).join(rng.sample(list(anchors), rng.randint(2, 3))) for _ in range(count)]
 
 
 class _Texts:
@@ -62,7 +75,7 @@ class _Texts:
         self.tokenizer, self.length = tokenizer, tokenizer.model_max_length
 
     def words(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt, add_special_tokens=False).input_ids[: self.length - 2]
+        return self.tokenizer(prompt, add_special_tokens=False, truncation=True, max_length=self.length - 2).input_ids
 
     def row(self, context: Sequence[int], words: Sequence[int]) -> list[int]:
         body = (list(context) + list(words))[: self.length - 2]
@@ -149,7 +162,8 @@ def train_guard(pipeline, recipe, settings: GuardSettings | None = None, log=pri
     words = concept_words(recipe.target_prompts, recipe.anchor_prompts)
     allowed = allowed_tokens(pipeline.tokenizer, sorted(words))
     targets = [texts.words(p) for p in recipe.target_prompts]
-    retained = [texts.words(p) for p in recipe.anchor_prompts + [""] + generic_prompts(pipeline.tokenizer, words)]
+    retained = [texts.words(p) for p in recipe.anchor_prompts + [""] + generic_prompts(pipeline.tokenizer, words)
+                + composed_prompts(recipe.anchor_prompts, settings.composed, settings.seed)]
     base = pipeline.text_encoder.eval().requires_grad_(False)
     encoder = get_peft_model(copy.deepcopy(base), LoraConfig(r=settings.rank, lora_alpha=settings.rank,
                                                              target_modules=list(GUARD_TARGETS)))
@@ -250,6 +264,8 @@ def main(argv=None) -> None:
     train.add_argument("--base", default="toy")
     train.add_argument("--rounds", type=int, default=GuardSettings.rounds)
     train.add_argument("--steps", type=int, default=GuardSettings.steps)
+    train.add_argument("--keep-weight", type=float, default=GuardSettings.keep_weight,
+                       help="weight of the preservation loss against the invariance loss")
     bake = commands.add_parser("bake", help="bake shields and their guards into a diffusers folder")
     bake.add_argument("--adapter", action="append", required=True)
     bake.add_argument("--guard", action="append", required=True)
@@ -269,7 +285,7 @@ def _run(args, parser) -> None:
 
     if args.command == "train":
         recipe = load_recipe(recipe_path(args.recipe))
-        settings = GuardSettings(rounds=args.rounds, steps=args.steps)
+        settings = GuardSettings(rounds=args.rounds, steps=args.steps, keep_weight=args.keep_weight)
         pipeline = load_pipeline(args.base)
         print(f"wrote {write_guard(args.out, train_guard(pipeline, recipe, settings), recipe, settings)}")
     else:
