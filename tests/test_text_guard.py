@@ -48,7 +48,8 @@ def test_a_guard_keeps_the_response_the_text_attack_takes_away(toy_pipeline, red
     # prompts without the concept's words keep their output
     others = recipe.anchor_prompts[::7] + ["", "a photo of a star", "something purple"]
     others += text_guard.composed_prompts(recipe.anchor_prompts, 4, seed=5)  # several objects named
-    ids = toy_pipeline.tokenizer(others, padding="max_length", max_length=texts.length, return_tensors="pt").input_ids
+    ids = toy_pipeline.tokenizer(others, padding="max_length", max_length=texts.length, truncation=True,
+                                 return_tensors="pt").input_ids
     with torch.no_grad():
         before, after = base(ids)[0], guarded(ids)[0]
     change = (after - before).norm(dim=-1).mean() / before.norm(dim=-1).mean()
