@@ -56,8 +56,6 @@ class GuardSettings:
     attack_steps: int = 32
     seed: int = 0
     composed: int = 512  # retained prompts that join 2-3 anchors: prompts naming several objects
-    drawing_weight: float = 0.0  # preservation measured by what the UNet draws from retained prompts (_Drawing)
-    drawing_batch: int = 16
 
 
 def composed_prompts(anchors: Sequence[str], count: int, seed: int = 0) -> list[str]:
@@ -86,49 +84,6 @@ class _Texts:
 
     def batch(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         return torch.tensor([list(r) for r in rows])
-
-
-class _Drawing:
-    """What the UNet draws from a prompt's encoding: its prediction on noisy latents of the recipe's anchor
-    images at random timesteps. `change` compares two encodings of the same prompts as a share of what text
-    changes in the prediction at all (the prompt against the empty prompt, on the base encoder)."""
-
-    def __init__(self, pipeline, latents: torch.Tensor, base_encoder, texts: "_Texts", prompts, seed: int):
-        self.unet, self.latents = pipeline.unet.eval().requires_grad_(False), latents
-        self.alphas = pipeline.scheduler.alphas_cumprod
-        self.generator = torch.Generator().manual_seed(seed)  # its own: the guard's other draws stay as they were
-        with torch.no_grad():
-            ids = texts.batch([texts.row([], texts.words(p)) for p in prompts])
-            empty = texts.batch([texts.row([], [])] * len(prompts))
-            x, t = self.noisy(len(prompts))
-            self.text_effect = (self.predict(x, t, _hidden(base_encoder, ids))
-                                - self.predict(x, t, _hidden(base_encoder, empty))).pow(2).mean()
-
-    def noisy(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.randint(len(self.latents), (count,), generator=self.generator)
-        noise = torch.randn(self.latents[index].shape, generator=self.generator)
-        t = torch.randint(len(self.alphas), (count,), generator=self.generator)
-        a = self.alphas[t].view(-1, 1, 1, 1)
-        return a.sqrt() * self.latents[index] + (1 - a).sqrt() * noise, t
-
-    def predict(self, x: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        device = self.unet.device
-        return self.unet(x.to(device), t.to(device), encoder_hidden_states=hidden.to(device)).sample
-
-    def change(self, seen: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        x, t = self.noisy(len(seen))
-        with torch.no_grad():
-            drawn = self.predict(x, t, reference)
-        return (self.predict(x, t, seen) - drawn).pow(2).mean() / self.text_effect
-
-
-def anchor_latents(pipeline, recipe, cache_dir) -> torch.Tensor:
-    """The recipe's anchor images as latents, generated (or read from `cache_dir`) as `dt-lora train` does."""
-    from ..base import unet_fingerprint
-    from ..data import prepare_data
-
-    return prepare_data(pipeline, recipe, cache_dir, base_fingerprint=unet_fingerprint(pipeline.unet),
-                        progress=False).anchor_latents
 
 
 def _hidden(encoder, ids: torch.Tensor, slots=None, free_embeds=None) -> torch.Tensor:
@@ -187,10 +142,8 @@ def text_attack(encoder, base_encoder, directions, texts: _Texts, words, allowed
     return best.tolist()
 
 
-def train_guard(pipeline, recipe, settings: GuardSettings | None = None, log=print,
-                cache_dir: str | Path = ".dt-lora-cache") -> dict[str, torch.Tensor]:
-    """The guard's LoRA weights for `recipe`'s shield on `pipeline`'s text encoder (keys as in a guard file).
-    `cache_dir`: where the anchor images' latents are cached, when `settings.drawing_weight` needs them."""
+def train_guard(pipeline, recipe, settings: GuardSettings | None = None, log=print) -> dict[str, torch.Tensor]:
+    """The guard's LoRA weights for `recipe`'s shield on `pipeline`'s text encoder (keys as in a guard file)."""
     import copy
 
     from peft import LoraConfig, get_peft_model
@@ -223,10 +176,6 @@ def train_guard(pipeline, recipe, settings: GuardSettings | None = None, log=pri
         plain_energy = (_hidden(base, texts.batch([texts.row([], t) for t in targets]))[:, late:] @ directions.T
                         ).pow(2).sum(-1).mean()
         kept_energy = _hidden(base, texts.batch([texts.row([], r) for r in retained[:256]])).pow(2).sum(-1).mean()
-    drawing = None
-    if settings.drawing_weight:
-        drawing = _Drawing(pipeline, anchor_latents(pipeline, recipe, cache_dir), base, texts,
-                           composed_prompts(recipe.anchor_prompts, 64, settings.seed + 1), settings.seed + 1)
     found: list[tuple[list[int], int]] = []
     started = time.perf_counter()
     for round_ in range(settings.rounds + 1):
@@ -253,13 +202,8 @@ def train_guard(pipeline, recipe, settings: GuardSettings | None = None, log=pri
             kept_ids = texts.batch(kept_rows)
             with torch.no_grad():
                 kept_base = _hidden(base, kept_ids)
-            kept = _hidden(encoder, kept_ids)
-            preservation = (kept - kept_base).pow(2).sum(-1).mean() / kept_energy
+            preservation = (_hidden(encoder, kept_ids) - kept_base).pow(2).sum(-1).mean() / kept_energy
             loss = invariance + settings.keep_weight * preservation
-            if drawing is not None:
-                n = settings.drawing_batch
-                drawn = drawing.change(kept[:n], kept_base[:n])
-                loss = loss + settings.drawing_weight * drawn
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -268,8 +212,7 @@ def train_guard(pipeline, recipe, settings: GuardSettings | None = None, log=pri
             found += [(text_attack(encoder, base, directions, texts, targets[t], allowed, room(t), generator,
                                    settings.attack_steps), t) for t in range(len(targets))]
         log(f"round {round_}: invariance {invariance.item():.4f}, preservation {preservation.item():.5f}, "
-            + (f"drawing {drawn.item():.5f}, " if drawing is not None else "")
-            + f"{time.perf_counter() - started:.0f} s")
+            f"{time.perf_counter() - started:.0f} s")
     weights = {}
     for name, module in encoder.base_model.model.named_modules():  # the names of the text encoder's own modules
         if hasattr(module, "lora_A") and "default" in module.lora_A:
@@ -323,8 +266,6 @@ def main(argv=None) -> None:
     train.add_argument("--steps", type=int, default=GuardSettings.steps)
     train.add_argument("--keep-weight", type=float, default=GuardSettings.keep_weight,
                        help="weight of the preservation loss against the invariance loss")
-    train.add_argument("--drawing-weight", type=float, default=GuardSettings.drawing_weight,
-                       help="weight of the preservation measured by what the UNet draws from retained prompts")
     bake = commands.add_parser("bake", help="bake shields and their guards into a diffusers folder")
     bake.add_argument("--adapter", action="append", required=True)
     bake.add_argument("--guard", action="append", required=True)
@@ -344,8 +285,7 @@ def _run(args, parser) -> None:
 
     if args.command == "train":
         recipe = load_recipe(recipe_path(args.recipe))
-        settings = GuardSettings(rounds=args.rounds, steps=args.steps, keep_weight=args.keep_weight,
-                                 drawing_weight=args.drawing_weight)
+        settings = GuardSettings(rounds=args.rounds, steps=args.steps, keep_weight=args.keep_weight)
         pipeline = load_pipeline(args.base)
         print(f"wrote {write_guard(args.out, train_guard(pipeline, recipe, settings), recipe, settings)}")
     else:
