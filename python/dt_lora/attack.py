@@ -357,6 +357,18 @@ def _generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(value % (2**63))
 
 
+def gcg_swaps(free: torch.Tensor, gradient: torch.Tensor, mask: torch.Tensor, top_k: int, count: int,
+              generator: torch.Generator) -> torch.Tensor:
+    """GCG's candidates: `count` copies of the free tokens, each with one random slot swapped for one of the
+    `top_k` tokens whose one-hot gradient most lowers the loss there (`mask`: inf on tokens not allowed)."""
+    top = (gradient.cpu() + mask).topk(top_k, dim=1, largest=False).indices  # (k, top_k)
+    slot = torch.randint(0, len(free), (count,), generator=generator)
+    choice = top[slot, torch.randint(0, top_k, (count,), generator=generator)]
+    candidates = free.repeat(count, 1)
+    candidates[torch.arange(count), slot] = choice
+    return candidates
+
+
 def discrete_attack(objective: _Objective, prompt: _Prompt, allowed: torch.Tensor, settings: AttackSettings,
                     key: tuple[int, ...]) -> FoundPrompt:
     started = time.perf_counter()
@@ -378,11 +390,7 @@ def discrete_attack(objective: _Objective, prompt: _Prompt, allowed: torch.Tenso
         free_embeds = [(one_hot @ embedding)[None] for embedding in embeddings]
         loss = objective.loss(objective.encode(prompt.ids(free[None]), prompt.slots, free_embeds), batch)
         (gradient,) = torch.autograd.grad(loss.sum(), one_hot)
-        top = (gradient.cpu() + mask).topk(settings.top_k, dim=1, largest=False).indices  # (k, top_k)
-        slot = torch.randint(0, prompt.k, (settings.candidates,), generator=generator)
-        choice = top[slot, torch.randint(0, settings.top_k, (settings.candidates,), generator=generator)]
-        candidates = free.repeat(settings.candidates, 1)
-        candidates[torch.arange(settings.candidates), slot] = choice
+        candidates = gcg_swaps(free, gradient, mask, settings.top_k, settings.candidates, generator)
         candidates = torch.unique(candidates, dim=0)  # sorted: the order does not depend on sampling luck
         candidates = candidates[[prompt.round_trips(c.tolist()) for c in candidates]]
         if not len(candidates):

@@ -56,6 +56,7 @@ class GuardSettings:
     attack_steps: int = 32
     seed: int = 0
     composed: int = 512  # retained prompts that join 2-3 anchors: prompts naming several objects
+    gate_weight: float = 0.0  # retained prompts keep their response along the shield's directions (its gate)
 
 
 def composed_prompts(anchors: Sequence[str], count: int, seed: int = 0) -> list[str]:
@@ -112,6 +113,8 @@ def text_attack(encoder, base_encoder, directions, texts: _Texts, words, allowed
                 generator: torch.Generator, steps: int = 32, candidates: int = 24, top_k: int = 12) -> list[int]:
     """GCG on the text encoder alone: `k` free tokens before `words` that most lower the response along the
     plain prompt's, from the end token on."""
+    from ..attack import gcg_swaps
+
     embeddings = encoder.get_input_embeddings().weight.detach()
     vocabulary = embeddings.shape[0]
     mask = torch.full((vocabulary,), float("inf"))
@@ -130,10 +133,7 @@ def text_attack(encoder, base_encoder, directions, texts: _Texts, words, allowed
         one_hot = torch.nn.functional.one_hot(free, vocabulary).to(embeddings).requires_grad_(True)
         value = loss(_hidden(encoder, texts.batch([texts.row(free.tolist(), words)]), slots, (one_hot @ embeddings)[None]))
         (gradient,) = torch.autograd.grad(value.sum(), one_hot)
-        top = (gradient.cpu() + mask).topk(top_k, dim=1, largest=False).indices
-        slot = torch.randint(0, k, (candidates,), generator=generator)
-        trial = free.repeat(candidates, 1)
-        trial[torch.arange(candidates), slot] = top[slot, torch.randint(0, top_k, (candidates,), generator=generator)]
+        trial = gcg_swaps(free, gradient, mask, top_k, candidates, generator)
         with torch.no_grad():
             losses = loss(_hidden(encoder, texts.batch([texts.row(t.tolist(), words) for t in trial])))
         free = trial[int(losses.argmin())]  # GCG: move to the best swap, even when it is worse
@@ -202,8 +202,12 @@ def train_guard(pipeline, recipe, settings: GuardSettings | None = None, log=pri
             kept_ids = texts.batch(kept_rows)
             with torch.no_grad():
                 kept_base = _hidden(base, kept_ids)
-            preservation = (_hidden(encoder, kept_ids) - kept_base).pow(2).sum(-1).mean() / kept_energy
+            kept_change = _hidden(encoder, kept_ids) - kept_base
+            preservation = kept_change.pow(2).sum(-1).mean() / kept_energy
             loss = invariance + settings.keep_weight * preservation
+            if settings.gate_weight:  # what the shield reads, on the scale of its own concept's response
+                gate = (kept_change @ directions.T).pow(2).sum(-1).mean() / plain_energy
+                loss = loss + settings.gate_weight * gate
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -212,7 +216,7 @@ def train_guard(pipeline, recipe, settings: GuardSettings | None = None, log=pri
             found += [(text_attack(encoder, base, directions, texts, targets[t], allowed, room(t), generator,
                                    settings.attack_steps), t) for t in range(len(targets))]
         log(f"round {round_}: invariance {invariance.item():.4f}, preservation {preservation.item():.5f}, "
-            f"{time.perf_counter() - started:.0f} s")
+            + (f"gate {gate.item():.5f}, " if settings.gate_weight else "") + f"{time.perf_counter() - started:.0f} s")
     weights = {}
     for name, module in encoder.base_model.model.named_modules():  # the names of the text encoder's own modules
         if hasattr(module, "lora_A") and "default" in module.lora_A:
@@ -266,6 +270,8 @@ def main(argv=None) -> None:
     train.add_argument("--steps", type=int, default=GuardSettings.steps)
     train.add_argument("--keep-weight", type=float, default=GuardSettings.keep_weight,
                        help="weight of the preservation loss against the invariance loss")
+    train.add_argument("--gate-weight", type=float, default=GuardSettings.gate_weight,
+                       help="weight of keeping other prompts' response along the shield's directions")
     bake = commands.add_parser("bake", help="bake shields and their guards into a diffusers folder")
     bake.add_argument("--adapter", action="append", required=True)
     bake.add_argument("--guard", action="append", required=True)
@@ -285,7 +291,8 @@ def _run(args, parser) -> None:
 
     if args.command == "train":
         recipe = load_recipe(recipe_path(args.recipe))
-        settings = GuardSettings(rounds=args.rounds, steps=args.steps, keep_weight=args.keep_weight)
+        settings = GuardSettings(rounds=args.rounds, steps=args.steps, keep_weight=args.keep_weight,
+                                 gate_weight=args.gate_weight)
         pipeline = load_pipeline(args.base)
         print(f"wrote {write_guard(args.out, train_guard(pipeline, recipe, settings), recipe, settings)}")
     else:
