@@ -54,6 +54,12 @@ def test_a_guard_keeps_the_response_the_text_attack_takes_away(toy_pipeline, red
         before, after = base(ids)[0], guarded(ids)[0]
     change = (after - before).norm(dim=-1).mean() / before.norm(dim=-1).mean()
     assert float(change) < 0.05
+    # … least of all along the shield's directions, which its gate reads: on the scale of red's own response,
+    # 0.0007 here with the gate term, 0.024 without it (then two guards tipped two-shape prompts)
+    with torch.no_grad():
+        own = (base(texts.batch([texts.row([], texts.words(p)) for p in recipe.target_prompts]))[0] @ directions.T)
+    gate = ((after - before) @ directions.T).pow(2).sum(-1).mean() / own.pow(2).sum(-1).mean()
+    assert float(gate) < 0.005
 
 
 def test_a_guard_file_that_does_not_fit_is_refused_naming_it(toy_pipeline, red_guard, tmp_path, capsys):

@@ -9,22 +9,25 @@ A text-local shield (locality.py) is a linear gate on the text encoder's output:
 proportion to how strongly the prompt's tokens answer the concept's directions. The attack's free tokens
 before the prompt lower that response (on the toy, to a quarter to a half at the end token and padding, where the
 concept sits) and the concept comes back. The guard is a LoRA on the text encoder's attention and MLP,
-trained on text alone, with two losses:
+trained on text alone, with three losses:
 
 - invariance: a target prompt after random words (and after the words a text-only attack finds, below)
   answers the shield's directions as the plain prompt does, at the same positions from its end token on;
 - preservation: a prompt without the concept's words (the shield's retained prompts: anchors, the empty
   prompt, random word sequences, and anchors joined two or three to a prompt; half of them after random
-  words) keeps its output, relative squared change weighted `keep_weight`.
+  words) keeps its output, relative squared change weighted `keep_weight`;
+- gate: the same prompts' change along the shield's directions, on the scale of the concept's own response,
+  weighted `gate_weight`. Without it a guard raised what the shield gates on, the shield fired a little on
+  prompts naming two shapes, and two stacked guards tipped which shape is drawn.
 
 Adversarial rounds are cheap because the inner attack needs no UNet: GCG over `free_tokens` tokens before
 each target prompt, lowering the response along the plain prompt's (AdvUnlearn trains the text encoder
 for the same reason, against a costlier attack). The UNet shield is left as it is. A guard file holds the
 LoRA's A and B per text-encoder module (`text_encoder.<module>.lora_A.weight`, scale alpha/rank = 1);
 several guards add up like shields. Measured on the toy world in docs/method.md ("a text encoder that
-undoes it", "Guards that keep prompts naming several objects"): one guard holds its concept against the attack
-and keeps the other prompts, but two stacked tip prompts that name two shapes; so guards stay research, out
-of shield files. SD 1.x/2.x only (SDXL's second encoder has no guard yet).
+undoes it" and the two sections after it): with the gate term, one guard and two stacked hold their concepts
+against the attack and keep every phrasing group within the locality bar. Guards stay research, out of shield
+files, until more shields stacked are measured. SD 1.x/2.x only (SDXL's second encoder has no guard yet).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ class GuardSettings:
     attack_steps: int = 32
     seed: int = 0
     composed: int = 512  # retained prompts that join 2-3 anchors: prompts naming several objects
-    gate_weight: float = 0.0  # retained prompts keep their response along the shield's directions (its gate)
+    gate_weight: float = 40.0  # retained prompts keep their change along the shield's directions (its gate) small
 
 
 def composed_prompts(anchors: Sequence[str], count: int, seed: int = 0) -> list[str]:
