@@ -145,8 +145,18 @@ def text_attack(encoder, base_encoder, directions, texts: _Texts, words, allowed
     return best.tolist()
 
 
-def train_guard(pipeline, recipe, settings: GuardSettings | None = None, log=print) -> dict[str, torch.Tensor]:
-    """The guard's LoRA weights for `recipe`'s shield on `pipeline`'s text encoder (keys as in a guard file)."""
+def _plain_energy(encoder, texts: _Texts, directions: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """The mean squared response of `prompts` along `directions` on their later positions: a concept's scale."""
+    late = texts.length // 2  # the toy encoder carries a concept on its later positions; a scale only
+    with torch.no_grad():
+        hidden = _hidden(encoder, texts.batch([texts.row([], texts.words(p)) for p in prompts]))
+    return (hidden[:, late:] @ directions.T).pow(2).sum(-1).mean()
+
+
+def train_guard(pipeline, recipe, settings: GuardSettings | None = None, log=print,
+                stacked_with: Sequence = ()) -> dict[str, torch.Tensor]:
+    """The guard's LoRA weights for `recipe`'s shield on `pipeline`'s text encoder (keys as in a guard file).
+    `stacked_with`: the recipes of other shields it may be stacked with; the gate term keeps their gates too."""
     import copy
 
     from peft import LoraConfig, get_peft_model
@@ -174,10 +184,12 @@ def train_guard(pipeline, recipe, settings: GuardSettings | None = None, log=pri
                                   weight_decay=0.0)
     room = lambda t: min(settings.free_tokens, texts.length - 2 - len(targets[t]))  # noqa: E731
     random_context = lambda n: [int(allowed[rng.randrange(len(allowed))]) for _ in range(n)]  # noqa: E731
+    plain_energy = _plain_energy(base, texts, directions, recipe.target_prompts)
+    gates = [(directions, plain_energy)]  # each shield's directions, on the scale of its own concept's response
+    for other in stacked_with:
+        other_directions = shield_directions(pipeline, other).to(directions.device)
+        gates.append((other_directions, _plain_energy(base, texts, other_directions, other.target_prompts)))
     with torch.no_grad():
-        late = texts.length // 2  # the toy encoder carries a concept on its later positions; a scale only
-        plain_energy = (_hidden(base, texts.batch([texts.row([], t) for t in targets]))[:, late:] @ directions.T
-                        ).pow(2).sum(-1).mean()
         kept_energy = _hidden(base, texts.batch([texts.row([], r) for r in retained[:256]])).pow(2).sum(-1).mean()
     found: list[tuple[list[int], int]] = []
     started = time.perf_counter()
@@ -208,8 +220,8 @@ def train_guard(pipeline, recipe, settings: GuardSettings | None = None, log=pri
             kept_change = _hidden(encoder, kept_ids) - kept_base
             preservation = kept_change.pow(2).sum(-1).mean() / kept_energy
             loss = invariance + settings.keep_weight * preservation
-            if settings.gate_weight:  # what the shield reads, on the scale of its own concept's response
-                gate = (kept_change @ directions.T).pow(2).sum(-1).mean() / plain_energy
+            if settings.gate_weight:  # what the shields read, each on the scale of its own concept's response
+                gate = sum((kept_change @ d.T).pow(2).sum(-1).mean() / energy for d, energy in gates)
                 loss = loss + settings.gate_weight * gate
             optimiser.zero_grad()
             loss.backward()
@@ -228,13 +240,15 @@ def train_guard(pipeline, recipe, settings: GuardSettings | None = None, log=pri
     return weights
 
 
-def write_guard(path: str | Path, weights: dict[str, torch.Tensor], recipe, settings: GuardSettings) -> Path:
+def write_guard(path: str | Path, weights: dict[str, torch.Tensor], recipe, settings: GuardSettings,
+                stacked_with: Sequence = ()) -> Path:
     from safetensors.torch import save
 
     from ..io import atomic_write
 
-    metadata = {"format": "pt", "dt_lora": json.dumps({"text_guard": {"concept": recipe.name, "rank": settings.rank,
-                                                      "alpha": settings.rank, "settings": vars(settings)}})}
+    guard = {"concept": recipe.name, "rank": settings.rank, "alpha": settings.rank, "settings": vars(settings),
+             "stacked_with": [other.name for other in stacked_with]}
+    metadata = {"format": "pt", "dt_lora": json.dumps({"text_guard": guard})}
     path = Path(path)
     with atomic_write(path) as f:
         f.write(save(weights, metadata=metadata))
@@ -275,6 +289,8 @@ def main(argv=None) -> None:
                        help="weight of the preservation loss against the invariance loss")
     train.add_argument("--gate-weight", type=float, default=GuardSettings.gate_weight,
                        help="weight of keeping other prompts' response along the shield's directions")
+    train.add_argument("--stacked-with", action="append", default=[], metavar="RECIPE",
+                       help="another shield's recipe this guard may be stacked with: keep its gate too (repeatable)")
     bake = commands.add_parser("bake", help="bake shields and their guards into a diffusers folder")
     bake.add_argument("--adapter", action="append", required=True)
     bake.add_argument("--guard", action="append", required=True)
@@ -296,8 +312,10 @@ def _run(args, parser) -> None:
         recipe = load_recipe(recipe_path(args.recipe))
         settings = GuardSettings(rounds=args.rounds, steps=args.steps, keep_weight=args.keep_weight,
                                  gate_weight=args.gate_weight)
+        others = [load_recipe(recipe_path(name)) for name in args.stacked_with]
         pipeline = load_pipeline(args.base)
-        print(f"wrote {write_guard(args.out, train_guard(pipeline, recipe, settings), recipe, settings)}")
+        weights = train_guard(pipeline, recipe, settings, stacked_with=others)
+        print(f"wrote {write_guard(args.out, weights, recipe, settings, stacked_with=others)}")
     else:
         from ..bake import bake as bake_model
 
