@@ -92,3 +92,27 @@ def test_bake_puts_the_guard_into_the_text_encoder(toy_pipeline, red_guard, tmp_
     provenance = json.loads((out / "dt_lora.json").read_text())
     assert provenance["text_guards"] == ["red-guard.safetensors"]
     assert provenance["concepts"][0]["name"] == "toy-red"
+
+
+def test_a_guard_stacked_with_another_shield_keeps_that_shields_gate_too(toy_pipeline, tmp_path):
+    from dt_lora.locality import shield_directions
+
+    red, circle = (load_recipe(recipe_path(name)) for name in ("toy-red", "toy-circle"))
+    directions = shield_directions(toy_pipeline, circle)
+    texts = text_guard._Texts(toy_pipeline.tokenizer)
+    others = [p for p in red.anchor_prompts[::7] + text_guard.composed_prompts(red.anchor_prompts, 4, seed=5)
+              if "circle" not in p]
+    ids = texts.batch([texts.row([], texts.words(p)) for p in others])
+    base = toy_pipeline.text_encoder
+    with torch.no_grad():
+        before = base(ids)[0]
+    settings = text_guard.GuardSettings(rounds=1, steps=80, attack_steps=8)
+    changes = []
+    for stacked_with in ([], [circle]):  # the circle's gate: 0.00018 of its response alone, 0.00006 stacked
+        weights = text_guard.train_guard(toy_pipeline, red, settings, log=lambda line: None, stacked_with=stacked_with)
+        guarded = copy.deepcopy(base)
+        text_guard.apply_guards(guarded, [text_guard.write_guard(tmp_path / f"{len(stacked_with)}.safetensors",
+                                                                 weights, red, settings, stacked_with)])
+        with torch.no_grad():
+            changes.append(float(((guarded(ids)[0] - before) @ directions.T).pow(2).sum(-1).mean()))
+    assert changes[1] < changes[0] / 2

@@ -26,8 +26,9 @@ for the same reason, against a costlier attack). The UNet shield is left as it i
 LoRA's A and B per text-encoder module (`text_encoder.<module>.lora_A.weight`, scale alpha/rank = 1);
 several guards add up like shields. Measured on the toy world in docs/method.md ("a text encoder that
 undoes it" and the two sections after it): with the gate term, one guard and two stacked hold their concepts
-against the attack and keep every phrasing group within the locality bar; four stacked do not (each keeps
-its own shield's gate but raises the others'). So guards stay research, out of shield files. SD 1.x/2.x only (SDXL's second encoder has no guard yet).
+against the attack and keep every phrasing group within the locality bar; four stacked do so only when
+each guard keeps the other shields' gates too (`stacked_with`). Their attack is not yet measured, so guards
+stay research, out of shield files. SD 1.x/2.x only (SDXL's second encoder has no guard yet).
 """
 
 from __future__ import annotations
