@@ -116,3 +116,10 @@ def test_a_guard_stacked_with_another_shield_keeps_that_shields_gate_too(toy_pip
         with torch.no_grad():
             changes.append(float(((guarded(ids)[0] - before) @ directions.T).pow(2).sum(-1).mean()))
     assert changes[1] < changes[0] / 2
+
+
+def test_a_guard_stacked_with_its_own_recipe_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        text_guard.main(["train", "toy-red", "--stacked-with", "toy-red", "-o", str(tmp_path / "g.safetensors")])
+    assert exit_.value.code == 2 and not (tmp_path / "g.safetensors").exists()
+    assert "own recipe" in capsys.readouterr().err.strip().splitlines()[-1]

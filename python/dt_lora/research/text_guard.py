@@ -168,6 +168,8 @@ def train_guard(pipeline, recipe, settings: GuardSettings | None = None, log=pri
 
     if family(pipeline) == SDXL:
         raise ValueError("text guards cover SD 1.x/2.x text encoders; SDXL's two encoders have none yet")
+    if any(other.name == recipe.name for other in stacked_with):  # its gate would count twice
+        raise ValueError(f"stacked with {recipe.name}: that is the guard's own recipe; name the other shields' recipes")
     settings = settings or GuardSettings()
     rng, generator = random.Random(settings.seed), torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
