@@ -3,8 +3,11 @@
 An adapter is one .safetensors file that diffusers' `load_lora_weights` loads as it is:
 
 - tensors `unet.<module path>.lora_A.weight` / `.lora_B.weight`;
-- metadata `lora_adapter_metadata`: the peft `LoraConfig` (rank, alpha, targets), with keys
-  prefixed `unet.` as diffusers writes and reads them, so alpha ≠ rank keeps its scale;
+- optionally a text-encoder part, `text_encoder.<module path>.lora_A.weight` / `.lora_B.weight`: the
+  shield's context guard (guard.py), which diffusers loads into the text encoder, stacks and fuses with
+  the UNet part;
+- metadata `lora_adapter_metadata`: each part's peft `LoraConfig` (rank, alpha, targets), with keys
+  prefixed `unet.` / `text_encoder.` as diffusers writes and reads them, so alpha ≠ rank keeps its scale;
 - metadata `dt_lora`: JSON `{"concepts": [...]}`, one entry per shielded concept (recipe summary,
   base model and its UNet fingerprint, version, training time). A merged file lists several.
 """
@@ -28,6 +31,7 @@ from .io import atomic_write
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 DT_METADATA_KEY = "dt_lora"
 UNET_PREFIX = "unet."
+TEXT_ENCODER_PREFIX = "text_encoder."
 
 
 class AdapterError(ValueError):
@@ -39,6 +43,13 @@ class AdapterFile:
     weights: dict[str, torch.Tensor]  # UNet module keys without the "unet." prefix
     lora_config: dict  # peft LoraConfig.to_dict(), JSON-ready
     concepts: list[dict] = field(default_factory=list)
+    # the text-encoder part (a context guard): an AdapterFile of its own, keyed by the text encoder's module
+    # paths, with its own rank and alpha and no concepts; None for a shield of the UNet alone
+    text_encoder: AdapterFile | None = None
+
+    def parts(self) -> list[tuple[str, AdapterFile]]:
+        """(key prefix, part) for the UNet part and, when there is one, the text-encoder part."""
+        return [(UNET_PREFIX, self)] + ([(TEXT_ENCODER_PREFIX, self.text_encoder)] if self.text_encoder else [])
 
     @property
     def rank(self) -> int:
@@ -55,7 +66,8 @@ class AdapterFile:
 
     @classmethod
     def from_training(cls, weights: dict[str, torch.Tensor], *, recipe, base: str, base_fingerprint: str,
-                      version: str, seconds: float, processes: int = 1, family: str = "sd1") -> "AdapterFile":
+                      version: str, seconds: float, processes: int = 1, family: str = "sd1",
+                      text_encoder: AdapterFile | None = None) -> "AdapterFile":
         from peft import LoraConfig
 
         config = LoraConfig(r=recipe.lora.rank, lora_alpha=recipe.lora.alpha,
@@ -78,6 +90,7 @@ class AdapterFile:
                       "split_encoders": recipe.train.split_encoders,
                       "batch_size": recipe.train.batch_size, "processes": processes},
             "sampling": {"steps": recipe.sampling.steps, "guidance": recipe.sampling.guidance},
+            **({"guard": vars(recipe.guard)} if text_encoder is not None else {}),
             "base": base,
             "family": family,
             "base_fingerprint": base_fingerprint,
@@ -85,7 +98,8 @@ class AdapterFile:
             "training_seconds": round(seconds, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        return cls({k: v.detach().float().cpu() for k, v in weights.items()}, _jsonable(config.to_dict()), [concept])
+        return cls({k: v.detach().float().cpu() for k, v in weights.items()}, _jsonable(config.to_dict()), [concept],
+                   text_encoder)
 
 
 def _jsonable(config: dict) -> dict:
@@ -105,12 +119,15 @@ def write_adapter(path: str | Path, adapter: AdapterFile) -> Path:
     from safetensors.torch import save
 
     path = Path(path)
-    lora_layers(adapter, source=path)  # never write a file that read_adapter would refuse
+    parts = adapter.parts()
+    for prefix, part in parts:
+        lora_layers(part, source=path, prefix=prefix)  # never write a file that read_adapter would refuse
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {UNET_PREFIX + k: v.contiguous() for k, v in adapter.weights.items()}
+    tensors = {prefix + k: v.contiguous() for prefix, part in parts for k, v in part.weights.items()}
+    config = {prefix + k: v for prefix, part in parts for k, v in part.lora_config.items()}
     metadata = {
         "format": "pt",
-        LORA_METADATA_KEY: json.dumps({UNET_PREFIX + k: v for k, v in adapter.lora_config.items()}, sort_keys=True),
+        LORA_METADATA_KEY: json.dumps(config, sort_keys=True),
         DT_METADATA_KEY: json.dumps({"concepts": adapter.concepts}),
     }
     with atomic_write(path) as f:
@@ -141,48 +158,50 @@ _UNSUPPORTED = {"use_dora": "DoRA", "rank_pattern": "per-layer ranks (rank_patte
                 "alpha_pattern": "per-layer alphas (alpha_pattern)", "lora_bias": "LoRA biases (lora_bias)"}
 
 
-def lora_layers(adapter: AdapterFile, *, source: str | Path | None = None) -> dict[str, LoraLayer]:
+def lora_layers(adapter: AdapterFile, *, source: str | Path | None = None,
+                prefix: str = UNET_PREFIX) -> dict[str, LoraLayer]:
     """layer → its validated `LoraLayer`, in layer-name order; every reader of adapter weights uses this.
+    `adapter` is one part of a file (the file itself, or its `text_encoder`; `prefix` names the part's keys).
 
     Raises `AdapterError` naming `source` and the tensor when the adapter is malformed: an A without
     its B (or the reverse), rank 0, A and B whose inner dimensions disagree or whose rank is not the
     config's r, tensors that are not floating-point matrices, NaN or inf weights.
     """
     where = f"{source}: " if source is not None else ""
-    rank = _checked_config(adapter.lora_config, where)
+    rank = _checked_config(adapter.lora_config, where, prefix)
     scale = adapter.scale
     layers = {}
     for key in sorted(adapter.weights):
         if key.endswith(_B):
             if key[: -len(_B)] + _A not in adapter.weights:
-                raise AdapterError(f"{where}tensor {UNET_PREFIX}{key} has no matching {UNET_PREFIX}{key[:-len(_B)]}{_A}")
+                raise AdapterError(f"{where}tensor {prefix}{key} has no matching {prefix}{key[:-len(_B)]}{_A}")
             continue
         if not key.endswith(_A):
-            raise AdapterError(f"{where}unexpected tensor {UNET_PREFIX}{key!r} (expected unet.*.lora_A/B.weight)")
+            raise AdapterError(f"{where}unexpected tensor {prefix}{key!r} (expected {prefix}*.lora_A/B.weight)")
         layer = key[: -len(_A)]
         if layer + _B not in adapter.weights:
-            raise AdapterError(f"{where}tensor {UNET_PREFIX}{key} has no matching {UNET_PREFIX}{layer}{_B}")
+            raise AdapterError(f"{where}tensor {prefix}{key} has no matching {prefix}{layer}{_B}")
         a, b = adapter.weights[key], adapter.weights[layer + _B]
         for name, tensor in ((key, a), (layer + _B, b)):
-            _check_tensor(tensor, where + f"tensor {UNET_PREFIX}{name}")
+            _check_tensor(tensor, where + f"tensor {prefix}{name}")
         if a.shape[0] != b.shape[1]:
-            raise AdapterError(f"{where}tensor {UNET_PREFIX}{layer}{_A} is {_dims(a)} and {UNET_PREFIX}{layer}{_B} "
+            raise AdapterError(f"{where}tensor {prefix}{layer}{_A} is {_dims(a)} and {prefix}{layer}{_B} "
                                f"is {_dims(b)}: their inner dimensions (the rank) must be equal")
         if a.shape[0] != rank:
-            raise AdapterError(f"{where}tensor {UNET_PREFIX}{key} has rank {a.shape[0]} but the metadata "
-                               f"'{LORA_METADATA_KEY}' says unet.r = {rank}")
+            raise AdapterError(f"{where}tensor {prefix}{key} has rank {a.shape[0]} but the metadata "
+                               f"'{LORA_METADATA_KEY}' says {prefix}r = {rank}")
         layers[layer] = LoraLayer(a, b, scale)
     if not layers:
         raise AdapterError(f"{where}holds no LoRA tensors")
     return layers
 
 
-def _checked_config(config: dict, where: str) -> int:
+def _checked_config(config: dict, where: str, prefix: str) -> int:
     rank, alpha = config.get("r"), config.get("lora_alpha")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise AdapterError(f"{where}metadata '{LORA_METADATA_KEY}' has unet.r = {rank!r}; the rank must be an integer >= 1")
+        raise AdapterError(f"{where}metadata '{LORA_METADATA_KEY}' has {prefix}r = {rank!r}; the rank must be an integer >= 1")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise AdapterError(f"{where}metadata '{LORA_METADATA_KEY}' has unet.lora_alpha = {alpha!r}; expected a finite number")
+        raise AdapterError(f"{where}metadata '{LORA_METADATA_KEY}' has {prefix}lora_alpha = {alpha!r}; expected a finite number")
     for option, what in _UNSUPPORTED.items():
         if config.get(option):
             raise AdapterError(f"{where}uses {what}, which dt-lora does not support")
@@ -223,28 +242,36 @@ def read_adapter(path: str | Path) -> AdapterFile:
     try:
         lora = json.loads(metadata[LORA_METADATA_KEY])
         concepts = json.loads(metadata.get(DT_METADATA_KEY, '{"concepts": []}'))["concepts"]
-        config = {k[len(UNET_PREFIX):]: v for k, v in lora.items() if k.startswith(UNET_PREFIX)}
+        configs = {prefix: {k[len(prefix):]: v for k, v in lora.items() if k.startswith(prefix)}
+                   for prefix in (UNET_PREFIX, TEXT_ENCODER_PREFIX)}
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
         raise AdapterError(f"{path}: damaged metadata ({error})") from None
-    if "r" not in config or "lora_alpha" not in config:
-        raise AdapterError(f"{path}: metadata '{LORA_METADATA_KEY}' lacks unet.r / unet.lora_alpha")
     if not isinstance(concepts, list) or not all(isinstance(c, dict) for c in concepts):
         raise AdapterError(f"{path}: damaged metadata ('{DT_METADATA_KEY}' concepts is not a list of objects)")
-    weights = {}
+    weights: dict[str, dict[str, torch.Tensor]] = {UNET_PREFIX: {}, TEXT_ENCODER_PREFIX: {}}
     for key, value in tensors.items():
-        if not key.startswith(UNET_PREFIX) or not key.endswith((_A, _B)):
-            raise AdapterError(f"{path}: unexpected tensor {key!r} (expected unet.*.lora_A/B.weight)")
-        weights[key[len(UNET_PREFIX):]] = value
-    adapter = AdapterFile(weights, config, concepts)
-    lora_layers(adapter, source=path)
+        prefix = next((p for p in weights if key.startswith(p)), None)
+        if prefix is None or not key.endswith((_A, _B)):
+            raise AdapterError(f"{path}: unexpected tensor {key!r} (expected unet.*.lora_A/B.weight, or "
+                               f"text_encoder.*.lora_A/B.weight)")
+        weights[prefix][key[len(prefix):]] = value
+    for prefix in (UNET_PREFIX,) + ((TEXT_ENCODER_PREFIX,) if weights[TEXT_ENCODER_PREFIX] else ()):
+        if "r" not in configs[prefix] or "lora_alpha" not in configs[prefix]:
+            raise AdapterError(f"{path}: metadata '{LORA_METADATA_KEY}' lacks {prefix}r / {prefix}lora_alpha")
+    text_encoder = (AdapterFile(weights[TEXT_ENCODER_PREFIX], configs[TEXT_ENCODER_PREFIX])
+                    if weights[TEXT_ENCODER_PREFIX] else None)
+    adapter = AdapterFile(weights[UNET_PREFIX], configs[UNET_PREFIX], concepts, text_encoder)
+    for prefix, part in adapter.parts():
+        lora_layers(part, source=path, prefix=prefix)
     return adapter
 
 
 def check_fits(adapters: Sequence[AdapterFile], unet, *, force: bool = False,
-               sources: Sequence[str | Path] | None = None) -> None:
-    """Refuse adapters that do not fit `unet`: raises `AdapterError` naming the file and the layer.
+               sources: Sequence[str | Path] | None = None, text_encoder=None) -> None:
+    """Refuse adapters that do not fit `unet` (and `text_encoder`, for adapters with a text-encoder part):
+    raises `AdapterError` naming the file and the layer.
 
-    Every adapted layer must be a Linear layer of the UNet whose weight is (out × in) as the adapter's
+    Every adapted layer must be a Linear layer of the model whose weight is (out × in) as the adapter's
     B·A; and each shielded concept must have been trained on this UNet (its recorded fingerprint equals
     `unet_fingerprint(unet)`) unless `force`. Adapters already loaded on `unet` do not change the answer.
     """
@@ -252,24 +279,18 @@ def check_fits(adapters: Sequence[AdapterFile], unet, *, force: bool = False,
     from .family import family_of, label
 
     sources = [str(s) for s in sources] if sources is not None else [f"adapter {i}" for i in range(len(adapters))]
-    modules = dict(unet.named_modules())
+    models = {UNET_PREFIX: unet, TEXT_ENCODER_PREFIX: text_encoder}
     family = family_of(unet.config)
     for adapter, source in zip(adapters, sources):
         for concept in adapter.concepts:  # before the layers: a layer error would not say why nothing fits
             if concept.get("family", family) != family:
                 raise AdapterError(f"{source}: {concept.get('name', '?')} is an {label(concept['family'])} shield and "
                                    f"this base is {label(family)}; train it again on this base")
-        for layer, lora in lora_layers(adapter, source=source).items():
-            module = modules.get(layer)
-            module = getattr(module, "base_layer", module)  # a layer that already carries a peft adapter
-            if not isinstance(module, torch.nn.Linear):
-                have = "no such layer" if module is None else f"the base's is a {type(module).__name__}, not a Linear layer"
-            elif tuple(module.weight.shape) != lora.shape:
-                have = f"the base's is {_dims(module.weight)}"
-            else:
-                continue
-            raise AdapterError(f"{source}: adapter layer {layer} ({lora.shape[0]}×{lora.shape[1]}) does not fit "
-                               f"this base: {have}")
+        for prefix, part in adapter.parts():
+            if models[prefix] is None:
+                raise AdapterError(f"{source}: has a text-encoder part (a context guard), and no text encoder was "
+                                   f"given to put it on")
+            _check_layers(part, dict(models[prefix].named_modules()), source, prefix)
     if force or not any(c.get("base_fingerprint") for adapter in adapters for c in adapter.concepts):
         return
     fingerprint = unet_fingerprint(unet)  # costly on a real UNet: once for all adapters
@@ -278,6 +299,20 @@ def check_fits(adapters: Sequence[AdapterFile], unet, *, force: bool = False,
         if foreign:
             raise AdapterError(f"{source}: shield(s) {', '.join(foreign)} were trained on another base model (UNet "
                                f"fingerprint differs from this base's {fingerprint}); pass --force to use them anyway")
+
+
+def _check_layers(part: AdapterFile, modules: dict, source: str, prefix: str) -> None:
+    for layer, lora in lora_layers(part, source=source, prefix=prefix).items():
+        module = modules.get(layer)
+        module = getattr(module, "base_layer", module)  # a layer that already carries a peft adapter
+        if not isinstance(module, torch.nn.Linear):
+            have = "no such layer" if module is None else f"the base's is a {type(module).__name__}, not a Linear layer"
+        elif tuple(module.weight.shape) != lora.shape:
+            have = f"the base's is {_dims(module.weight)}"
+        else:
+            continue
+        where = "text-encoder layer" if prefix == TEXT_ENCODER_PREFIX else "adapter layer"
+        raise AdapterError(f"{source}: {where} {layer} ({lora.shape[0]}×{lora.shape[1]}) does not fit this base: {have}")
 
 
 def load_adapters(pipeline, paths, weights=None, *, force: bool = False) -> list[str]:
@@ -292,7 +327,8 @@ def load_adapters(pipeline, paths, weights=None, *, force: bool = False) -> list
     weights = list(weights) if weights is not None else [1.0] * len(paths)
     if len(weights) != len(paths):
         raise ValueError(f"got {len(paths)} adapters but {len(weights)} weights")
-    check_fits([read_adapter(p) for p in paths], pipeline.unet, force=force, sources=paths)
+    check_fits([read_adapter(p) for p in paths], pipeline.unet, force=force, sources=paths,
+               text_encoder=pipeline.text_encoder)
 
     names = []
     try:
@@ -312,8 +348,8 @@ def load_adapters(pipeline, paths, weights=None, *, force: bool = False) -> list
 
 
 # diffusers' warnings while loading a LoRA: a layer it could not place (`_maybe_warn_for_unhandled_keys`)
-# is an error for dt-lora; the notice that the text encoder got no LoRA keys is expected (shields hold
-# UNet layers only) and dropped
+# is an error for dt-lora; the notice that the text encoder got no LoRA keys is expected (a shield without
+# a guard holds UNet layers only) and dropped
 _UNPLACED = ("unexpected keys", "missing keys")
 _TEXT_ENCODER_NOTICE = "No LoRA keys associated to CLIPTextModel"
 

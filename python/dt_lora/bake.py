@@ -2,7 +2,8 @@
 
 The adapters are merged exactly (`merge.merge_adapters`: the merged delta is what the stack adds) and
 each attention weight gets W ← W + Σ wᵢ·(αᵢ/rᵢ)·BᵢAᵢ in float32, before the pipeline is cast to the
-output dtype. No LoRA layer is left, so the UNet is a plain `UNet2DConditionModel`: ControlNet
+output dtype; an adapter's text-encoder part (its context guard) goes into the text encoder's weights
+the same way. No LoRA layer is left, so the UNet is a plain `UNet2DConditionModel`: ControlNet
 (`ControlNetModel.from_unet`, `StableDiffusionControlNetPipeline`) and every SD tool use it as is.
 
 Formats:
@@ -17,11 +18,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from .adapters import DT_METADATA_KEY, check_fits, lora_layers, read_adapter
+from .adapters import DT_METADATA_KEY, TEXT_ENCODER_PREFIX, UNET_PREFIX, check_fits, lora_layers, read_adapter
 from .base import describe, diffusers_errors_only, load_pipeline, unet_fingerprint
 from .merge import merge_adapters
 
@@ -37,31 +37,32 @@ class BakeResult:
 
 
 def fuse_adapters(pipeline, adapters, weights=None, *, force: bool = False) -> list[dict]:
-    """Add the adapters' deltas to `pipeline.unet`'s weights in place; returns their concepts.
+    """Add the adapters' deltas to `pipeline.unet`'s weights (and their guards' to `pipeline.text_encoder`'s)
+    in place; returns their concepts.
 
     Refuses adapters that do not fit this UNet (`check_fits`: a missing or differently shaped layer;
     a base fingerprint other than this UNet's, unless `force`) before any weight changes.
     """
     paths = [Path(p) for p in adapters]
     read = [read_adapter(p) for p in paths]
-    check_fits(read, pipeline.unet, force=force, sources=paths)
+    check_fits(read, pipeline.unet, force=force, sources=paths, text_encoder=pipeline.text_encoder)
     merged = merge_adapters(read, weights, force=force).adapter
-    modules = dict(pipeline.unet.named_modules())
+    models = {UNET_PREFIX: pipeline.unet, TEXT_ENCODER_PREFIX: pipeline.text_encoder}
     with torch.no_grad():
-        for layer, lora in lora_layers(merged).items():
-            weight = getattr(modules[layer], "base_layer", modules[layer]).weight  # check_fits: a Linear of this shape
-            weight.add_(lora.delta().to(weight.dtype))
+        for prefix, part in merged.parts():
+            modules = dict(models[prefix].named_modules())
+            for layer, lora in lora_layers(part, prefix=prefix).items():
+                weight = getattr(modules[layer], "base_layer", modules[layer]).weight  # check_fits: a Linear of this shape
+                weight.add_(lora.delta().to(weight.dtype))
     return merged.concepts
 
 
 def bake(base: str, adapters, out: str | Path, *, format: str = "diffusers", weights=None,
          dtype: torch.dtype = torch.float16, force: bool = False, overwrite: bool = False,
-         allow_pickle: bool | None = None, before_save: Callable[[object], dict] | None = None) -> BakeResult:
+         allow_pickle: bool | None = None) -> BakeResult:
     """Load `base`, fuse `adapters` into its UNet and write the full model to `out` in `format`.
 
     With `overwrite`, an existing `out` is replaced only if dt-lora wrote it (`io.check_output`).
-    `before_save(pipeline)` may change the fused pipeline further (research.text_guard's text-encoder
-    guards); what it returns joins the provenance.
     """
     from .io import atomic_directory, check_output
 
@@ -75,11 +76,10 @@ def bake(base: str, adapters, out: str | Path, *, format: str = "diffusers", wei
         read_adapter(path)  # a malformed adapter fails now, not after loading a large base model
     pipeline = load_pipeline(base, allow_pickle=allow_pickle)
     concepts = fuse_adapters(pipeline, adapters, weights, force=force)
-    extra = before_save(pipeline) if before_save else {}
     with diffusers_errors_only():  # "modules that should be kept in float32: []": SD has none
         pipeline.to(dtype)
     fingerprint = unet_fingerprint(pipeline.unet)
-    provenance = {"concepts": concepts, "base": describe(base), "baked_unet_fingerprint": fingerprint, **extra}
+    provenance = {"concepts": concepts, "base": describe(base), "baked_unet_fingerprint": fingerprint}
     if format == "diffusers":
         with atomic_directory(out, overwrite=overwrite) as folder:
             pipeline.save_pretrained(folder, safe_serialization=True)

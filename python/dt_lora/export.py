@@ -1,7 +1,8 @@
 """Export shield adapters for other tools.
 
 kohya (sd-scripts, AUTOMATIC1111, ComfyUI): per layer `lora_unet_<module path with _>.lora_down.weight`
-(= A), `.lora_up.weight` (= B) and `.alpha`, a 0-d tensor holding the adapter's alpha exactly. The
+(= A), `.lora_up.weight` (= B) and `.alpha`, a 0-d tensor holding the adapter's alpha exactly; a
+text-encoder part (the context guard) as `lora_te_text_model_<module path with _>`, with its own alpha. The
 tools compute scale = alpha / rank from these, so the exported file draws what the adapter draws.
 (diffusers' own converter towards this layout writes alpha = rank, which silently changes the scale
 whenever the two differ; this one keeps alpha.)
@@ -23,11 +24,12 @@ from pathlib import Path
 
 import torch
 
-from .adapters import DT_METADATA_KEY, AdapterFile, adapter_family, lora_layers
+from .adapters import DT_METADATA_KEY, UNET_PREFIX, AdapterFile, adapter_family, lora_layers
 from .io import atomic_write
 from .single_file import UNET_TEXT_TIME, UNET_TRANSFORMER, unet_blocks
 
 KOHYA_PREFIX = "lora_unet_"
+KOHYA_TEXT_PREFIX = "lora_te_"
 
 
 SDXL_UNET_CONFIG = Path(__file__).resolve().parent / "configs" / "sdxl_unet.json"
@@ -64,15 +66,25 @@ def kohya_alpha(adapter: AdapterFile) -> float:
     return adapter.alpha
 
 
+def kohya_text_key(module: str) -> str:
+    """A text-encoder layer (`encoder.layers.0.self_attn.q_proj`, as transformers ≥ 5 names CLIPTextModel's
+    modules) → `lora_te_text_model_encoder_layers_0_self_attn_q_proj`, as sd-scripts names it."""
+    return KOHYA_TEXT_PREFIX + (module if module.startswith("text_model.") else "text_model." + module).replace(".", "_")
+
+
 def to_kohya(adapter: AdapterFile) -> dict[str, torch.Tensor]:
-    alpha = kohya_alpha(adapter)
     family = adapter_family(adapter)
+    if adapter.text_encoder and family == "sdxl":
+        raise ValueError("the adapter has a text-encoder part, which kohya's SDXL layout (two encoders) does not "
+                         "take from dt-lora yet")
     tensors = {}
-    for module, lora in lora_layers(adapter).items():
-        name = kohya_key(module, family)
-        tensors[f"{name}.lora_down.weight"] = lora.A.contiguous()
-        tensors[f"{name}.lora_up.weight"] = lora.B.contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    for prefix, part in adapter.parts():
+        alpha = kohya_alpha(part)
+        for module, lora in lora_layers(part, prefix=prefix).items():
+            name = kohya_key(module, family) if prefix == UNET_PREFIX else kohya_text_key(module)
+            tensors[f"{name}.lora_down.weight"] = lora.A.contiguous()
+            tensors[f"{name}.lora_up.weight"] = lora.B.contiguous()
+            tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     return tensors
 
 

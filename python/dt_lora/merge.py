@@ -7,6 +7,9 @@ file's alpha equal to its rank (scale 1). A layer that some adapter does not tou
 Compact (`rank=R`): per layer, the summed weight delta is truncated to rank R by SVD; the relative
 error of each layer (Frobenius norm) is reported, since whether it is acceptable is an empirical
 question for the shielding numbers.
+
+Text-encoder parts (context guards) are merged the same way, always exactly, into the merged file's
+text-encoder part; an adapter without one adds nothing there.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .adapters import AdapterError, AdapterFile, adapter_family, lora_layers, read_adapter
+from .adapters import (TEXT_ENCODER_PREFIX, UNET_PREFIX, AdapterError, AdapterFile, adapter_family, lora_layers,
+                       read_adapter)
 from .family import label
 
 
@@ -30,10 +34,10 @@ class MergeResult:
         return max(self.layer_errors.values(), default=0.0)
 
 
-def _layers(adapter: AdapterFile, source) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _layers(adapter: AdapterFile, source, prefix: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """layer → (A, B·scale): each adapter's own scale (alpha/rank) folded into B."""
     return {layer: (lora.A.float(), lora.B.float() * lora.scale)
-            for layer, lora in lora_layers(adapter, source=source).items()}
+            for layer, lora in lora_layers(adapter, source=source, prefix=prefix).items()}
 
 
 def check_same_base(adapters: list[AdapterFile], names: list[str]) -> None:
@@ -63,7 +67,19 @@ def merge_adapters(adapters, weights=None, *, rank: int | None = None, force: bo
         raise AdapterError(f"adapters are shields of different model families ({detail}); they cannot be merged")
     if not force:
         check_same_base(adapters, [Path(s).name for s in sources])
-    per_adapter = [_layers(a, source) for a, source in zip(adapters, sources)]
+    merged, errors = _merge_part(adapters, weights, sources, rank, UNET_PREFIX)
+    guarded = [i for i, adapter in enumerate(adapters) if adapter.text_encoder]
+    if guarded:  # the text-encoder parts (context guards): always exactly, they are small
+        merged.text_encoder, _ = _merge_part([adapters[i].text_encoder for i in guarded], [weights[i] for i in guarded],
+                                             [sources[i] for i in guarded], None, TEXT_ENCODER_PREFIX)
+    merged.concepts = [{**c, "merge_weight": w} for adapter, w in zip(adapters, weights) for c in adapter.concepts]
+    return MergeResult(merged, errors)
+
+
+def _merge_part(parts: list[AdapterFile], weights, sources, rank: int | None,
+                prefix: str) -> tuple[AdapterFile, dict[str, float]]:
+    """One part (UNet or text encoder) of each adapter, merged: exactly, or to `rank` by SVD."""
+    per_adapter = [_layers(a, source, prefix) for a, source in zip(parts, sources)]
     names = sorted(set().union(*per_adapter))
 
     shapes: dict[str, tuple[int, int]] = {}
@@ -76,13 +92,13 @@ def merge_adapters(adapters, weights=None, *, rank: int | None = None, force: bo
 
     out: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
-    total_rank = sum(a.rank for a in adapters)
+    total_rank = sum(a.rank for a in parts)
     merged_rank = rank if rank is not None else total_rank
     for name in names:
         out_features, in_features = shapes[name]
         if rank is None:
             a_parts, b_parts = [], []
-            for layers, adapter, weight in zip(per_adapter, adapters, weights):
+            for layers, adapter, weight in zip(per_adapter, parts, weights):
                 a, b = layers.get(name, (torch.zeros(adapter.rank, in_features), torch.zeros(out_features, adapter.rank)))
                 a_parts.append(a)
                 b_parts.append(b * weight)
@@ -101,9 +117,8 @@ def merge_adapters(adapters, weights=None, *, rank: int | None = None, force: bo
             norm = delta.norm()
             errors[name] = float((delta - b @ a).norm() / norm) if norm > 0 else 0.0
 
-    targets = sorted({t for adapter in adapters for t in adapter.lora_config.get("target_modules", [])})
+    targets = sorted({t for adapter in parts for t in adapter.lora_config.get("target_modules", [])})
     # scale 1 (each adapter's own scale is folded into B), whatever options the first adapter had
-    config = {**adapters[0].lora_config, "r": merged_rank, "lora_alpha": merged_rank, "target_modules": targets,
+    config = {**parts[0].lora_config, "r": merged_rank, "lora_alpha": merged_rank, "target_modules": targets,
               "use_rslora": False}
-    concepts = [{**c, "merge_weight": w} for adapter, w in zip(adapters, weights) for c in adapter.concepts]
-    return MergeResult(AdapterFile(out, config, concepts), errors)
+    return AdapterFile(out, config), errors

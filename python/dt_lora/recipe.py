@@ -155,6 +155,31 @@ class TrainConfig:
 
 
 @dataclass
+class GuardConfig:
+    # A context guard (guard.py): a text-encoder LoRA trained on text alone, before the UNet, that keeps
+    # the concept's text response whatever words come before its prompt. The attack's free tokens lower
+    # that response and the concept comes back; with the guard the toy world's red and circle + red held
+    # every attacked prompt (0 of 12 at two attack seeds, against 2–6 of 12 without) and kept every
+    # phrasing group within the locality bar (docs/method.md, T5/T6). It costs a text-encoder part in the
+    # adapter file and several minutes of training on a CPU. Off by default.
+    enabled: bool = False
+    # recipes (shipped names or .toml files) of the shields this one may be stacked with: the guard keeps
+    # their gates too, so stacked guards do not raise what the other shields respond to (T6)
+    stacked_with: list[str] = field(default_factory=list)
+    rounds: int = 3  # adversarial rounds: each adds one found context per target prompt
+    steps: int = 600  # optimiser steps per round (and before the first)
+    rank: int = 8
+    learning_rate: float = 3e-3
+    keep_weight: float = 40.0  # other prompts keep their text-encoder output (10 tipped two-shape prompts, T3)
+    gate_weight: float = 40.0  # other prompts keep their response along the shields' directions (T5)
+    batch: int = 32  # target prompts in context per step (twice as many retained prompts)
+    free_tokens: int = 8  # the attack's default
+    attack_steps: int = 32
+    seed: int = 0
+    composed: int = 512  # retained prompts that join 2-3 anchors: prompts naming several objects
+
+
+@dataclass
 class SamplingConfig:
     steps: int = 25
     guidance: float = 5.0
@@ -173,6 +198,7 @@ class Recipe:
     scramble: ScrambleConfig = field(default_factory=ScrambleConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     @property
@@ -266,6 +292,16 @@ class Recipe:
             fail("train.optimizer", f"must be 'adamw8bit' or 'adamw', got {self.train.optimizer!r}")
         if self.train.mixed_precision not in ("no", "fp16", "bf16"):
             fail("train.mixed_precision", f"must be 'no', 'fp16' or 'bf16', got {self.train.mixed_precision!r}")
+        if self.guard.enabled and not self.target_prompts:
+            fail("guard.enabled", "a guard keeps the target prompts' text response; add target.prompts or templates")
+        for key, least in (("rounds", 0), ("steps", 1), ("rank", 1), ("batch", 1), ("free_tokens", 1),
+                           ("attack_steps", 1), ("composed", 0)):
+            if getattr(self.guard, key) < least:
+                fail(f"guard.{key}", f"must be at least {least}, got {getattr(self.guard, key)}")
+        if self.guard.learning_rate <= 0 or self.guard.keep_weight < 0 or self.guard.gate_weight < 0:
+            fail("guard.learning_rate/keep_weight/gate_weight", "the rate must be more than 0, the weights 0 or more")
+        if self.name in self.guard.stacked_with:
+            fail("guard.stacked_with", f"names the recipe itself ({self.name}); name the other shields' recipes")
 
     def resolution_warning(self, image_side: int, family: str) -> str | None:
         """A warning when the recipe was written for another image size than the base draws (an SD 1.x

@@ -46,10 +46,12 @@ from .family import (SDXL, Conditioning, encode_for_one_encoder, encode_prompts,
 from .io import atomic_write
 from .locality import (encode_direction_prompts, pooled_directions, prompts_in_context, shield_directions,
                        weakest_target_strength)
-from .recipe import POOLED_TARGET, TARGET_SCALE_MIN, Recipe, RecipeError
+from .recipe import POOLED_TARGET, TARGET_SCALE_MIN, Recipe, RecipeError, load_recipe
+from .recipes import recipe_path
 
 WARMUP_STEPS = 20
 ADAPTER_NAME = "dt_lora"  # the name the adapter has on the UNet while it trains
+GUARD_FILE = "guard.safetensors"  # in the work folder: the trained guard, until the adapter is written
 
 
 class TrainingDiverged(RuntimeError):
@@ -143,7 +145,9 @@ RESUMABLE_CHANGES = ("train.checkpoint_every", "train.sample_every", "train.grad
 def run_identity(recipe: Recipe, base_fingerprint: str, data: str, processes: int = 1) -> dict:
     """What a checkpoint belongs to: the recipe's training settings, the base UNet, the cached data, and
     the number of processes when there are several (each step's batches depend on it)."""
-    settings = {key: value for key, value in _flatten(recipe.to_dict()) if key not in RESUMABLE_CHANGES}
+    # the guard trains apart from the UNet, before it (guard.py), and is kept on an identity of its own
+    settings = {key: value for key, value in _flatten(recipe.to_dict())
+                if key not in RESUMABLE_CHANGES and not key.startswith("guard.")}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     identity = {"recipe_hash": digest, "recipe": settings, "base_fingerprint": base_fingerprint, "data": data}
     if processes > 1:  # absent for one process, so that existing checkpoints keep their identity
@@ -468,21 +472,56 @@ def train_adapter(
                   file=sys.stderr, flush=True)
         recipe = replace(recipe, train=replace(recipe.train, mixed_precision="no"))
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)
+    stacked_with = [load_recipe(recipe_path(name)) for name in recipe.guard.stacked_with]  # a missing one fails now
     if pipeline is None:
         pipeline = load_pipeline(recipe.base, device=str(accelerator.device))
+    guard = _guard(recipe, stacked_with, pipeline, work, progress) if recipe.guard.enabled else None
 
     if recipe.train.adversarial_rounds:
         from .adversarial import train_adversarial
 
         def train_round(round_recipe: Recipe, round_out: Path, round_work: Path) -> TrainResult:
-            return _train_single(round_recipe, round_out, round_work, accelerator, pipeline, cache_dir, progress, None)
+            return _train_single(round_recipe, round_out, round_work, accelerator, pipeline, cache_dir, progress,
+                                 None, guard)
 
-        return train_adversarial(recipe, out, work, pipeline=pipeline, train_round=train_round, progress=progress)
-    return _train_single(recipe, out, work, accelerator, pipeline, cache_dir, progress, stop_after)
+        result = train_adversarial(recipe, out, work, pipeline=pipeline, train_round=train_round, progress=progress)
+    else:
+        result = _train_single(recipe, out, work, accelerator, pipeline, cache_dir, progress, stop_after, guard)
+    if result.adapter is not None and distributed.is_main():  # the adapter holds the guard now
+        (work / GUARD_FILE).unlink(missing_ok=True)
+        if work.is_dir() and not any(work.iterdir()):
+            work.rmdir()
+    return result
+
+
+def _guard(recipe: Recipe, stacked_with: list[Recipe], pipeline, work: Path, progress: bool) -> AdapterFile:
+    """The recipe's context guard (guard.py), the adapter's text-encoder part. It reads text alone, so it
+    trains before the UNet; it waits in the work folder until the adapter is written, so that a run
+    interrupted later does not train it again."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    from .guard import train_guard
+
+    path = work / GUARD_FILE
+    identity = json.dumps({"recipe": recipe.fingerprint("guard", "target", "anchors"), "base": describe(recipe.base),
+                           "stacked_with": [other.fingerprint("target", "anchors") for other in stacked_with]})
+    if path.is_file():
+        with safe_open(path, framework="pt") as f:
+            if (f.metadata() or {}).get("identity") == identity:
+                return AdapterFile({k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["lora_config"]))
+    log = print if progress and distributed.is_main() else (lambda line: None)
+    log(f"[dt-lora] training {recipe.name}'s context guard (text encoder; {recipe.guard.rounds} rounds)")
+    guard = train_guard(pipeline, recipe, stacked_with, log=lambda line: log(f"[dt-lora] guard {line}"))
+    if distributed.is_main():
+        work.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as f:
+            f.write(save(guard.weights, metadata={"identity": identity, "lora_config": json.dumps(guard.lora_config)}))
+    return guard
 
 
 def _train_single(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, cache_dir, progress: bool,
-                  stop_after: int | None) -> TrainResult:
+                  stop_after: int | None, guard: AdapterFile | None = None) -> TrainResult:
     """One training run of `recipe` on `pipeline`: data, adapter, steps, file."""
     from peft import LoraConfig
 
@@ -542,7 +581,7 @@ def _train_single(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, 
     base_dtype = unet.dtype
     try:
         return _train(recipe, out, checkpoint, resume, accelerator, pipeline, data, fingerprint, progress,
-                      stop_after, started)
+                      stop_after, started, guard)
     finally:
         # leave the caller's pipeline as it was: no adapter, original dtype, eval mode
         unet.delete_adapters(ADAPTER_NAME)
@@ -567,7 +606,7 @@ def _fix_lora_a(unet, directions: torch.Tensor, pooled: torch.Tensor | None = No
 
 def _train(recipe: Recipe, out: Path, checkpoint: Checkpoint, resume: ResumeState | None, accelerator,
            pipeline, data: ConceptData, fingerprint: str, progress: bool, stop_after: int | None,
-           started: float) -> TrainResult:
+           started: float, guard: AdapterFile | None = None) -> TrainResult:
     from peft.tuners.lora import LoraLayer
     from peft.utils import get_peft_model_state_dict
     from tqdm.auto import tqdm
@@ -655,7 +694,8 @@ def _train(recipe: Recipe, out: Path, checkpoint: Checkpoint, resume: ResumeStat
     if accelerator.is_main_process:
         write_adapter(out, AdapterFile.from_training(
             lora_state, recipe=recipe, base=describe(recipe.base), base_fingerprint=fingerprint,
-            version=__version__, seconds=seconds, processes=accelerator.num_processes, family=family(pipeline)))
+            version=__version__, seconds=seconds, processes=accelerator.num_processes, family=family(pipeline),
+            text_encoder=guard))
         checkpoint.remove()
     accelerator.wait_for_everyone()  # every process returns once the adapter is on disk
     return TrainResult(out, recipe.train.steps, seconds, loss_value, start_step)

@@ -83,7 +83,8 @@ def evaluate_shields(
     from ..adapters import check_fits, load_adapters, read_adapter, unload_adapters
 
     # a damaged or misfitting adapter fails now, not after the base model has drawn everything
-    check_fits([read_adapter(p) for p in adapters], base_pipeline.unet, force=force, sources=adapters)
+    check_fits([read_adapter(p) for p in adapters], base_pipeline.unet, force=force, sources=adapters,
+               text_encoder=base_pipeline.text_encoder)
     if not recipes:
         raise ValueError("nothing to evaluate: give at least one recipe")
     if bool(adapters) == (shielded_pipeline is not None):

@@ -5,7 +5,6 @@
   stacking  how shields hold up when 1 … n are stacked, merged and baked, on phrasings nobody tuned on
   dilution  how far an attack's found prompts dilute a text-local shield's response
   pooled    SDXL: does a concept travel through the pooled path (mixed conditionings)
-  text_guard  a text-encoder LoRA that keeps a concept's response whatever words precede it (against the attack)
 
 They use the product (`dt_lora.toy`, `dt_lora.train`, …); nothing in the product imports them.
 """

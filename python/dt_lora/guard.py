@@ -1,66 +1,46 @@
-"""Context guard: a text-encoder LoRA that keeps a concept's text response whatever words come before it.
+"""Context guard: the text-encoder part of a shield, which keeps the concept's text response whatever
+words come before its prompt.
 
-    python -m dt_lora.research.text_guard train toy-red -o red-guard.safetensors
-    python -m dt_lora.research.text_guard bake --adapter toy-circle --adapter toy-red \\
-        --guard circle-guard.safetensors --guard red-guard.safetensors -o guarded/
-    dt-lora attack --recipe toy-red --shielded guarded/ --methods discrete --no-negative-prompt -o attack/
+    dt-lora train toy-red --guard-enabled true                      # recipe: [guard] enabled = true
+    dt-lora train toy-red --guard-enabled true --guard-stacked-with toy-circle
 
 A text-local shield (locality.py) is a linear gate on the text encoder's output: it degenerates a prompt in
-proportion to how strongly the prompt's tokens answer the concept's directions. The attack's free tokens
-before the prompt lower that response (on the toy, to a quarter to a half at the end token and padding, where the
-concept sits) and the concept comes back. The guard is a LoRA on the text encoder's attention and MLP,
-trained on text alone, with three losses:
+proportion to how strongly the prompt's tokens answer the concept's directions. An attack's free tokens
+before the prompt lower that response (on the toy, to a quarter to a half at the end token and padding,
+where the concept sits) and the concept comes back. The guard is a LoRA on the text encoder's attention and
+MLP, trained on text alone (no UNet, no images), with three losses:
 
 - invariance: a target prompt after random words (and after the words a text-only attack finds, below)
   answers the shield's directions as the plain prompt does, at the same positions from its end token on;
 - preservation: a prompt without the concept's words (the shield's retained prompts: anchors, the empty
   prompt, random word sequences, and anchors joined two or three to a prompt; half of them after random
   words) keeps its output, relative squared change weighted `keep_weight`;
-- gate: the same prompts' change along the shield's directions, on the scale of the concept's own response,
-  weighted `gate_weight`. Without it a guard raised what the shield gates on, the shield fired a little on
-  prompts naming two shapes, and two stacked guards tipped which shape is drawn.
+- gate: the same prompts' change along the shield's directions, and along those of every shield in
+  `stacked_with`, each on the scale of its own concept's response, weighted `gate_weight`. Without it a
+  guard raised what the shields gate on, they fired a little on prompts naming two shapes, and stacked
+  guards tipped which shape is drawn.
 
 Adversarial rounds are cheap because the inner attack needs no UNet: GCG over `free_tokens` tokens before
-each target prompt, lowering the response along the plain prompt's (AdvUnlearn trains the text encoder
-for the same reason, against a costlier attack). The UNet shield is left as it is. A guard file holds the
-LoRA's A and B per text-encoder module (`text_encoder.<module>.lora_A.weight`, scale alpha/rank = 1);
-several guards add up like shields. Measured on the toy world in docs/method.md ("a text encoder that
-undoes it" and the two sections after it): with the gate term, one guard and two stacked hold their concepts
-against the attack and keep every phrasing group within the locality bar; four stacked do so only when
-each guard keeps the other shields' gates too (`stacked_with`). Their attack is not yet measured, so guards
-stay research, out of shield files. SD 1.x/2.x only (SDXL's second encoder has no guard yet).
+each target prompt, lowering the response along the plain prompt's (AdvUnlearn trains the text encoder for
+the same reason, against a costlier attack). The guard is the adapter file's `text_encoder.*` part
+(adapters.py): diffusers loads it with the UNet part, stacking and merging add guards like shields, bake
+fuses them into the text encoder. Measured on the toy world in docs/method.md (T5, T6). SD 1.x/2.x only
+(SDXL's second encoder has no guard yet).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import copy
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-GUARD_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-PREFIX = "text_encoder."
+from .adapters import AdapterFile
 
-
-@dataclass
-class GuardSettings:
-    rounds: int = 3  # adversarial rounds: each adds one found context per target prompt
-    steps: int = 600  # optimiser steps per round (and before the first)
-    rank: int = 8
-    learning_rate: float = 3e-3
-    keep_weight: float = 40.0  # 10 tipped two-shape prompts further (docs/method.md, T3)
-    batch: int = 32  # target prompts in context per step (twice as many retained prompts)
-    free_tokens: int = 8  # the attack's default
-    attack_steps: int = 32
-    seed: int = 0
-    composed: int = 512  # retained prompts that join 2-3 anchors: prompts naming several objects
-    gate_weight: float = 40.0  # retained prompts keep their change along the shield's directions (its gate) small
+TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
 def composed_prompts(anchors: Sequence[str], count: int, seed: int = 0) -> list[str]:
@@ -94,10 +74,10 @@ class _Texts:
 def _hidden(encoder, ids: torch.Tensor, slots=None, free_embeds=None) -> torch.Tensor:
     """The encoder's last hidden state; with `free_embeds`, the token embeddings at `slots` replaced (the
     attack's one-hot gradient)."""
-    from ..attack import token_embeddings_replaced
+    from .attack import token_embeddings_replaced
 
     with token_embeddings_replaced(encoder, slots, free_embeds) if free_embeds is not None else nullcontext():
-        return encoder(input_ids=ids.to(encoder.device))[0]
+        return encoder(input_ids=ids.to(encoder.device))[0].float()
 
 
 def response_kept(encoder, base_encoder, directions, texts: _Texts, pairs) -> torch.Tensor:
@@ -117,7 +97,7 @@ def text_attack(encoder, base_encoder, directions, texts: _Texts, words, allowed
                 generator: torch.Generator, steps: int = 32, candidates: int = 24, top_k: int = 12) -> list[int]:
     """GCG on the text encoder alone: `k` free tokens before `words` that most lower the response along the
     plain prompt's, from the end token on."""
-    from ..attack import gcg_swaps
+    from .attack import gcg_swaps
 
     embeddings = encoder.get_input_embeddings().weight.detach()
     vocabulary = embeddings.shape[0]
@@ -154,23 +134,20 @@ def _plain_energy(encoder, texts: _Texts, directions: torch.Tensor, prompts: Seq
     return (hidden[:, late:] @ directions.T).pow(2).sum(-1).mean()
 
 
-def train_guard(pipeline, recipe, settings: GuardSettings | None = None, log=print,
-                stacked_with: Sequence = ()) -> dict[str, torch.Tensor]:
-    """The guard's LoRA weights for `recipe`'s shield on `pipeline`'s text encoder (keys as in a guard file).
-    `stacked_with`: the recipes of other shields it may be stacked with; the gate term keeps their gates too."""
-    import copy
-
+def train_guard(pipeline, recipe, stacked_with: Sequence = (), log=print) -> AdapterFile:
+    """The guard of `recipe`'s shield on `pipeline`'s text encoder, with `recipe.guard`'s settings: the
+    adapter file's text-encoder part. `stacked_with`: the recipes of the shields it may be stacked with."""
     from peft import LoraConfig, get_peft_model
 
-    from ..attack import allowed_tokens
-    from ..family import SDXL, family
-    from ..locality import concept_words, generic_prompts, shield_directions
+    from .attack import allowed_tokens
+    from .family import SDXL, family
+    from .locality import concept_words, generic_prompts, shield_directions
 
     if family(pipeline) == SDXL:
         raise ValueError("text guards cover SD 1.x/2.x text encoders; SDXL's two encoders have none yet")
     if any(other.name == recipe.name for other in stacked_with):  # its gate would count twice
         raise ValueError(f"stacked with {recipe.name}: that is the guard's own recipe; name the other shields' recipes")
-    settings = settings or GuardSettings()
+    settings = recipe.guard
     rng, generator = random.Random(settings.seed), torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
     texts = _Texts(pipeline.tokenizer)
@@ -181,8 +158,8 @@ def train_guard(pipeline, recipe, settings: GuardSettings | None = None, log=pri
     retained = [texts.words(p) for p in recipe.anchor_prompts + [""] + generic_prompts(pipeline.tokenizer, words)
                 + composed_prompts(recipe.anchor_prompts, settings.composed, settings.seed)]
     base = pipeline.text_encoder.eval().requires_grad_(False)
-    encoder = get_peft_model(copy.deepcopy(base), LoraConfig(r=settings.rank, lora_alpha=settings.rank,
-                                                             target_modules=list(GUARD_TARGETS)))
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.rank, target_modules=list(TARGETS))
+    encoder = get_peft_model(copy.deepcopy(base).float(), config)  # float32 LoRA weights on a half-precision base
     optimiser = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=settings.learning_rate,
                                   weight_decay=0.0)
     room = lambda t: min(settings.free_tokens, texts.length - 2 - len(targets[t]))  # noqa: E731
@@ -239,101 +216,5 @@ def train_guard(pipeline, recipe, settings: GuardSettings | None = None, log=pri
     for name, module in encoder.base_model.model.named_modules():  # the names of the text encoder's own modules
         if hasattr(module, "lora_A") and "default" in module.lora_A:
             for part in ("lora_A", "lora_B"):
-                weights[f"{PREFIX}{name}.{part}.weight"] = getattr(module, part)["default"].weight.detach().float().cpu().contiguous()
-    return weights
-
-
-def write_guard(path: str | Path, weights: dict[str, torch.Tensor], recipe, settings: GuardSettings,
-                stacked_with: Sequence = ()) -> Path:
-    from safetensors.torch import save
-
-    from ..io import atomic_write
-
-    guard = {"concept": recipe.name, "rank": settings.rank, "alpha": settings.rank, "settings": vars(settings),
-             "stacked_with": [other.name for other in stacked_with]}
-    metadata = {"format": "pt", "dt_lora": json.dumps({"text_guard": guard})}
-    path = Path(path)
-    with atomic_write(path) as f:
-        f.write(save(weights, metadata=metadata))
-    return path
-
-
-def apply_guards(text_encoder, guards: Sequence[str | Path]) -> None:
-    """Add each guard's delta B·A (scale 1) to `text_encoder`'s weights in place."""
-    from safetensors import safe_open
-
-    modules = dict(text_encoder.named_modules())
-    for guard in guards:
-        with safe_open(str(guard), "pt") as f:
-            keys = set(f.keys())
-            for key in sorted(k for k in keys if k.endswith(".lora_A.weight")):
-                name = key.removeprefix(PREFIX).removesuffix(".lora_A.weight")
-                b = key.replace(".lora_A.", ".lora_B.")
-                if name not in modules or b not in keys:
-                    raise ValueError(f"{guard}: {key}: no such text-encoder module, or no lora_B beside it")
-                weight = modules[name].weight
-                delta = f.get_tensor(b) @ f.get_tensor(key)
-                if delta.shape != weight.shape:
-                    raise ValueError(f"{guard}: {name}: delta {tuple(delta.shape)} does not fit {tuple(weight.shape)}")
-                with torch.no_grad():
-                    weight.add_(delta.to(weight.dtype))
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dt_lora.research.text_guard", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train a recipe's guard")
-    train.add_argument("recipe")
-    train.add_argument("-o", "--out", type=Path, required=True)
-    train.add_argument("--base", default="toy")
-    train.add_argument("--rounds", type=int, default=GuardSettings.rounds)
-    train.add_argument("--steps", type=int, default=GuardSettings.steps)
-    train.add_argument("--keep-weight", type=float, default=GuardSettings.keep_weight,
-                       help="weight of the preservation loss against the invariance loss")
-    train.add_argument("--gate-weight", type=float, default=GuardSettings.gate_weight,
-                       help="weight of keeping other prompts' response along the shield's directions")
-    train.add_argument("--stacked-with", action="append", default=[], metavar="RECIPE",
-                       help="another shield's recipe this guard may be stacked with: keep its gate too (repeatable)")
-    bake = commands.add_parser("bake", help="bake shields and their guards into a diffusers folder")
-    bake.add_argument("--adapter", action="append", required=True)
-    bake.add_argument("--guard", action="append", required=True)
-    bake.add_argument("-o", "--out", type=Path, required=True)
-    bake.add_argument("--base", default="toy")
-    args = parser.parse_args(argv)
-    try:
-        _run(args, parser)
-    except (ValueError, OSError) as error:  # a recipe, adapter or guard that does not fit: one line, exit 2
-        parser.error(str(error))
-
-
-def _run(args, parser) -> None:
-    from ..base import load_pipeline
-    from ..recipe import load_recipe
-    from ..recipes import adapter_path, recipe_path
-
-    if args.command == "train":
-        recipe = load_recipe(recipe_path(args.recipe))
-        settings = GuardSettings(rounds=args.rounds, steps=args.steps, keep_weight=args.keep_weight,
-                                 gate_weight=args.gate_weight)
-        others = [load_recipe(recipe_path(name)) for name in args.stacked_with]
-        pipeline = load_pipeline(args.base)
-        weights = train_guard(pipeline, recipe, settings, stacked_with=others)
-        print(f"wrote {write_guard(args.out, weights, recipe, settings, stacked_with=others)}")
-    else:
-        from ..bake import bake as bake_model
-
-        guards = [Path(g) for g in args.guard]
-        for guard in guards:
-            if not guard.is_file():
-                parser.error(f"guard file not found: {guard}")
-
-        def guard(pipeline) -> dict:
-            apply_guards(pipeline.text_encoder, guards)
-            return {"text_guards": [g.name for g in guards]}
-
-        result = bake_model(args.base, [adapter_path(a) for a in args.adapter], args.out, before_save=guard)
-        print(f"wrote {result.out}")
-
-
-if __name__ == "__main__":
-    main()
+                weights[f"{name}.{part}.weight"] = getattr(module, part)["default"].weight.detach().float().cpu().contiguous()
+    return AdapterFile(weights, {"r": settings.rank, "lora_alpha": settings.rank, "target_modules": sorted(TARGETS)})
