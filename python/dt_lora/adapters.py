@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -354,6 +355,10 @@ _UNPLACED = ("unexpected keys", "missing keys")
 _TEXT_ENCODER_NOTICE = "No LoRA keys associated to CLIPTextModel"
 
 
+def _drop_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in record.getMessage()
+
+
 @contextmanager
 def _diffusers_warnings():
     """Yields a list that collects the messages of diffusers' warnings about unplaced LoRA keys (the
@@ -371,10 +376,19 @@ def _diffusers_warnings():
     handlers, level, propagate = root.handlers[:], root.level, root.propagate
     root.handlers, root.propagate = [Collect()], False
     root.setLevel(min(root.getEffectiveLevel(), logging.WARNING))
+    # transformers reports every key of the text encoder that a LoRA state dict lacks (all of its own
+    # weights, and the other shields' LoRA weights) when diffusers loads a guard into it: not a problem
+    loading = [logging.getLogger(f"transformers.{name}") for name in ("modeling_utils", "integrations.peft")]
+    for logger in loading:
+        logger.addFilter(_drop_load_report)
     unplaced: list[str] = []
     try:
-        yield unplaced
+        with warnings.catch_warnings():  # peft, on each guard after the first: stacking does exactly that
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
+            yield unplaced
     finally:
+        for logger in loading:
+            logger.removeFilter(_drop_load_report)
         root.handlers, root.propagate = handlers, propagate
         root.setLevel(level)
         for record in records:
