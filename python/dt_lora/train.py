@@ -498,7 +498,7 @@ def _guard(recipe: Recipe, stacked_with: list[Recipe], pipeline, work: Path, pro
     """The recipe's context guard (guard.py), the adapter's text-encoder part. It reads text alone, so it
     trains before the UNet; it waits in the work folder until the adapter is written, so that a run
     interrupted later does not train it again."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import save
 
     from .guard import train_guard
@@ -507,9 +507,12 @@ def _guard(recipe: Recipe, stacked_with: list[Recipe], pipeline, work: Path, pro
     identity = json.dumps({"recipe": recipe.fingerprint("guard", "target", "anchors"), "base": describe(recipe.base),
                            "stacked_with": [other.fingerprint("target", "anchors") for other in stacked_with]})
     if path.is_file():
-        with safe_open(path, framework="pt") as f:
-            if (f.metadata() or {}).get("identity") == identity:
-                return AdapterFile({k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["lora_config"]))
+        try:
+            with safe_open(path, framework="pt") as f:
+                if (f.metadata() or {}).get("identity") == identity:
+                    return AdapterFile({k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["lora_config"]))
+        except (SafetensorError, OSError, KeyError, ValueError):  # damaged: dt-lora's own file, trained again
+            pass
     log = print if progress and distributed.is_main() else (lambda line: None)
     log(f"[dt-lora] training {recipe.name}'s context guard (text encoder; {recipe.guard.rounds} rounds)")
     guard = train_guard(pipeline, recipe, stacked_with, log=lambda line: log(f"[dt-lora] guard {line}"))
