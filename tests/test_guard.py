@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,7 +170,14 @@ def test_train_writes_the_guard_into_the_adapter_and_resumes_without_training_it
     recipe = load_recipe(recipe_path("toy-circle"), tiny)
     out, cache = tmp_path / "circle.safetensors", tmp_path / "cache"
     part = train_adapter(recipe, out, cache_dir=cache, pipeline=toy_pipeline, progress=False, stop_after=2)
-    assert part.adapter is None and (tmp_path / "circle.safetensors.work" / GUARD_FILE).is_file()
+    cached = tmp_path / "circle.safetensors.work" / GUARD_FILE
+    assert part.adapter is None and cached.is_file()
+    trained = []
+    real_train_guard = guard.train_guard
+    monkeypatch.setattr(guard, "train_guard", lambda *args, **kwargs: trained.append(1) or real_train_guard(*args, **kwargs))
+    cached.write_bytes(b"not a safetensors file")  # damaged: trained again, not a traceback
+    train_adapter(recipe, out, cache_dir=cache, pipeline=toy_pipeline, progress=False, stop_after=1)
+    assert trained and cached.stat().st_size > 100
     monkeypatch.setattr(guard, "train_guard", lambda *args, **kwargs: pytest.fail("the guard was trained again"))
     train_adapter(recipe, out, cache_dir=cache, pipeline=toy_pipeline, progress=False)
     adapter = read_adapter(out)
@@ -178,11 +186,15 @@ def test_train_writes_the_guard_into_the_adapter_and_resumes_without_training_it
     assert not getattr(toy_pipeline.text_encoder, "peft_config", None)  # the base encoder is left as it was
 
 
-def test_a_guard_stacked_with_its_own_recipe_or_a_missing_one_is_refused_before_any_work(tmp_path, capsys):
+def test_a_guard_stacked_with_its_own_recipe_or_a_missing_one_is_refused_before_any_work(tmp_path, capsys,
+                                                                                          monkeypatch):
+    from dt_lora import train
+
     with pytest.raises(RecipeError, match="guard.stacked_with: names the recipe itself"):
         load_recipe(recipe_path("toy-red"), {"guard.stacked_with": "toy-red"})
-    for other in ("toy-red", "toy-rde"):
+    monkeypatch.setattr(train, "load_pipeline", lambda *args, **kwargs: pytest.fail("the base was loaded"))
+    for other in ("toy-red", "toy-rde", str(recipe_path("toy-red"))):  # by name, misspelt, by path
         assert main(["train", "toy-red", "--guard-enabled", "true", "--guard-stacked-with", other,
                      "-o", str(tmp_path / "g.safetensors")]) == 2
         assert not list(tmp_path.iterdir())
-        assert other in capsys.readouterr().err.strip().splitlines()[-1]
+        assert Path(other).stem in capsys.readouterr().err.strip().splitlines()[-1]

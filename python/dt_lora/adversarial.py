@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from . import distributed
-from .io import atomic_write
+from .io import atomic_write, remove_if_empty
 from .recipe import Recipe
 
 ATTACK_SEED_OFFSET = 1000
@@ -68,6 +68,5 @@ def train_adversarial(recipe: Recipe, out: Path, work: Path, *, pipeline, train_
     for r in range(rounds):  # the rounds' files, now that the final adapter exists
         for name in (f"round-{r}.safetensors", f"round-{r}.json"):
             (work / name).unlink(missing_ok=True)
-    if work.is_dir() and not any(work.iterdir()):
-        work.rmdir()
+    remove_if_empty(work)
     return result

@@ -118,6 +118,13 @@ def is_dt_lora_file(path: str | os.PathLike[str]) -> bool:
     return isinstance(metadata, dict) and _DT_METADATA_KEY in metadata
 
 
+def remove_if_empty(folder: str | os.PathLike[str]) -> None:
+    """Remove `folder` when it is an empty folder: a work folder dt-lora made and has emptied."""
+    folder = Path(folder)
+    if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
 def _not_ours(path: Path, what: str) -> OutputInTheWay:
     return OutputInTheWay(
         f"{path} exists and is not {what}, so --overwrite will not replace it; "

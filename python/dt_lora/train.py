@@ -43,7 +43,7 @@ from .base import describe, load_pipeline, unet_fingerprint
 from .data import ConceptData, data_key, generation_dtype, prepare_data
 from .family import (SDXL, Conditioning, encode_for_one_encoder, encode_prompts, family, image_size, label,
                      training_target)
-from .io import atomic_write
+from .io import atomic_write, remove_if_empty
 from .locality import (encode_direction_prompts, pooled_directions, prompts_in_context, shield_directions,
                        weakest_target_strength)
 from .recipe import POOLED_TARGET, TARGET_SCALE_MIN, Recipe, RecipeError, load_recipe
@@ -262,8 +262,7 @@ class Checkpoint:
     def remove(self) -> None:
         """After success: the checkpoint, and the folder when nothing else (samples) is in it."""
         self.path.unlink(missing_ok=True)
-        if self.folder.is_dir() and not any(self.folder.iterdir()):
-            self.folder.rmdir()
+        remove_if_empty(self.folder)
 
     @property
     def _start_over(self) -> str:
@@ -473,6 +472,10 @@ def train_adapter(
         recipe = replace(recipe, train=replace(recipe.train, mixed_precision="no"))
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)
     stacked_with = [load_recipe(recipe_path(name)) for name in recipe.guard.stacked_with]  # a missing one fails now
+    if recipe.guard.enabled:
+        from .guard import check_stacked_with
+
+        check_stacked_with(recipe, stacked_with)  # a path to the recipe itself, before the base loads
     if pipeline is None:
         pipeline = load_pipeline(recipe.base, device=str(accelerator.device))
     guard = _guard(recipe, stacked_with, pipeline, work, progress) if recipe.guard.enabled else None
@@ -489,8 +492,7 @@ def train_adapter(
         result = _train_single(recipe, out, work, accelerator, pipeline, cache_dir, progress, stop_after, guard)
     if result.adapter is not None and distributed.is_main():  # the adapter holds the guard now
         (work / GUARD_FILE).unlink(missing_ok=True)
-        if work.is_dir() and not any(work.iterdir()):
-            work.rmdir()
+        remove_if_empty(work)
     return result
 
 
