@@ -179,6 +179,7 @@ def train_guard(pipeline, recipe, stacked_with: Sequence = (), log=print) -> Ada
         plain_hidden = _hidden(base, texts.batch([texts.row([], t) for t in targets]))  # each target, once
         kept_energy = _hidden(base, texts.batch([texts.row([], r) for r in retained[:256]])).pow(2).sum(-1).mean()
     found: list[tuple[list[int], int]] = []
+    log(f"{len(targets)} target prompts, {len(retained)} retained prompts")
     started = time.perf_counter()
     for round_ in range(settings.rounds + 1):
         encoder.train()

@@ -17,6 +17,10 @@ Stages, each in a fresh Python process (so each peak is its own, and one failure
   attack     `dt-lora attack`'s discrete search against that adapter on the random base, in float32 as the
              command loads it: one target prompt, 8 coordinate-search steps (the default budget is 6 prompts
              × 32 steps), in phases: load, images (the base's images of the prompt and its neighbours), search
+  guard      the SD 1.5 recipe's context guard (`dt_lora.guard`, the adapter's text-encoder part) trained on the
+             random base's CLIP text encoder at 77 tokens: one round of 50 steps and one text attack of 8 steps
+             per target prompt, timed apart; the default training (4 × 600 steps, 3 attack rounds of 32 steps)
+             extrapolated from them
   toy        the toy world's red shield (adapters/toy-red.toml, full recipe) trained and evaluated on the GPU
 
 Memory per phase: `torch.cuda.max_memory_allocated()` (and `max_memory_reserved()`), reset at the start of
@@ -71,11 +75,13 @@ TEXT_TOKENS = 77  # SD 1.5's prompt length; the toy tokenizer's vocabulary, padd
 FULL = {"unet_model": "sd15", "sdxl_model": "sdxl", "unet_steps": 30, "train_flags": {
     "target-images": 8, "anchors-images": 8, "sampling-steps": 10, "sampling-batch-size": 8,
     "train-steps": 30, "train-checkpoint-every": 10}, "generate_steps": 25,
-    "attack": {"prompts": 1, "steps": 8}, "toy_overrides": {}}
+    "attack": {"prompts": 1, "steps": 8}, "guard": {"guard.rounds": 1, "guard.steps": 50, "guard.attack_steps": 8},
+    "toy_overrides": {}}
 TINY = {"unet_model": "toy", "sdxl_model": "toy-sdxl", "unet_steps": 2, "train_flags": {
     "target-images": 4, "anchors-images": 4, "sampling-steps": 2, "sampling-batch-size": 4,
     "train-steps": 3, "train-checkpoint-every": 2}, "generate_steps": 2,
-    "attack": {"prompts": 1, "steps": 1, "candidates": 2, "samples": 2, "concept_images": 1}, "toy_overrides": {
+    "attack": {"prompts": 1, "steps": 1, "candidates": 2, "samples": 2, "concept_images": 1},
+    "guard": {"guard.rounds": 1, "guard.steps": 2, "guard.attack_steps": 1, "guard.batch": 2}, "toy_overrides": {
     # fewer prompts to evaluate, drawn with the toy's own sampler, so that its base rates stay 1.00
     "target.images": 4, "anchors.images": 4, "train.steps": 2, "target.templates": ["a red {shape}"],
     "target.vars": {"shape": ["circle", "star"]}, "target.paraphrases": ["a picture showing a red circle"],
@@ -346,6 +352,49 @@ def stage_attack(device: str, work: str, tiny: bool) -> dict:
     return {"phases": meter.phases, "details": {"found": found, "seconds_per_step": per_step}}
 
 
+def stage_guard(device: str, work: str, tiny: bool) -> dict:
+    """`train_guard` of the SD 1.5 recipe on the random base; the text attacks between rounds timed apart
+    from the optimiser steps, so that the default training's time can be extrapolated."""
+    from dt_lora import guard
+    from dt_lora.base import load_pipeline
+    from dt_lora.recipe import GuardConfig, load_recipe
+
+    work = Path(work)
+    recipe = load_recipe(recipe_path(SD15_RECIPE), (TINY if tiny else FULL)["guard"])
+    meter = Meter(device)
+    pipeline = load_pipeline(work / "sd15-random", device=device)
+    meter.close("guard: load", "random base, float32")
+    attacking, logged = [], []  # the first log line ends the setup (directions, prompts, vocabulary)
+    original = guard.text_attack
+
+    def timed_attack(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            attacking.append(time.perf_counter() - started)
+
+    guard.text_attack = timed_attack
+    try:
+        part = guard.train_guard(pipeline, recipe, log=lambda line: logged.append(time.perf_counter()))
+    finally:
+        guard.text_attack = original
+    training = time.perf_counter() - logged[0]
+    phase = meter.close("guard: train", "")
+    settings, default = recipe.guard, GuardConfig()
+    step = (training - sum(attacking)) / ((settings.rounds + 1) * settings.steps)
+    attack_step = sum(attacking) / (len(attacking) * settings.attack_steps)
+    estimate = (phase["seconds"] - training + (default.rounds + 1) * default.steps * step
+                + default.rounds * len(recipe.target_prompts) * default.attack_steps * attack_step)
+    phase["note"] = (f"setup {phase['seconds'] - training:.1f} s, "
+                     f"{(settings.rounds + 1) * settings.steps} steps ({step:.3f} s each, batch {settings.batch}), "
+                     f"{len(attacking)} text attacks of {settings.attack_steps} steps ({attack_step:.3f} s each); "
+                     f"the default guard ≈ {estimate / 60:.1f} min")
+    return {"phases": meter.phases, "details": {"seconds_per_step": step, "seconds_per_attack_step": attack_step,
+                                                "default_seconds_estimate": estimate,
+                                                "layers": len(part.weights) // 2}}
+
+
 def stage_toy(device: str, work: str, tiny: bool) -> dict:
     from dt_lora import toy
     from dt_lora.evaluate import ToyScorer, evaluate_shields
@@ -378,9 +427,9 @@ def stage_toy(device: str, work: str, tiny: bool) -> dict:
 
 
 STAGE_FUNCTIONS = {"build": stage_build, "train": stage_train, "bake": stage_bake, "generate": stage_generate,
-                   "attack": stage_attack, "toy": stage_toy}
+                   "attack": stage_attack, "guard": stage_guard, "toy": stage_toy}
 STAGES = ("unet-b1", "unet-b4", "unet-sdxl", *STAGE_FUNCTIONS)
-NEEDS = {"train": "build", "bake": "train", "generate": "bake", "attack": "train"}
+NEEDS = {"train": "build", "bake": "train", "generate": "bake", "attack": "train", "guard": "build"}
 
 
 def run_stage(stage: str, **kwargs) -> dict:
