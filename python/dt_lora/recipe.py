@@ -167,7 +167,9 @@ class GuardConfig:
     # their gates too, so stacked guards do not raise what the other shields respond to (T6)
     stacked_with: list[str] = field(default_factory=list)
     rounds: int = 3  # adversarial rounds: each adds one found context per target prompt
-    steps: int = 600  # optimiser steps per round (and before the first)
+    # optimiser steps per round (and before the first). 200, even with a decayed rate and a stronger gate,
+    # kept the attack out but moved what six stacked shields draw for two-shape prompts ("A faster guard")
+    steps: int = 600
     rank: int = 8
     learning_rate: float = 3e-3
     keep_weight: float = 40.0  # other prompts keep their text-encoder output (10 tipped two-shape prompts, T3)
