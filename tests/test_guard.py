@@ -182,6 +182,7 @@ def test_train_writes_the_guard_into_the_adapter_and_resumes_without_training_it
     train_adapter(recipe, out, cache_dir=cache, pipeline=toy_pipeline, progress=False)
     adapter = read_adapter(out)
     assert adapter.text_encoder.rank == 8 and adapter.concepts[0]["guard"]["stacked_with"] == ["toy-red"]
+    assert adapter.concepts[0]["guard"]["training_seconds"] > 0  # the run that trained it, not this one
     assert not (tmp_path / "circle.safetensors.work").exists()  # cleaned up after success
     assert not getattr(toy_pipeline.text_encoder, "peft_config", None)  # the base encoder is left as it was
 

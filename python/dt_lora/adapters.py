@@ -68,7 +68,7 @@ class AdapterFile:
     @classmethod
     def from_training(cls, weights: dict[str, torch.Tensor], *, recipe, base: str, base_fingerprint: str,
                       version: str, seconds: float, processes: int = 1, family: str = "sd1",
-                      text_encoder: AdapterFile | None = None) -> "AdapterFile":
+                      text_encoder: AdapterFile | None = None, guard_seconds: float = 0.0) -> "AdapterFile":
         from peft import LoraConfig
 
         config = LoraConfig(r=recipe.lora.rank, lora_alpha=recipe.lora.alpha,
@@ -91,7 +91,8 @@ class AdapterFile:
                       "split_encoders": recipe.train.split_encoders,
                       "batch_size": recipe.train.batch_size, "processes": processes},
             "sampling": {"steps": recipe.sampling.steps, "guidance": recipe.sampling.guidance},
-            **({"guard": vars(recipe.guard)} if text_encoder is not None else {}),
+            **({"guard": {**vars(recipe.guard), "training_seconds": round(guard_seconds, 1)}}
+               if text_encoder is not None else {}),
             "base": base,
             "family": family,
             "base_fingerprint": base_fingerprint,

@@ -62,6 +62,11 @@ class CheckpointError(ValueError):
     """A checkpoint is damaged or belongs to another run; it is left as it is and nothing is trained."""
 
 
+class TrainedGuard(NamedTuple):
+    part: AdapterFile  # the adapter's text-encoder part
+    seconds: float  # its training time, recorded in the adapter beside the UNet part's
+
+
 @dataclass
 class TrainResult:
     adapter: Path | None  # None when stopped early (stop_after)
@@ -496,7 +501,7 @@ def train_adapter(
     return result
 
 
-def _guard(recipe: Recipe, stacked_with: list[Recipe], pipeline, work: Path, progress: bool) -> AdapterFile:
+def _guard(recipe: Recipe, stacked_with: list[Recipe], pipeline, work: Path, progress: bool) -> TrainedGuard:
     """The recipe's context guard (guard.py), the adapter's text-encoder part. It reads text alone, so it
     trains before the UNet; it waits in the work folder until the adapter is written, so that a run
     interrupted later does not train it again."""
@@ -511,22 +516,27 @@ def _guard(recipe: Recipe, stacked_with: list[Recipe], pipeline, work: Path, pro
     if path.is_file():
         try:
             with safe_open(path, framework="pt") as f:
-                if (f.metadata() or {}).get("identity") == identity:
-                    return AdapterFile({k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["lora_config"]))
+                metadata = f.metadata() or {}
+                if metadata.get("identity") == identity:
+                    return TrainedGuard(AdapterFile({k: f.get_tensor(k) for k in f.keys()},
+                                                    json.loads(metadata["lora_config"])), float(metadata["seconds"]))
         except (SafetensorError, OSError, KeyError, ValueError):  # damaged: dt-lora's own file, trained again
             pass
     log = print if progress and distributed.is_main() else (lambda line: None)
     log(f"[dt-lora] training {recipe.name}'s context guard (text encoder; {recipe.guard.rounds} rounds)")
-    guard = train_guard(pipeline, recipe, stacked_with, log=lambda line: log(f"[dt-lora] guard {line}"))
+    started = time.perf_counter()
+    part = train_guard(pipeline, recipe, stacked_with, log=lambda line: log(f"[dt-lora] guard {line}"))
+    guard = TrainedGuard(part, time.perf_counter() - started)
     if distributed.is_main():
         work.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as f:
-            f.write(save(guard.weights, metadata={"identity": identity, "lora_config": json.dumps(guard.lora_config)}))
+            f.write(save(part.weights, metadata={"identity": identity, "lora_config": json.dumps(part.lora_config),
+                                                 "seconds": str(guard.seconds)}))
     return guard
 
 
 def _train_single(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, cache_dir, progress: bool,
-                  stop_after: int | None, guard: AdapterFile | None = None) -> TrainResult:
+                  stop_after: int | None, guard: TrainedGuard | None = None) -> TrainResult:
     """One training run of `recipe` on `pipeline`: data, adapter, steps, file."""
     from peft import LoraConfig
 
@@ -611,7 +621,7 @@ def _fix_lora_a(unet, directions: torch.Tensor, pooled: torch.Tensor | None = No
 
 def _train(recipe: Recipe, out: Path, checkpoint: Checkpoint, resume: ResumeState | None, accelerator,
            pipeline, data: ConceptData, fingerprint: str, progress: bool, stop_after: int | None,
-           started: float, guard: AdapterFile | None = None) -> TrainResult:
+           started: float, guard: TrainedGuard | None = None) -> TrainResult:
     from peft.tuners.lora import LoraLayer
     from peft.utils import get_peft_model_state_dict
     from tqdm.auto import tqdm
@@ -700,7 +710,7 @@ def _train(recipe: Recipe, out: Path, checkpoint: Checkpoint, resume: ResumeStat
         write_adapter(out, AdapterFile.from_training(
             lora_state, recipe=recipe, base=describe(recipe.base), base_fingerprint=fingerprint,
             version=__version__, seconds=seconds, processes=accelerator.num_processes, family=family(pipeline),
-            text_encoder=guard))
+            text_encoder=guard.part if guard else None, guard_seconds=guard.seconds if guard else 0.0))
         checkpoint.remove()
     accelerator.wait_for_everyone()  # every process returns once the adapter is on disk
     return TrainResult(out, recipe.train.steps, seconds, loss_value, start_step)
