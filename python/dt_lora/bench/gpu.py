@@ -17,11 +17,11 @@ Stages, each in a fresh Python process (so each peak is its own, and one failure
   attack     `dt-lora attack`'s discrete search against that adapter on the random base, in float32 as the
              command loads it: one target prompt, 8 coordinate-search steps (the default budget is 6 prompts
              × 32 steps), in phases: load, images (the base's images of the prompt and its neighbours), search
+  toy        the toy world's red shield (adapters/toy-red.toml, full recipe) trained and evaluated on the GPU
   guard      the SD 1.5 recipe's context guard (`dt_lora.guard`, the adapter's text-encoder part) trained on the
              random base's CLIP text encoder at 77 tokens: one round of 50 steps and one text attack of 8 steps
              per target prompt, timed apart; the default training (4 × 600 steps, 3 attack rounds of 32 steps)
              extrapolated from them
-  toy        the toy world's red shield (adapters/toy-red.toml, full recipe) trained and evaluated on the GPU
 
 Memory per phase: `torch.cuda.max_memory_allocated()` (and `max_memory_reserved()`), reset at the start of
 each phase; the CUDA context (a few hundred MiB) is not included. Times are wall-clock seconds. Prints a
@@ -427,7 +427,7 @@ def stage_toy(device: str, work: str, tiny: bool) -> dict:
 
 
 STAGE_FUNCTIONS = {"build": stage_build, "train": stage_train, "bake": stage_bake, "generate": stage_generate,
-                   "attack": stage_attack, "guard": stage_guard, "toy": stage_toy}
+                   "attack": stage_attack, "toy": stage_toy, "guard": stage_guard}  # guard last: added after the rest
 STAGES = ("unet-b1", "unet-b4", "unet-sdxl", *STAGE_FUNCTIONS)
 NEEDS = {"train": "build", "bake": "train", "generate": "bake", "attack": "train", "guard": "build"}
 
