@@ -214,6 +214,58 @@ def test_kohya_export_of_an_sdxl_shield_uses_sgm_names_and_draws_as_the_stack(sd
     assert_draws_as_the_stack(sdxl, sdxl_shield, kohya)
 
 
+def test_an_sdxl_guard_covers_both_encoders_and_travels_with_its_shield(sdxl, sdxl_shield, tmp_path):
+    """An SDXL shield's guard is a LoRA on each text encoder (`text_encoder.*`, `text_encoder_2.*`): diffusers
+    stacks both, merging keeps both, baking fuses both, and kohya's SDXL layout names them te1 and te2."""
+    from safetensors.torch import load_file
+
+    from dt_lora import guard
+    from dt_lora.adapters import write_adapter
+    from dt_lora.bake import bake
+    from dt_lora.export import write_kohya
+    from dt_lora.merge import merge_adapters
+
+    recipe = load_recipe(ADAPTERS / "toy-circle.toml", {**TINY, "guard.rounds": "0", "guard.steps": "4"})
+    adapter = read_adapter(sdxl_shield)
+    adapter.text_encoders = guard.train_guard(sdxl, recipe, log=lambda line: None)
+    assert sorted(adapter.text_encoders) == ["text_encoder", "text_encoder_2"]
+    shield = write_adapter(tmp_path / "guarded.safetensors", adapter)
+
+    def prompt_inputs(pipeline) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = fam.encode_prompts(pipeline, ["a red circle", "x y a blue square"])
+        return inputs.embeds, inputs.pooled
+
+    def stacked_inputs(adapter_path) -> tuple[torch.Tensor, torch.Tensor]:
+        load_adapters(sdxl, [adapter_path])
+        try:
+            return prompt_inputs(sdxl)
+        finally:
+            unload_adapters(sdxl)
+
+    base, stacked = prompt_inputs(sdxl), stacked_inputs(shield)
+    width = sdxl.text_encoder.config.hidden_size  # CLIP-L's half of the states, then OpenCLIP-G's
+    changes = (stacked[0] - base[0])[..., :width], (stacked[0] - base[0])[..., width:], stacked[1] - base[1]
+    assert all(change.abs().max() > 0 for change in changes)  # both encoders' states move, and the pooled one
+    assert all(torch.equal(a, b) for a, b in zip(prompt_inputs(sdxl), base))  # unloaded: the base again
+
+    merged = write_adapter(tmp_path / "merged.safetensors", merge_adapters([shield, shield], [0.5, 0.5]).adapter)
+    assert sorted(read_adapter(merged).text_encoders) == ["text_encoder", "text_encoder_2"]
+    kohya = write_kohya(tmp_path / "kohya.safetensors", read_adapter(shield))
+    prefixes = {key.split("_text_model_")[0] for key in load_file(kohya) if "_text_model_" in key}
+    assert prefixes == {"lora_te1", "lora_te2"}  # sd-scripts' names for CLIP-L and OpenCLIP-G
+    sdxl_base = tmp_path / "base"
+    sdxl.save_pretrained(sdxl_base, safe_serialization=True)
+    baked = load_pipeline(bake(str(sdxl_base), [shield], tmp_path / "baked", dtype=torch.float32).out)
+    sdxl.load_lora_weights(str(kohya))  # diffusers reads kohya's SDXL layout as A1111 does
+    try:
+        from_kohya = prompt_inputs(sdxl)
+    finally:
+        unload_adapters(sdxl)
+    for other in (stacked_inputs(merged), from_kohya, prompt_inputs(baked)):
+        for got, expected in zip(other, stacked):
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
 def test_shields_of_two_families_are_not_merged(sdxl_shield, tmp_path):
     from dt_lora.merge import merge_adapters
 

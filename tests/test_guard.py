@@ -4,7 +4,6 @@ travels with the shield through training, stacking, merging, baking and kohya ex
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import pytest
@@ -24,10 +23,10 @@ def short_recipe(name: str, **extra):
     return load_recipe(recipe_path(name), {**SHORT, **extra})
 
 
-def with_guard(shield: str, part, path):
-    """The shipped shield `shield` with `part` as its text-encoder part, written to `path`."""
+def with_guard(shield: str, parts, path):
+    """The shipped shield `shield` with `parts` as its text-encoder parts, written to `path`."""
     adapter = read_adapter(adapter_path(shield))
-    adapter.text_encoder = part
+    adapter.text_encoders = parts
     return write_adapter(path, adapter)
 
 
@@ -35,8 +34,8 @@ def with_guard(shield: str, part, path):
 def red_guarded(toy_pipeline, tmp_path_factory):
     """toy-red's shipped shield with a short-trained guard."""
     recipe = short_recipe("toy-red")
-    part = guard.train_guard(toy_pipeline, recipe, log=lambda line: None)
-    return recipe, with_guard("toy-red", part, tmp_path_factory.mktemp("guard") / "red-guarded.safetensors")
+    parts = guard.train_guard(toy_pipeline, recipe, log=lambda line: None)
+    return recipe, with_guard("toy-red", parts, tmp_path_factory.mktemp("guard") / "red-guarded.safetensors")
 
 
 def guarded_encoder(pipeline, adapters):
@@ -52,17 +51,17 @@ def test_a_guard_keeps_the_response_the_text_attack_takes_away(toy_pipeline, red
     recipe, path = red_guarded
     base = toy_pipeline.text_encoder
     guarded = guarded_encoder(toy_pipeline, [path])
-    texts = guard._Texts(toy_pipeline.tokenizer)
+    texts = guard._Texts(toy_pipeline)
     directions = shield_directions(toy_pipeline, recipe)
     allowed = allowed_tokens(toy_pipeline.tokenizer, sorted(concept_words(recipe.target_prompts, recipe.anchor_prompts)))
     generator = torch.Generator().manual_seed(99)  # not the guard's seed: contexts it never trained on
     pairs = []
     for prompt in recipe.target_prompts[::5]:
         words = texts.words(prompt)
-        pairs.append((guard.text_attack(base, base, directions, texts, words, allowed,
+        pairs.append((guard.text_attack([base], [base], directions, texts, words, allowed,
                                         texts.length - 2 - len(words), generator, steps=16), words))
-    unguarded = guard.response_kept(base, base, directions, texts, pairs)
-    kept = guard.response_kept(guarded, base, directions, texts, pairs)
+    unguarded = guard.response_kept([base], [base], directions, texts, pairs)
+    kept = guard.response_kept([guarded], [base], directions, texts, pairs)
     assert float(unguarded.median()) < 0.5  # the attack on the plain encoder takes most of the response away
     assert float(kept.median()) > float(unguarded.median()) + 0.3
 
@@ -78,7 +77,7 @@ def test_a_guard_keeps_the_response_the_text_attack_takes_away(toy_pipeline, red
     # … least of all along the shield's directions, which its gate reads: on the scale of red's own response,
     # 0.0007 here with the gate term, 0.024 without it (then two guards tipped two-shape prompts)
     with torch.no_grad():
-        own = (base(texts.batch([texts.row([], texts.words(p)) for p in recipe.target_prompts]))[0] @ directions.T)
+        own = (base(texts.batch([texts.row([], texts.words(p)) for p in recipe.target_prompts])[0])[0] @ directions.T)
     gate = ((after - before) @ directions.T).pow(2).sum(-1).mean() / own.pow(2).sum(-1).mean()
     assert float(gate) < 0.005
 
@@ -102,7 +101,7 @@ def test_the_guard_stacks_merges_bakes_and_exports_with_its_shield(toy_pipeline,
 
     assert main(["merge", "toy-circle", str(path), "-o", str(tmp_path / "merged.safetensors")]) == 0
     merged = read_adapter(tmp_path / "merged.safetensors")
-    assert merged.text_encoder.rank == 8 and [c["name"] for c in merged.concepts] == ["toy-circle", "toy-red"]
+    assert merged.text_encoders["text_encoder"].rank == 8 and [c["name"] for c in merged.concepts] == ["toy-circle", "toy-red"]
     with torch.no_grad():
         torch.testing.assert_close(guarded_encoder(toy_pipeline, [tmp_path / "merged.safetensors"])(ids)[0], fused,
                                    rtol=0, atol=1e-6)
@@ -125,11 +124,11 @@ def test_the_guard_stacks_merges_bakes_and_exports_with_its_shield(toy_pipeline,
 def test_a_guard_that_does_not_fit_is_refused_naming_the_file_and_layer(toy_pipeline, red_guarded, tmp_path, capsys):
     _, path = red_guarded
     adapter = read_adapter(path)
-    key = next(k for k in adapter.text_encoder.weights if k.endswith("q_proj.lora_B.weight"))
-    adapter.text_encoder.weights[key] = torch.zeros(7, 8)  # an output size this text encoder does not have
-    adapter.text_encoder.weights[key.replace("lora_B", "lora_A")] = torch.zeros(8, 7)
+    key = next(k for k in adapter.text_encoders["text_encoder"].weights if k.endswith("q_proj.lora_B.weight"))
+    adapter.text_encoders["text_encoder"].weights[key] = torch.zeros(7, 8)  # an output size this text encoder does not have
+    adapter.text_encoders["text_encoder"].weights[key.replace("lora_B", "lora_A")] = torch.zeros(8, 7)
     broken = write_adapter(tmp_path / "broken.safetensors", adapter)
-    with pytest.raises(AdapterError, match=r"broken.safetensors: text-encoder layer .*q_proj \(7×7\) does not fit"):
+    with pytest.raises(AdapterError, match=r"broken.safetensors: text_encoder layer .*q_proj \(7×7\) does not fit"):
         load_adapters(copy.deepcopy(toy_pipeline), [broken])
     # the command: one line, exit 2, nothing written
     assert main(["bake", "--adapter", str(broken), "-o", str(tmp_path / "out")]) == 2
@@ -143,10 +142,10 @@ def test_a_guard_stacked_with_another_shield_keeps_that_shields_gate_too(toy_pip
     red, alone = red_guarded
     circle = load_recipe(recipe_path("toy-circle"))
     directions = shield_directions(toy_pipeline, circle)
-    texts = guard._Texts(toy_pipeline.tokenizer)
+    texts = guard._Texts(toy_pipeline)
     others = [p for p in red.anchor_prompts[::7] + guard.composed_prompts(red.anchor_prompts, 4, seed=5)
               if "circle" not in p]
-    ids = texts.batch([texts.row([], texts.words(p)) for p in others])
+    (ids,) = texts.batch([texts.row([], texts.words(p)) for p in others])
     base = toy_pipeline.text_encoder
     with torch.no_grad():
         before = base(ids)[0]
@@ -181,7 +180,7 @@ def test_train_writes_the_guard_into_the_adapter_and_resumes_without_training_it
     monkeypatch.setattr(guard, "train_guard", lambda *args, **kwargs: pytest.fail("the guard was trained again"))
     train_adapter(recipe, out, cache_dir=cache, pipeline=toy_pipeline, progress=False)
     adapter = read_adapter(out)
-    assert adapter.text_encoder.rank == 8 and adapter.concepts[0]["guard"]["stacked_with"] == ["toy-red"]
+    assert adapter.text_encoders["text_encoder"].rank == 8 and adapter.concepts[0]["guard"]["stacked_with"] == ["toy-red"]
     assert adapter.concepts[0]["guard"]["training_seconds"] > 0  # the run that trained it, not this one
     assert not (tmp_path / "circle.safetensors.work").exists()  # cleaned up after success
     assert not getattr(toy_pipeline.text_encoder, "peft_config", None)  # the base encoder is left as it was

@@ -36,6 +36,7 @@ def tiny_recipe(**extra):
 
 def test_resumed_run_equals_uninterrupted_run(pipeline, tmp_path):
     recipe = tiny_recipe()
+    keys = set(pipeline.unet.state_dict())
     whole = train_adapter(recipe, tmp_path / "whole.safetensors", cache_dir=tmp_path / "cache",
                           pipeline=pipeline, progress=False)
     part = train_adapter(recipe, tmp_path / "resumed.safetensors", cache_dir=tmp_path / "cache",
@@ -51,8 +52,8 @@ def test_resumed_run_equals_uninterrupted_run(pipeline, tmp_path):
     for key in a.weights:
         torch.testing.assert_close(a.weights[key], b.weights[key], rtol=1e-5, atol=1e-6)
     assert not (tmp_path / "resumed.safetensors.work").exists()  # cleaned up after success
-    # the base pipeline is left as it was found
-    assert not getattr(pipeline.unet, "peft_config", None)
+    # the base pipeline is left as it was found: it saves and loads as before (no `base_layer` weights)
+    assert not getattr(pipeline.unet, "peft_config", None) and set(pipeline.unet.state_dict()) == keys
 
 
 def test_adapter_carries_format_and_provenance(pipeline, tmp_path):

@@ -3,11 +3,12 @@
 An adapter is one .safetensors file that diffusers' `load_lora_weights` loads as it is:
 
 - tensors `unet.<module path>.lora_A.weight` / `.lora_B.weight`;
-- optionally a text-encoder part, `text_encoder.<module path>.lora_A.weight` / `.lora_B.weight`: the
-  shield's context guard (guard.py), which diffusers loads into the text encoder, stacks and fuses with
-  the UNet part;
+- optionally text-encoder parts, `text_encoder.<module path>.lora_A.weight` / `.lora_B.weight` (and, on
+  SDXL, `text_encoder_2.…`): the shield's context guard (guard.py), which diffusers loads into the text
+  encoders, stacks and fuses with the UNet part;
 - metadata `lora_adapter_metadata`: each part's peft `LoraConfig` (rank, alpha, targets), with keys
-  prefixed `unet.` / `text_encoder.` as diffusers writes and reads them, so alpha ≠ rank keeps its scale;
+  prefixed `unet.` / `text_encoder.` / `text_encoder_2.` as diffusers writes and reads them, so alpha ≠
+  rank keeps its scale;
 - metadata `dt_lora`: JSON `{"concepts": [...]}`, one entry per shielded concept (recipe summary,
   base model and its UNet fingerprint, version, training time). A merged file lists several.
 """
@@ -19,7 +20,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from .io import atomic_write
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 DT_METADATA_KEY = "dt_lora"
 UNET_PREFIX = "unet."
-TEXT_ENCODER_PREFIX = "text_encoder."
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # the pipeline's text encoders; a part's key prefix is "<name>."
 
 
 class AdapterError(ValueError):
@@ -44,13 +45,15 @@ class AdapterFile:
     weights: dict[str, torch.Tensor]  # UNet module keys without the "unet." prefix
     lora_config: dict  # peft LoraConfig.to_dict(), JSON-ready
     concepts: list[dict] = field(default_factory=list)
-    # the text-encoder part (a context guard): an AdapterFile of its own, keyed by the text encoder's module
-    # paths, with its own rank and alpha and no concepts; None for a shield of the UNet alone
-    text_encoder: AdapterFile | None = None
+    # the text-encoder parts (a context guard), by pipeline component ("text_encoder", SDXL's "text_encoder_2"):
+    # AdapterFiles of their own, keyed by the encoder's module paths, with their own rank and alpha and no
+    # concepts; empty for a shield of the UNet alone
+    text_encoders: dict[str, AdapterFile] = field(default_factory=dict)
 
     def parts(self) -> list[tuple[str, AdapterFile]]:
-        """(key prefix, part) for the UNet part and, when there is one, the text-encoder part."""
-        return [(UNET_PREFIX, self)] + ([(TEXT_ENCODER_PREFIX, self.text_encoder)] if self.text_encoder else [])
+        """(key prefix, part) for the UNet part and each text-encoder part."""
+        return [(UNET_PREFIX, self)] + [(f"{name}.", self.text_encoders[name])
+                                        for name in TEXT_ENCODERS if name in self.text_encoders]
 
     @property
     def rank(self) -> int:
@@ -68,7 +71,8 @@ class AdapterFile:
     @classmethod
     def from_training(cls, weights: dict[str, torch.Tensor], *, recipe, base: str, base_fingerprint: str,
                       version: str, seconds: float, processes: int = 1, family: str = "sd1",
-                      text_encoder: AdapterFile | None = None, guard_seconds: float = 0.0) -> "AdapterFile":
+                      text_encoders: dict[str, AdapterFile] | None = None,
+                      guard_seconds: float = 0.0) -> "AdapterFile":
         from peft import LoraConfig
 
         config = LoraConfig(r=recipe.lora.rank, lora_alpha=recipe.lora.alpha,
@@ -92,7 +96,7 @@ class AdapterFile:
                       "batch_size": recipe.train.batch_size, "processes": processes},
             "sampling": {"steps": recipe.sampling.steps, "guidance": recipe.sampling.guidance},
             **({"guard": {**vars(recipe.guard), "training_seconds": round(guard_seconds, 1)}}
-               if text_encoder is not None else {}),
+               if text_encoders else {}),
             "base": base,
             "family": family,
             "base_fingerprint": base_fingerprint,
@@ -101,7 +105,7 @@ class AdapterFile:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         return cls({k: v.detach().float().cpu() for k, v in weights.items()}, _jsonable(config.to_dict()), [concept],
-                   text_encoder)
+                   dict(text_encoders or {}))
 
 
 def _jsonable(config: dict) -> dict:
@@ -163,7 +167,8 @@ _UNSUPPORTED = {"use_dora": "DoRA", "rank_pattern": "per-layer ranks (rank_patte
 def lora_layers(adapter: AdapterFile, *, source: str | Path | None = None,
                 prefix: str = UNET_PREFIX) -> dict[str, LoraLayer]:
     """layer → its validated `LoraLayer`, in layer-name order; every reader of adapter weights uses this.
-    `adapter` is one part of a file (the file itself, or its `text_encoder`; `prefix` names the part's keys).
+    `adapter` is one part of a file (the file itself, or one of its `text_encoders`; `prefix` names the part's
+    keys).
 
     Raises `AdapterError` naming `source` and the tensor when the adapter is malformed: an A without
     its B (or the reverse), rank 0, A and B whose inner dimensions disagree or whose rank is not the
@@ -241,37 +246,47 @@ def read_adapter(path: str | Path) -> AdapterFile:
         raise AdapterError(f"{path}: not a readable .safetensors file ({error})") from None
     if LORA_METADATA_KEY not in metadata:
         raise AdapterError(f"{path}: no '{LORA_METADATA_KEY}' metadata; not a dt-lora/diffusers LoRA adapter")
+    prefixes = (UNET_PREFIX,) + tuple(f"{name}." for name in TEXT_ENCODERS)
     try:
         lora = json.loads(metadata[LORA_METADATA_KEY])
         concepts = json.loads(metadata.get(DT_METADATA_KEY, '{"concepts": []}'))["concepts"]
-        configs = {prefix: {k[len(prefix):]: v for k, v in lora.items() if k.startswith(prefix)}
-                   for prefix in (UNET_PREFIX, TEXT_ENCODER_PREFIX)}
+        configs = {prefix: {k[len(prefix):]: v for k, v in lora.items() if k.startswith(prefix)} for prefix in prefixes}
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
         raise AdapterError(f"{path}: damaged metadata ({error})") from None
     if not isinstance(concepts, list) or not all(isinstance(c, dict) for c in concepts):
         raise AdapterError(f"{path}: damaged metadata ('{DT_METADATA_KEY}' concepts is not a list of objects)")
-    weights: dict[str, dict[str, torch.Tensor]] = {UNET_PREFIX: {}, TEXT_ENCODER_PREFIX: {}}
+    weights: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in prefixes}
     for key, value in tensors.items():
         prefix = next((p for p in weights if key.startswith(p)), None)
         if prefix is None or not key.endswith((_A, _B)):
             raise AdapterError(f"{path}: unexpected tensor {key!r} (expected unet.*.lora_A/B.weight, or "
-                               f"text_encoder.*.lora_A/B.weight)")
+                               f"text_encoder.* / text_encoder_2.*.lora_A/B.weight)")
         weights[prefix][key[len(prefix):]] = value
-    for prefix in (UNET_PREFIX,) + ((TEXT_ENCODER_PREFIX,) if weights[TEXT_ENCODER_PREFIX] else ()):
-        if "r" not in configs[prefix] or "lora_alpha" not in configs[prefix]:
+    for prefix in prefixes:
+        if (prefix == UNET_PREFIX or weights[prefix]) and ("r" not in configs[prefix] or "lora_alpha" not in configs[prefix]):
             raise AdapterError(f"{path}: metadata '{LORA_METADATA_KEY}' lacks {prefix}r / {prefix}lora_alpha")
-    text_encoder = (AdapterFile(weights[TEXT_ENCODER_PREFIX], configs[TEXT_ENCODER_PREFIX])
-                    if weights[TEXT_ENCODER_PREFIX] else None)
-    adapter = AdapterFile(weights[UNET_PREFIX], configs[UNET_PREFIX], concepts, text_encoder)
+    text_encoders = {name: AdapterFile(weights[f"{name}."], configs[f"{name}."])
+                     for name in TEXT_ENCODERS if weights[f"{name}."]}
+    adapter = AdapterFile(weights[UNET_PREFIX], configs[UNET_PREFIX], concepts, text_encoders)
     for prefix, part in adapter.parts():
         lora_layers(part, source=path, prefix=prefix)
     return adapter
 
 
+def pipeline_text_encoders(pipeline) -> dict:
+    """The pipeline's text encoders by component name: what an adapter's text-encoder parts go on."""
+    return {name: getattr(pipeline, name) for name in TEXT_ENCODERS if getattr(pipeline, name, None) is not None}
+
+
+def part_models(unet, text_encoders: Mapping | None = None) -> dict:
+    """Key prefix → the model that the adapter part of that prefix goes on (`parts()`' prefixes)."""
+    return {UNET_PREFIX: unet, **{f"{name}.": model for name, model in (text_encoders or {}).items()}}
+
+
 def check_fits(adapters: Sequence[AdapterFile], unet, *, force: bool = False,
-               sources: Sequence[str | Path] | None = None, text_encoder=None) -> None:
-    """Refuse adapters that do not fit `unet` (and `text_encoder`, for adapters with a text-encoder part):
-    raises `AdapterError` naming the file and the layer.
+               sources: Sequence[str | Path] | None = None, text_encoders: Mapping | None = None) -> None:
+    """Refuse adapters that do not fit `unet` (and `text_encoders`, `pipeline_text_encoders`' map, for adapters
+    with text-encoder parts): raises `AdapterError` naming the file and the layer.
 
     Every adapted layer must be a Linear layer of the model whose weight is (out × in) as the adapter's
     B·A; and each shielded concept must have been trained on this UNet (its recorded fingerprint equals
@@ -281,7 +296,7 @@ def check_fits(adapters: Sequence[AdapterFile], unet, *, force: bool = False,
     from .family import family_of, label
 
     sources = [str(s) for s in sources] if sources is not None else [f"adapter {i}" for i in range(len(adapters))]
-    models = {UNET_PREFIX: unet, TEXT_ENCODER_PREFIX: text_encoder}
+    models = part_models(unet, text_encoders)
     family = family_of(unet.config)
     for adapter, source in zip(adapters, sources):
         for concept in adapter.concepts:  # before the layers: a layer error would not say why nothing fits
@@ -289,9 +304,9 @@ def check_fits(adapters: Sequence[AdapterFile], unet, *, force: bool = False,
                 raise AdapterError(f"{source}: {concept.get('name', '?')} is an {label(concept['family'])} shield and "
                                    f"this base is {label(family)}; train it again on this base")
         for prefix, part in adapter.parts():
-            if models[prefix] is None:
-                raise AdapterError(f"{source}: has a text-encoder part (a context guard), and no text encoder was "
-                                   f"given to put it on")
+            if models.get(prefix) is None:
+                raise AdapterError(f"{source}: has a {prefix[:-1]} part (a context guard), and this base has no "
+                                   f"{prefix[:-1]} to put it on")
             _check_layers(part, dict(models[prefix].named_modules()), source, prefix)
     if force or not any(c.get("base_fingerprint") for adapter in adapters for c in adapter.concepts):
         return
@@ -313,7 +328,7 @@ def _check_layers(part: AdapterFile, modules: dict, source: str, prefix: str) ->
             have = f"the base's is {_dims(module.weight)}"
         else:
             continue
-        where = "text-encoder layer" if prefix == TEXT_ENCODER_PREFIX else "adapter layer"
+        where = "adapter layer" if prefix == UNET_PREFIX else f"{prefix[:-1]} layer"
         raise AdapterError(f"{source}: {where} {layer} ({lora.shape[0]}×{lora.shape[1]}) does not fit this base: {have}")
 
 
@@ -330,7 +345,7 @@ def load_adapters(pipeline, paths, weights=None, *, force: bool = False) -> list
     if len(weights) != len(paths):
         raise ValueError(f"got {len(paths)} adapters but {len(weights)} weights")
     check_fits([read_adapter(p) for p in paths], pipeline.unet, force=force, sources=paths,
-               text_encoder=pipeline.text_encoder)
+               text_encoders=pipeline_text_encoders(pipeline))
 
     names = []
     try:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import DT_METADATA_KEY, TEXT_ENCODER_PREFIX, UNET_PREFIX, check_fits, lora_layers, read_adapter
+from .adapters import DT_METADATA_KEY, check_fits, lora_layers, part_models, pipeline_text_encoders, read_adapter
 from .base import describe, diffusers_errors_only, load_pipeline, unet_fingerprint
 from .merge import merge_adapters
 
@@ -37,7 +37,7 @@ class BakeResult:
 
 
 def fuse_adapters(pipeline, adapters, weights=None, *, force: bool = False) -> list[dict]:
-    """Add the adapters' deltas to `pipeline.unet`'s weights (and their guards' to `pipeline.text_encoder`'s)
+    """Add the adapters' deltas to `pipeline.unet`'s weights (and their guards' to the text encoders')
     in place; returns their concepts.
 
     Refuses adapters that do not fit this UNet (`check_fits`: a missing or differently shaped layer;
@@ -45,9 +45,10 @@ def fuse_adapters(pipeline, adapters, weights=None, *, force: bool = False) -> l
     """
     paths = [Path(p) for p in adapters]
     read = [read_adapter(p) for p in paths]
-    check_fits(read, pipeline.unet, force=force, sources=paths, text_encoder=pipeline.text_encoder)
+    text_encoders = pipeline_text_encoders(pipeline)
+    check_fits(read, pipeline.unet, force=force, sources=paths, text_encoders=text_encoders)
     merged = merge_adapters(read, weights, force=force).adapter
-    models = {UNET_PREFIX: pipeline.unet, TEXT_ENCODER_PREFIX: pipeline.text_encoder}
+    models = part_models(pipeline.unet, text_encoders)
     with torch.no_grad():
         for prefix, part in merged.parts():
             modules = dict(models[prefix].named_modules())

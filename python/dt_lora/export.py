@@ -2,7 +2,8 @@
 
 kohya (sd-scripts, AUTOMATIC1111, ComfyUI): per layer `lora_unet_<module path with _>.lora_down.weight`
 (= A), `.lora_up.weight` (= B) and `.alpha`, a 0-d tensor holding the adapter's alpha exactly; a
-text-encoder part (the context guard) as `lora_te_text_model_<module path with _>`, with its own alpha. The
+text-encoder part (the context guard) as `lora_te_text_model_<module path with _>` (SDXL: `lora_te1_…` for
+CLIP-L and `lora_te2_…` for OpenCLIP-G, as sd-scripts names them), with its own alpha. The
 tools compute scale = alpha / rank from these, so the exported file draws what the adapter draws.
 (diffusers' own converter towards this layout writes alpha = rank, which silently changes the scale
 whenever the two differ; this one keeps alpha.)
@@ -29,7 +30,9 @@ from .io import atomic_write
 from .single_file import UNET_TEXT_TIME, UNET_TRANSFORMER, unet_blocks
 
 KOHYA_PREFIX = "lora_unet_"
-KOHYA_TEXT_PREFIX = "lora_te_"
+# the text encoders' prefixes: SD 1.x/2.x's one encoder, SDXL's two
+KOHYA_TEXT_PREFIXES = {"text_encoder": "lora_te_"}
+KOHYA_SDXL_TEXT_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
 
 SDXL_UNET_CONFIG = Path(__file__).resolve().parent / "configs" / "sdxl_unet.json"
@@ -66,22 +69,22 @@ def kohya_alpha(adapter: AdapterFile) -> float:
     return adapter.alpha
 
 
-def kohya_text_key(module: str) -> str:
-    """A text-encoder layer (`encoder.layers.0.self_attn.q_proj`, as transformers ≥ 5 names CLIPTextModel's
-    modules) → `lora_te_text_model_encoder_layers_0_self_attn_q_proj`, as sd-scripts names it."""
-    return KOHYA_TEXT_PREFIX + (module if module.startswith("text_model.") else "text_model." + module).replace(".", "_")
+def kohya_text_key(module: str, encoder: str = "text_encoder", family: str = "sd1") -> str:
+    """A layer of text encoder `encoder` (`encoder.layers.0.self_attn.q_proj`, as transformers ≥ 5 names
+    CLIPTextModel's modules) → `lora_te_text_model_encoder_layers_0_self_attn_q_proj` (SDXL: `lora_te1_…`,
+    `lora_te2_…`), as sd-scripts names it."""
+    prefixes = KOHYA_SDXL_TEXT_PREFIXES if family == "sdxl" else KOHYA_TEXT_PREFIXES
+    return prefixes[encoder] + (module if module.startswith("text_model.") else "text_model." + module).replace(".", "_")
 
 
 def to_kohya(adapter: AdapterFile) -> dict[str, torch.Tensor]:
     family = adapter_family(adapter)
-    if adapter.text_encoder and family == "sdxl":
-        raise ValueError("the adapter has a text-encoder part, which kohya's SDXL layout (two encoders) does not "
-                         "take from dt-lora yet")
     tensors = {}
     for prefix, part in adapter.parts():
         alpha = kohya_alpha(part)
         for module, lora in lora_layers(part, prefix=prefix).items():
-            name = kohya_key(module, family) if prefix == UNET_PREFIX else kohya_text_key(module)
+            name = (kohya_key(module, family) if prefix == UNET_PREFIX
+                    else kohya_text_key(module, prefix[:-1], family))
             tensors[f"{name}.lora_down.weight"] = lora.A.contiguous()
             tensors[f"{name}.lora_up.weight"] = lora.B.contiguous()
             tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)

@@ -139,16 +139,23 @@ def encode_ids(pipeline, ids: Sequence[torch.Tensor]) -> Conditioning:
     concatenated, and the second encoder's projected pooled embedding, with the time ids of the
     pipeline's default size. Not under no_grad: the attack differentiates through it.
     """
-    encoders = text_encoders(pipeline)
+    embeds, pooled = encoder_outputs(text_encoders(pipeline), ids)
+    if pooled is None:
+        return Conditioning(embeds)
+    return Conditioning(embeds, pooled, time_ids(pipeline).to(embeds.device).expand(len(embeds), -1))
+
+
+def encoder_outputs(encoders: Sequence, ids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden states, pooled embedding or None) of `text_encoders(pipeline)`, or of copies of them (a guard
+    in training), for token ids (one tensor per encoder): what `encode_ids` gives the UNet."""
     if len(encoders) == 1:
-        return Conditioning(encoders[0](ids[0].to(encoders[0].device))[0])
+        return encoders[0](ids[0].to(encoders[0].device))[0], None
     hidden, pooled = [], None
     for encoder, encoder_ids in zip(encoders, ids):
         output = encoder(encoder_ids.to(encoder.device), output_hidden_states=True)
         hidden.append(output.hidden_states[-2])
         pooled = output[0]  # the last encoder's projected embedding (CLIPTextModelWithProjection.text_embeds)
-    embeds = torch.cat(hidden, dim=-1)
-    return Conditioning(embeds, pooled, time_ids(pipeline).to(embeds.device).expand(len(embeds), -1))
+    return torch.cat(hidden, dim=-1), pooled
 
 
 def encode_for_one_encoder(pipeline, prompts: Sequence[str], encoder: int) -> Conditioning:

@@ -24,8 +24,11 @@ Adversarial rounds are cheap because the inner attack needs no UNet: GCG over `f
 each target prompt, lowering the response along the plain prompt's (AdvUnlearn trains the text encoder for
 the same reason, against a costlier attack). The guard is the adapter file's `text_encoder.*` part
 (adapters.py): diffusers loads it with the UNet part, stacking and merging add guards like shields, bake
-fuses them into the text encoder. Measured on the toy world in docs/method.md (T5, T6). SD 1.x/2.x only
-(SDXL's second encoder has no guard yet).
+fuses them into the text encoder. Measured on the toy world in docs/method.md (T5, T6).
+
+SDXL: both text encoders get a LoRA (the file's `text_encoder.*` and `text_encoder_2.*` parts), trained
+together on what the UNet reads: their penultimate states, concatenated, along the shield's directions; and
+the pooled embedding, kept for the retained prompts like their states.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from __future__ import annotations
 import copy
 import random
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from typing import Sequence
 
 import torch
@@ -54,10 +57,11 @@ def composed_prompts(anchors: Sequence[str], count: int, seed: int = 0) -> list[
 
 
 class _Texts:
-    """Token-id rows of one length for the text encoder: <bos> context words <eos> <pad>…"""
+    """Token-id rows of one length for the text encoders: <bos> context words <eos> <pad>…"""
 
-    def __init__(self, tokenizer):
-        self.tokenizer, self.length = tokenizer, tokenizer.model_max_length
+    def __init__(self, pipeline):
+        self.pipeline, self.tokenizer = pipeline, pipeline.tokenizer
+        self.length = self.tokenizer.model_max_length
 
     def words(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt, add_special_tokens=False, truncation=True, max_length=self.length - 2).input_ids
@@ -67,45 +71,60 @@ class _Texts:
         tok = self.tokenizer
         return [tok.bos_token_id] + body + [tok.eos_token_id] + [tok.pad_token_id] * (self.length - 2 - len(body))
 
-    def batch(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
-        return torch.tensor([list(r) for r in rows])
+    def batch(self, rows: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """The rows' ids for each text encoder (SDXL's second pads otherwise)."""
+        from .family import ids_for_encoders
+
+        return ids_for_encoders(self.pipeline, torch.tensor([list(r) for r in rows]))
 
 
-def _hidden(encoder, ids: torch.Tensor, slots=None, free_embeds=None) -> torch.Tensor:
-    """The encoder's last hidden state; with `free_embeds`, the token embeddings at `slots` replaced (the
-    attack's one-hot gradient)."""
+def _encoded(encoders, ids: list[torch.Tensor], slots=None, one_hot=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the states the UNet reads, SDXL's pooled embedding or None), float32; with `one_hot` ((k, V)), each
+    encoder's token embeddings at `slots` replaced by `one_hot` times its embedding matrix (the attack's
+    gradient)."""
     from .attack import token_embeddings_replaced
+    from .family import encoder_outputs
 
-    with token_embeddings_replaced(encoder, slots, free_embeds) if free_embeds is not None else nullcontext():
-        return encoder(input_ids=ids.to(encoder.device))[0].float()
+    with ExitStack() as stack:
+        for encoder in encoders if one_hot is not None else ():
+            free = (one_hot @ encoder.get_input_embeddings().weight.detach())[None]
+            stack.enter_context(token_embeddings_replaced(encoder, slots, free))
+        states, pooled = encoder_outputs(encoders, ids)
+    return states.float(), None if pooled is None else pooled.float()
 
 
-def response_kept(encoder, base_encoder, directions, texts: _Texts, pairs) -> torch.Tensor:
+def _hidden(encoders, ids: list[torch.Tensor], slots=None, one_hot=None) -> torch.Tensor:
+    """The states the UNet reads (SD: the last hidden state; SDXL: both penultimate ones), float32."""
+    return _encoded(encoders, ids, slots, one_hot)[0]
+
+
+def response_kept(guarded, base, directions, texts: _Texts, pairs) -> torch.Tensor:
     """Per (context ids, prompt ids) pair: the prompt's response in context along its plain response, from
-    the end token on (the plain prompt's padding at the same positions), as a share of the plain one."""
+    the end token on (the plain prompt's padding at the same positions), as a share of the plain one.
+    `guarded`, `base`: lists of text encoders, as `_hidden` takes them."""
     shares = []
     with torch.no_grad():
         for context, words in pairs:
             start = 1 + len(context) + len(words)
-            seen = _hidden(encoder, texts.batch([texts.row(context, words)]))[:, start:] @ directions.T
-            plain = _hidden(base_encoder, texts.batch([texts.row([], words)]))[:, start:] @ directions.T
+            seen = _hidden(guarded, texts.batch([texts.row(context, words)]))[:, start:] @ directions.T
+            plain = _hidden(base, texts.batch([texts.row([], words)]))[:, start:] @ directions.T
             shares.append(float((seen * plain).sum() / plain.pow(2).sum()))
     return torch.tensor(shares)
 
 
-def text_attack(encoder, base_encoder, directions, texts: _Texts, words, allowed: torch.Tensor, k: int,
+def text_attack(guarded, base, directions, texts: _Texts, words, allowed: torch.Tensor, k: int,
                 generator: torch.Generator, steps: int = 32, candidates: int = 24, top_k: int = 12) -> list[int]:
-    """GCG on the text encoder alone: `k` free tokens before `words` that most lower the response along the
-    plain prompt's, from the end token on."""
+    """GCG on the text encoders alone (`guarded`, `base`: lists, as `_hidden` takes them): `k` free
+    tokens before `words` that most lower the response along the plain prompt's, from the end token on."""
     from .attack import gcg_swaps
 
-    embeddings = encoder.get_input_embeddings().weight.detach()
+    embeddings = guarded[0].get_input_embeddings().weight.detach()
     vocabulary = embeddings.shape[0]
     mask = torch.full((vocabulary,), float("inf"))
     mask[allowed] = 0
     start = 1 + k + len(words)
     with torch.no_grad():
-        plain = _hidden(base_encoder, texts.batch([texts.row([], words)]))[:, start:] @ directions.T
+        plain = _hidden(base, texts.batch([texts.row([], words)]))[:, start:] @ directions.T
 
     def loss(hidden: torch.Tensor) -> torch.Tensor:
         return ((hidden[:, start:] @ directions.T) * plain).sum((1, 2)) / plain.pow(2).sum()
@@ -115,22 +134,22 @@ def text_attack(encoder, base_encoder, directions, texts: _Texts, words, allowed
     best, best_loss = free.clone(), float("inf")
     for _ in range(steps):
         one_hot = torch.nn.functional.one_hot(free, vocabulary).to(embeddings).requires_grad_(True)
-        value = loss(_hidden(encoder, texts.batch([texts.row(free.tolist(), words)]), slots, (one_hot @ embeddings)[None]))
+        value = loss(_hidden(guarded, texts.batch([texts.row(free.tolist(), words)]), slots, one_hot))
         (gradient,) = torch.autograd.grad(value.sum(), one_hot)
         trial = gcg_swaps(free, gradient, mask, top_k, candidates, generator)
         with torch.no_grad():
-            losses = loss(_hidden(encoder, texts.batch([texts.row(t.tolist(), words) for t in trial])))
+            losses = loss(_hidden(guarded, texts.batch([texts.row(t.tolist(), words) for t in trial])))
         free = trial[int(losses.argmin())]  # GCG: move to the best swap, even when it is worse
         if float(losses.min()) < best_loss:
             best, best_loss = free.clone(), float(losses.min())
     return best.tolist()
 
 
-def _plain_energy(encoder, texts: _Texts, directions: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+def _plain_energy(encoders, texts: _Texts, directions: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
     """The mean squared response of `prompts` along `directions` on their later positions: a concept's scale."""
     late = texts.length // 2  # the toy encoder carries a concept on its later positions; a scale only
     with torch.no_grad():
-        hidden = _hidden(encoder, texts.batch([texts.row([], texts.words(p)) for p in prompts]))
+        hidden = _hidden(encoders, texts.batch([texts.row([], texts.words(p)) for p in prompts]))
     return (hidden[:, late:] @ directions.T).pow(2).sum(-1).mean()
 
 
@@ -141,33 +160,35 @@ def check_stacked_with(recipe, stacked_with: Sequence) -> None:
         raise ValueError(f"stacked with {recipe.name}: that is the guard's own recipe; name the other shields' recipes")
 
 
-def train_guard(pipeline, recipe, stacked_with: Sequence = (), log=print) -> AdapterFile:
-    """The guard of `recipe`'s shield on `pipeline`'s text encoder, with `recipe.guard`'s settings: the
-    adapter file's text-encoder part. `stacked_with`: the recipes of the shields it may be stacked with."""
+def train_guard(pipeline, recipe, stacked_with: Sequence = (), log=print) -> dict[str, AdapterFile]:
+    """The guard of `recipe`'s shield on `pipeline`'s text encoders, with `recipe.guard`'s settings: the
+    adapter file's text-encoder parts, by component name ("text_encoder", SDXL's "text_encoder_2").
+    `stacked_with`: the recipes of the shields it may be stacked with."""
     from peft import LoraConfig, get_peft_model
 
+    from .adapters import pipeline_text_encoders
     from .attack import allowed_tokens
-    from .family import SDXL, family
     from .locality import concept_words, generic_prompts, shield_directions
 
-    if family(pipeline) == SDXL:
-        raise ValueError("text guards cover SD 1.x/2.x text encoders; SDXL's two encoders have none yet")
     check_stacked_with(recipe, stacked_with)
     settings = recipe.guard
     rng, generator = random.Random(settings.seed), torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
-    texts = _Texts(pipeline.tokenizer)
+    texts = _Texts(pipeline)
     directions = shield_directions(pipeline, recipe).to(pipeline.text_encoder.device)
     words = concept_words(recipe.target_prompts, recipe.anchor_prompts)
     allowed = allowed_tokens(pipeline.tokenizer, sorted(words))
     targets = [texts.words(p) for p in recipe.target_prompts]
     retained = [texts.words(p) for p in recipe.anchor_prompts + [""] + generic_prompts(pipeline.tokenizer, words)
                 + composed_prompts(recipe.anchor_prompts, settings.composed, settings.seed)]
-    base = pipeline.text_encoder.eval().requires_grad_(False)
-    config = LoraConfig(r=settings.rank, lora_alpha=settings.rank, target_modules=list(TARGETS))
-    encoder = get_peft_model(copy.deepcopy(base).float(), config)  # float32 LoRA weights on a half-precision base
-    optimiser = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=settings.learning_rate,
-                                  weight_decay=0.0)
+    names = list(pipeline_text_encoders(pipeline))
+    base = [getattr(pipeline, name).eval().requires_grad_(False) for name in names]
+    # float32 LoRA weights on a half-precision base; a config each (peft records its model in it)
+    guarded = [get_peft_model(copy.deepcopy(model).float(),
+                              LoraConfig(r=settings.rank, lora_alpha=settings.rank, target_modules=list(TARGETS)))
+               for model in base]
+    optimiser = torch.optim.AdamW([p for model in guarded for p in model.parameters() if p.requires_grad],
+                                  lr=settings.learning_rate, weight_decay=0.0)
     room = lambda t: min(settings.free_tokens, texts.length - 2 - len(targets[t]))  # noqa: E731
     random_context = lambda n: [int(allowed[rng.randrange(len(allowed))]) for _ in range(n)]  # noqa: E731
     plain_energy = _plain_energy(base, texts, directions, recipe.target_prompts)
@@ -177,12 +198,15 @@ def train_guard(pipeline, recipe, stacked_with: Sequence = (), log=print) -> Ada
         gates.append((other_directions, _plain_energy(base, texts, other_directions, other.target_prompts)))
     with torch.no_grad():
         plain_hidden = _hidden(base, texts.batch([texts.row([], t) for t in targets]))  # each target, once
-        kept_energy = _hidden(base, texts.batch([texts.row([], r) for r in retained[:256]])).pow(2).sum(-1).mean()
+        kept_states, kept_pooled = _encoded(base, texts.batch([texts.row([], r) for r in retained[:256]]))
+        kept_energy = kept_states.pow(2).sum(-1).mean()
+        pooled_energy = kept_pooled.pow(2).sum(-1).mean() if kept_pooled is not None else None
     found: list[tuple[list[int], int]] = []
     log(f"{len(targets)} target prompts, {len(retained)} retained prompts")
     started = time.perf_counter()
     for round_ in range(settings.rounds + 1):
-        encoder.train()
+        for model in guarded:
+            model.train()
         for _ in range(settings.steps):
             samples = []
             for _ in range(settings.batch):
@@ -197,15 +221,17 @@ def train_guard(pipeline, recipe, stacked_with: Sequence = (), log=print) -> Ada
                 r = rng.choice(retained)
                 kept_rows.append(texts.row(random_context(rng.randint(1, 8)) if rng.random() < 0.5 else [], r))
             with torch.no_grad():
-                kept_base = _hidden(base, texts.batch(kept_rows))
+                kept_base, kept_base_pooled = _encoded(base, texts.batch(kept_rows))
             # one pass of the guarded encoder over both: the tiny toy encoder's step is mostly call overhead
-            hidden = _hidden(encoder, texts.batch([texts.row(c, targets[t]) for c, t in samples] + kept_rows))
+            hidden, pooled = _encoded(guarded, texts.batch([texts.row(c, targets[t]) for c, t in samples] + kept_rows))
             seen, kept_change = hidden[:len(samples)], hidden[len(samples):] - kept_base
             plain = plain_hidden[[t for _, t in samples]]
             invariance = sum(((seen[i, s:] - plain[i, s:]) @ directions.T).pow(2).sum(-1).mean()
                              for i, s in enumerate(1 + len(c) + len(targets[t]) for c, t in samples))
             invariance = invariance / len(samples) / plain_energy
             preservation = kept_change.pow(2).sum(-1).mean() / kept_energy
+            if pooled is not None:  # SDXL: the pooled embedding of the same prompts, on its own scale
+                preservation = preservation + (pooled[len(samples):] - kept_base_pooled).pow(2).sum(-1).mean() / pooled_energy
             loss = invariance + settings.keep_weight * preservation
             if settings.gate_weight:  # what the shields read, each on the scale of its own concept's response
                 gate = sum((kept_change @ d.T).pow(2).sum(-1).mean() / energy for d, energy in gates)
@@ -213,15 +239,21 @@ def train_guard(pipeline, recipe, stacked_with: Sequence = (), log=print) -> Ada
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-        encoder.eval()
+        for model in guarded:
+            model.eval()
         if round_ < settings.rounds:
-            found += [(text_attack(encoder, base, directions, texts, targets[t], allowed, room(t), generator,
+            found += [(text_attack(guarded, base, directions, texts, targets[t], allowed, room(t), generator,
                                    settings.attack_steps), t) for t in range(len(targets))]
         log(f"round {round_}: invariance {invariance.item():.4f}, preservation {preservation.item():.5f}, "
             + (f"gate {gate.item():.5f}, " if settings.gate_weight else "") + f"{time.perf_counter() - started:.0f} s")
+    return {name: _lora_part(model, settings.rank) for name, model in zip(names, guarded)}
+
+
+def _lora_part(model, rank: int) -> AdapterFile:
+    """A guarded encoder's LoRA weights, keyed by the text encoder's own module paths."""
     weights = {}
-    for name, module in encoder.base_model.model.named_modules():  # the names of the text encoder's own modules
+    for name, module in model.base_model.model.named_modules():
         if hasattr(module, "lora_A") and "default" in module.lora_A:
             for part in ("lora_A", "lora_B"):
                 weights[f"{name}.{part}.weight"] = getattr(module, part)["default"].weight.detach().float().cpu().contiguous()
-    return AdapterFile(weights, {"r": settings.rank, "lora_alpha": settings.rank, "target_modules": sorted(TARGETS)})
+    return AdapterFile(weights, {"r": rank, "lora_alpha": rank, "target_modules": sorted(TARGETS)})

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import (TEXT_ENCODER_PREFIX, UNET_PREFIX, AdapterError, AdapterFile, adapter_family, lora_layers,
+from .adapters import (TEXT_ENCODERS, UNET_PREFIX, AdapterError, AdapterFile, adapter_family, lora_layers,
                        read_adapter)
 from .family import label
 
@@ -68,10 +68,12 @@ def merge_adapters(adapters, weights=None, *, rank: int | None = None, force: bo
     if not force:
         check_same_base(adapters, [Path(s).name for s in sources])
     merged, errors = _merge_part(adapters, weights, sources, rank, UNET_PREFIX)
-    guarded = [i for i, adapter in enumerate(adapters) if adapter.text_encoder]
-    if guarded:  # the text-encoder parts (context guards): always exactly, they are small
-        merged.text_encoder, _ = _merge_part([adapters[i].text_encoder for i in guarded], [weights[i] for i in guarded],
-                                             [sources[i] for i in guarded], None, TEXT_ENCODER_PREFIX)
+    for name in TEXT_ENCODERS:  # the text-encoder parts (context guards): always exactly, they are small
+        guarded = [i for i, adapter in enumerate(adapters) if name in adapter.text_encoders]
+        if guarded:
+            merged.text_encoders[name], _ = _merge_part([adapters[i].text_encoders[name] for i in guarded],
+                                                        [weights[i] for i in guarded], [sources[i] for i in guarded],
+                                                        None, f"{name}.")
     merged.concepts = [{**c, "merge_weight": w} for adapter, w in zip(adapters, weights) for c in adapter.concepts]
     return MergeResult(merged, errors)
 

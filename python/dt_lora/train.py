@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__, distributed
-from .adapters import AdapterFile, write_adapter
+from .adapters import AdapterFile, pipeline_text_encoders, write_adapter
 from .base import describe, load_pipeline, unet_fingerprint
 from .data import ConceptData, data_key, generation_dtype, prepare_data
 from .family import (SDXL, Conditioning, encode_for_one_encoder, encode_prompts, family, image_size, label,
@@ -63,7 +63,7 @@ class CheckpointError(ValueError):
 
 
 class TrainedGuard(NamedTuple):
-    part: AdapterFile  # the adapter's text-encoder part
+    parts: dict[str, AdapterFile]  # the adapter's text-encoder parts, by component name
     seconds: float  # its training time, recorded in the adapter beside the UNet part's
 
 
@@ -502,7 +502,7 @@ def train_adapter(
 
 
 def _guard(recipe: Recipe, stacked_with: list[Recipe], pipeline, work: Path, progress: bool) -> TrainedGuard:
-    """The recipe's context guard (guard.py), the adapter's text-encoder part. It reads text alone, so it
+    """The recipe's context guard (guard.py), the adapter's text-encoder parts. It reads text alone, so it
     trains before the UNet; it waits in the work folder until the adapter is written, so that a run
     interrupted later does not train it again."""
     from safetensors import SafetensorError, safe_open
@@ -511,27 +511,33 @@ def _guard(recipe: Recipe, stacked_with: list[Recipe], pipeline, work: Path, pro
     from .guard import train_guard
 
     path = work / GUARD_FILE
+    names = list(pipeline_text_encoders(pipeline))
     identity = json.dumps({"recipe": recipe.fingerprint("guard", "target", "anchors"), "base": describe(recipe.base),
-                           "stacked_with": [other.fingerprint("target", "anchors") for other in stacked_with]})
+                           "stacked_with": [other.fingerprint("target", "anchors") for other in stacked_with],
+                           "parts": names})
     if path.is_file():
         try:
             with safe_open(path, framework="pt") as f:
                 metadata = f.metadata() or {}
                 if metadata.get("identity") == identity:
-                    return TrainedGuard(AdapterFile({k: f.get_tensor(k) for k in f.keys()},
-                                                    json.loads(metadata["lora_config"])), float(metadata["seconds"]))
+                    configs = json.loads(metadata["lora_config"])
+                    parts = {name: AdapterFile({k[len(name) + 1:]: f.get_tensor(k) for k in f.keys()
+                                                if k.startswith(f"{name}.")}, configs[name]) for name in names}
+                    return TrainedGuard(parts, float(metadata["seconds"]))
         except (SafetensorError, OSError, KeyError, ValueError):  # damaged: dt-lora's own file, trained again
             pass
     log = print if progress and distributed.is_main() else (lambda line: None)
-    log(f"[dt-lora] training {recipe.name}'s context guard (text encoder; {recipe.guard.rounds} rounds)")
+    log(f"[dt-lora] training {recipe.name}'s context guard ({', '.join(names)}; {recipe.guard.rounds} rounds)")
     started = time.perf_counter()
-    part = train_guard(pipeline, recipe, stacked_with, log=lambda line: log(f"[dt-lora] guard {line}"))
-    guard = TrainedGuard(part, time.perf_counter() - started)
+    parts = train_guard(pipeline, recipe, stacked_with, log=lambda line: log(f"[dt-lora] guard {line}"))
+    guard = TrainedGuard(parts, time.perf_counter() - started)
     if distributed.is_main():
         work.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{name}.{key}": value for name, part in parts.items() for key, value in part.weights.items()}
+        configs = {name: part.lora_config for name, part in parts.items()}
         with atomic_write(path) as f:
-            f.write(save(part.weights, metadata={"identity": identity, "lora_config": json.dumps(part.lora_config),
-                                                 "seconds": str(guard.seconds)}))
+            f.write(save(tensors, metadata={"identity": identity, "lora_config": json.dumps(configs),
+                                            "seconds": str(guard.seconds)}))
     return guard
 
 
@@ -600,6 +606,8 @@ def _train_single(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, 
     finally:
         # leave the caller's pipeline as it was: no adapter, original dtype, eval mode
         unet.delete_adapters(ADAPTER_NAME)
+        if not getattr(unet, "peft_config", None):  # peft's emptied wrappers would rename the weights (base_layer)
+            unet.unload_lora()
         if unet.dtype != base_dtype:
             unet.to(base_dtype)
         unet.disable_gradient_checkpointing()
@@ -710,7 +718,7 @@ def _train(recipe: Recipe, out: Path, checkpoint: Checkpoint, resume: ResumeStat
         write_adapter(out, AdapterFile.from_training(
             lora_state, recipe=recipe, base=describe(recipe.base), base_fingerprint=fingerprint,
             version=__version__, seconds=seconds, processes=accelerator.num_processes, family=family(pipeline),
-            text_encoder=guard.part if guard else None, guard_seconds=guard.seconds if guard else 0.0))
+            text_encoders=guard.parts if guard else None, guard_seconds=guard.seconds if guard else 0.0))
         checkpoint.remove()
     accelerator.wait_for_everyone()  # every process returns once the adapter is on disk
     return TrainResult(out, recipe.train.steps, seconds, loss_value, start_step)

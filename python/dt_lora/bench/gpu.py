@@ -375,7 +375,7 @@ def stage_guard(device: str, work: str, tiny: bool) -> dict:
         return found
 
     with mock.patch.object(guard, "text_attack", timed_attack):
-        part = guard.train_guard(pipeline, recipe, log=lambda line: logged.append(time.perf_counter()))
+        parts = guard.train_guard(pipeline, recipe, log=lambda line: logged.append(time.perf_counter()))
     training = time.perf_counter() - logged[0]
     phase = meter.close("guard: train", "")
     settings, default = recipe.guard, GuardConfig()
@@ -389,7 +389,7 @@ def stage_guard(device: str, work: str, tiny: bool) -> dict:
                      f"the default guard ≈ {estimate / 60:.1f} min")
     return {"phases": meter.phases, "details": {"seconds_per_step": step, "seconds_per_attack_step": attack_step,
                                                 "default_seconds_estimate": estimate,
-                                                "layers": len(part.weights) // 2}}
+                                                "layers": sum(len(p.weights) for p in parts.values()) // 2}}
 
 
 def stage_toy(device: str, work: str, tiny: bool) -> dict:

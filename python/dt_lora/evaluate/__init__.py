@@ -80,11 +80,11 @@ def evaluate_shields(
     is also attacked (`attack.attack_shields`; the negative-prompt baseline too when `negative_prompt` is
     given) and the report gets an attack section.
     """
-    from ..adapters import check_fits, load_adapters, read_adapter, unload_adapters
+    from ..adapters import check_fits, load_adapters, pipeline_text_encoders, read_adapter, unload_adapters
 
     # a damaged or misfitting adapter fails now, not after the base model has drawn everything
     check_fits([read_adapter(p) for p in adapters], base_pipeline.unet, force=force, sources=adapters,
-               text_encoder=base_pipeline.text_encoder)
+               text_encoders=pipeline_text_encoders(base_pipeline))
     if not recipes:
         raise ValueError("nothing to evaluate: give at least one recipe")
     if bool(adapters) == (shielded_pipeline is not None):
