@@ -262,8 +262,8 @@ def read_adapter(path: str | Path) -> AdapterFile:
             raise AdapterError(f"{path}: unexpected tensor {key!r} (expected unet.*.lora_A/B.weight, or "
                                f"text_encoder.* / text_encoder_2.*.lora_A/B.weight)")
         weights[prefix][key[len(prefix):]] = value
-    for prefix in prefixes:
-        if (prefix == UNET_PREFIX or weights[prefix]) and ("r" not in configs[prefix] or "lora_alpha" not in configs[prefix]):
+    for prefix in (p for p in prefixes if p == UNET_PREFIX or weights[p]):
+        if "r" not in configs[prefix] or "lora_alpha" not in configs[prefix]:
             raise AdapterError(f"{path}: metadata '{LORA_METADATA_KEY}' lacks {prefix}r / {prefix}lora_alpha")
     text_encoders = {name: AdapterFile(weights[f"{name}."], configs[f"{name}."])
                      for name in TEXT_ENCODERS if weights[f"{name}."]}

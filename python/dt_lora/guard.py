@@ -230,8 +230,9 @@ def train_guard(pipeline, recipe, stacked_with: Sequence = (), log=print) -> dic
                              for i, s in enumerate(1 + len(c) + len(targets[t]) for c, t in samples))
             invariance = invariance / len(samples) / plain_energy
             preservation = kept_change.pow(2).sum(-1).mean() / kept_energy
-            if pooled is not None:  # SDXL: the pooled embedding of the same prompts, on its own scale
-                preservation = preservation + (pooled[len(samples):] - kept_base_pooled).pow(2).sum(-1).mean() / pooled_energy
+            if pooled is not None:  # SDXL: the same prompts' pooled embedding, on its own scale
+                pooled_change = pooled[len(samples):] - kept_base_pooled
+                preservation = preservation + pooled_change.pow(2).sum(-1).mean() / pooled_energy
             loss = invariance + settings.keep_weight * preservation
             if settings.gate_weight:  # what the shields read, each on the scale of its own concept's response
                 gate = sum((kept_change @ d.T).pow(2).sum(-1).mean() / energy for d, energy in gates)
