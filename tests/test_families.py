@@ -235,14 +235,15 @@ def test_an_sdxl_guard_covers_both_encoders_and_travels_with_its_shield(sdxl, sd
         inputs = fam.encode_prompts(pipeline, ["a red circle", "x y a blue square"])
         return inputs.embeds, inputs.pooled
 
-    def stacked_inputs(adapter_path) -> tuple[torch.Tensor, torch.Tensor]:
-        load_adapters(sdxl, [adapter_path])
+    def inputs_with(load) -> tuple[torch.Tensor, torch.Tensor]:
+        """`prompt_inputs` with the LoRA that `load` puts on the base, which is taken off again after."""
+        load()
         try:
             return prompt_inputs(sdxl)
         finally:
             unload_adapters(sdxl)
 
-    base, stacked = prompt_inputs(sdxl), stacked_inputs(shield)
+    base, stacked = prompt_inputs(sdxl), inputs_with(lambda: load_adapters(sdxl, [shield]))
     width = sdxl.text_encoder.config.hidden_size  # CLIP-L's half of the states, then OpenCLIP-G's
     changes = (stacked[0] - base[0])[..., :width], (stacked[0] - base[0])[..., width:], stacked[1] - base[1]
     assert all(change.abs().max() > 0 for change in changes)  # both encoders' states move, and the pooled one
@@ -256,12 +257,9 @@ def test_an_sdxl_guard_covers_both_encoders_and_travels_with_its_shield(sdxl, sd
     sdxl_base = tmp_path / "base"
     sdxl.save_pretrained(sdxl_base, safe_serialization=True)
     baked = load_pipeline(bake(str(sdxl_base), [shield], tmp_path / "baked", dtype=torch.float32).out)
-    sdxl.load_lora_weights(str(kohya))  # diffusers reads kohya's SDXL layout as A1111 does
-    try:
-        from_kohya = prompt_inputs(sdxl)
-    finally:
-        unload_adapters(sdxl)
-    for other in (stacked_inputs(merged), from_kohya, prompt_inputs(baked)):
+    from_merged = inputs_with(lambda: load_adapters(sdxl, [merged]))
+    from_kohya = inputs_with(lambda: sdxl.load_lora_weights(str(kohya)))  # diffusers reads kohya's SDXL layout
+    for other in (from_merged, from_kohya, prompt_inputs(baked)):
         for got, expected in zip(other, stacked):
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 

@@ -42,6 +42,7 @@ from typing import Sequence
 import torch
 
 from .adapters import AdapterFile
+from .family import encoder_outputs, ids_for_encoders
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
@@ -73,8 +74,6 @@ class _Texts:
 
     def batch(self, rows: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """The rows' ids for each text encoder (SDXL's second pads otherwise)."""
-        from .family import ids_for_encoders
-
         return ids_for_encoders(self.pipeline, torch.tensor([list(r) for r in rows]))
 
 
@@ -83,7 +82,6 @@ def _encoded(encoders, ids: list[torch.Tensor], slots=None, one_hot=None) -> tup
     encoder's token embeddings at `slots` replaced by `one_hot` times its embedding matrix (the attack's
     gradient)."""
     from .attack import token_embeddings_replaced
-    from .family import encoder_outputs
 
     with ExitStack() as stack:
         for encoder in encoders if one_hot is not None else ():
