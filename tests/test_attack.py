@@ -58,6 +58,13 @@ def test_an_adapter_for_another_base_is_refused_before_any_work(toy_pipeline, tm
     assert err.startswith("dt-lora attack: error: ") and "foreign.safetensors" in err and "another base" in err
     assert not (tmp_path / "out").exists()
 
+    sdxl_shield = Path(__file__).parent / "data" / "sdxl-shields" / "toy-circle.safetensors"  # another family
+    code = main(["attack", "--recipe", "toy-circle", "--adapter", str(sdxl_shield), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.endswith("toy-circle.safetensors: toy-circle is an SDXL shield and this base is SD 1.x; "
+                                      "train it again on this base")
+    assert not (tmp_path / "out").exists()
+
 
 def test_too_many_free_tokens_are_refused_before_any_work(toy_pipeline, tmp_path, capsys, monkeypatch):
     _no_work(monkeypatch)

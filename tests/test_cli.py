@@ -193,6 +193,38 @@ def test_adapter_arguments_take_a_shipped_shields_name(tmp_path, monkeypatch):
         Path("toy-circle"), Path("toy-cirle")]  # and a name that ships nothing stays the path it is
 
 
+
+@pytest.mark.parametrize("args, refusal", [
+    (["generate", "x", "--steps", "0", "-o", "o"], "--steps: must be at least 1, got 0"),  # was a ZeroDivisionError
+    (["eval", "--recipe", "toy-circle", "--adapter", "toy-circle", "--steps", "0", "-o", "o"],
+     "--steps: must be at least 1, got 0"),  # was silently the recipe's steps
+    (["attack", "--recipe", "toy-circle", "--adapter", "toy-circle", "--steps", "-1", "-o", "o"],
+     "--steps: must be at least 1, got -1"),
+    (["generate", "x", "-n", "0", "-o", "o"], "-n/--num-images: must be at least 1, got 0"),
+    (["merge", "toy-circle", "toy-red", "--rank", "0", "-o", "m.safetensors"], "--rank: must be at least 1, got 0"),
+])
+def test_counts_below_one_are_refused_before_any_work(args, refusal, tmp_path, monkeypatch, capsys):
+    from dt_lora.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("dt_lora.base.load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: argument {refusal}")
+    assert list(tmp_path.iterdir()) == []
+
+def test_an_adapter_weight_that_is_no_number_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    refused = run_cli("generate", "a red circle", "--adapter", "toy-circle:abc", "-o", "out")
+    assert refused.returncode == 2 and "toy-circle:abc: the weight after ':' must be a number, got 'abc'" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "out").exists()
+    (tmp_path / "my:shield.safetensors").write_bytes(b"x")  # a file whose name has a colon is still a file
+    from dt_lora.cli import build_parser
+    parsed = build_parser().parse_args(["generate", "--adapter", "my:shield.safetensors", "x", "-o", "o"])
+    assert parsed.adapter == [(Path("my:shield.safetensors"), 1.0)]
+
+
 def test_train_takes_a_shipped_recipe_by_name(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     # the name resolves, and the run stops at the missing base model: nothing is generated or trained

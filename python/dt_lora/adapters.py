@@ -128,7 +128,6 @@ def write_adapter(path: str | Path, adapter: AdapterFile) -> Path:
     parts = adapter.parts()
     for prefix, part in parts:
         lora_layers(part, source=path, prefix=prefix)  # never write a file that read_adapter would refuse
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {prefix + k: v.contiguous() for prefix, part in parts for k, v in part.weights.items()}
     config = {prefix + k: v for prefix, part in parts for k, v in part.lora_config.items()}
     metadata = {

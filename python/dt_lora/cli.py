@@ -39,6 +39,17 @@ def _grid_arg(text: str) -> int | tuple[int, int]:
     raise argparse.ArgumentTypeError(f"expected N or ROWSxCOLS, got {text!r}")
 
 
+def _at_least_one(text: str) -> int:
+    """A count that must be positive (images, sampler steps, a merge rank): refused before any work."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _adapter_arg(text: str) -> tuple[Path, float]:
     """`a.safetensors` or `a.safetensors:0.8` -> (path, weight); a shipped adapter's name (`toy-circle`) works too."""
     path, sep, weight = text.rpartition(":")
@@ -46,7 +57,8 @@ def _adapter_arg(text: str) -> tuple[Path, float]:
         try:
             return adapter_path(path), float(weight)
         except ValueError:
-            pass
+            if adapter_path(path).is_file() and not adapter_path(text).exists():
+                raise argparse.ArgumentTypeError(f"{text}: the weight after ':' must be a number, got {weight!r}")
     return adapter_path(text), 1.0
 
 
@@ -205,9 +217,9 @@ def add_generate_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--out", type=Path, required=True, metavar="OUT_DIR")
     _add_base_arguments(parser)
     _add_adapter_argument(parser)
-    parser.add_argument("-n", "--num-images", type=int, default=4)
+    parser.add_argument("-n", "--num-images", type=_at_least_one, default=4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=25, help="sampler steps (default: 25)")
+    parser.add_argument("--steps", type=_at_least_one, default=25, help="sampler steps (default: 25)")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default: 5)")
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--force", action="store_true", help="use adapters trained on another base")
@@ -223,8 +235,6 @@ def run_generate(args: argparse.Namespace) -> int:
     from dt_lora.generate import generate_images
     from dt_lora.io import atomic_write, check_output_files, record_output_files
 
-    if args.num_images < 1:
-        raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
     names = [args.out / f"{args.seed + i:06d}.png" for i in range(args.num_images)]
     check_output_files(args.out, [path.name for path in names], args.overwrite)
     pipeline = load_pipeline(args.base, allow_pickle=args.allow_pickle)
@@ -261,7 +271,7 @@ def add_merge_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--out", type=Path, required=True)
     parser.add_argument("--weights", type=lambda t: [float(w) for w in t.split(",")], default=None,
                         help="comma-separated weight per adapter (default: all 1)")
-    parser.add_argument("--rank", type=int, default=None, help="compact merge to this rank")
+    parser.add_argument("--rank", type=_at_least_one, default=None, help="compact merge to this rank")
     parser.add_argument("--force", action="store_true", help="merge adapters trained on different bases")
     _add_overwrite_argument(parser)
     parser.set_defaults(run=run_merge)
@@ -273,8 +283,6 @@ def run_merge(args: argparse.Namespace) -> int:
     from dt_lora.merge import merge_adapters
 
     check_output(args.out, args.overwrite)
-    if args.rank is not None and args.rank < 1:
-        raise ValueError(f"--rank must be at least 1, got {args.rank}")
     result = merge_adapters(args.adapters, args.weights, rank=args.rank, force=args.force)
     for layer, error in sorted(result.layer_errors.items(), key=lambda kv: -kv[1]):
         print(f"  {error:8.2%}  {layer}")
@@ -398,7 +406,7 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--clip", type=Path, metavar="DIR", help="score with CLIP zero-shot from this local CLIP folder")
     parser.add_argument("--images-per-prompt", type=int, default=2)
     parser.add_argument("--seed", type=int, default=EVAL_SEED, help=f"first seed (default: {EVAL_SEED})")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the first recipe's)")
+    parser.add_argument("--steps", type=_at_least_one, default=None, help="sampler steps (default: the first recipe's)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance (default: the first recipe's)")
     quality = parser.add_argument_group("general image quality on a captions file (real models)")
     quality.add_argument("--captions", type=Path, metavar="FILE",
@@ -504,7 +512,7 @@ def add_attack_command(subparsers: argparse._SubParsersAction) -> None:
     budget.add_argument("--allow-concept-words", action="store_true",
                         help="let the free tokens be the concept's own words (excluded by default)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="the attack's random seed")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the first recipe's)")
+    parser.add_argument("--steps", type=_at_least_one, default=None, help="sampler steps (default: the first recipe's)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance (default: the first recipe's)")
     _add_overwrite_argument(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -235,7 +235,8 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb", **open_kwargs: 
 
     Data goes to a hidden temporary file beside `path` (same filesystem), is
     flushed to disk, then renamed over `path`. If the block raises, the
-    temporary file is removed and `path` is left untouched.
+    temporary file is removed and `path` is left untouched. Missing parent
+    folders are created, as `atomic_directory` creates them.
 
         with atomic_write(out_dir / "a.png") as f:
             image.save(f, format="PNG")
@@ -243,6 +244,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb", **open_kwargs: 
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write supports mode 'w' or 'wb', got {mode!r}")
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     _sweep_once(path.parent)
     tmp = _temp_name(path)
     try:

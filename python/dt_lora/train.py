@@ -310,7 +310,6 @@ def _write_samples(pipeline, recipe: Recipe, path: Path) -> None:
 
     prompts = (recipe.target_prompts[:4] + recipe.anchor_prompts[:4])[:8]
     images = generate_images(pipeline, prompts, seed=0, steps=recipe.sampling.steps, guidance=recipe.sampling.guidance)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as f:
         Image.fromarray(image_grid(images, 4, scale=max(1, 128 // images.shape[1]))).save(f, format="PNG")
 

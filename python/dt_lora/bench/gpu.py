@@ -511,7 +511,6 @@ def _write_json(path: Path | None, payload: dict) -> None:
         return
     from dt_lora.io import atomic_write
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "w") as f:
         f.write(json.dumps(payload, indent=2) + "\n")
 

@@ -101,7 +101,6 @@ def main(argv: list[str] | None = None) -> None:
     results = run(args.target, variants, args.recipe)
     print(table(results))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(args.out, "w") as f:
             json.dump(results, f, indent=2)
 
