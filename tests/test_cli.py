@@ -201,8 +201,10 @@ def test_adapter_arguments_take_a_shipped_shields_name(tmp_path, monkeypatch):
      "--steps: must be at least 1, got -1"),
     (["generate", "x", "-n", "0", "-o", "o"], "-n/--num-images: must be at least 1, got 0"),
     (["merge", "toy-circle", "toy-red", "--rank", "0", "-o", "m.safetensors"], "--rank: must be at least 1, got 0"),
+    (["merge", "toy-circle", "toy-red", "--weights", "1,abc", "-o", "m.safetensors"],
+     "--weights: expected comma-separated numbers, got '1,abc'"),  # was "invalid <lambda> value"
 ])
-def test_counts_below_one_are_refused_before_any_work(args, refusal, tmp_path, monkeypatch, capsys):
+def test_bad_counts_and_weights_are_refused_before_any_work(args, refusal, tmp_path, monkeypatch, capsys):
     from dt_lora.cli import main
 
     monkeypatch.chdir(tmp_path)

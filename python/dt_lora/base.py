@@ -127,8 +127,11 @@ def load_pipeline(base: str | os.PathLike = TOY, *, device: str = "cpu", dtype=N
         if not pickle_allowed(allow_pickle):
             _refuse_pickle_only_components(path, index)
         pipeline_class = pipeline_class_for(index.get("_class_name"), f"base model folder {path}")
-        pipeline = pipeline_class.from_pretrained(path, dtype=dtype, use_safetensors=_use_safetensors(allow_pickle),
-                                                  **_pipeline_kwargs(pipeline_class))
+        try:
+            pipeline = pipeline_class.from_pretrained(path, dtype=dtype, use_safetensors=_use_safetensors(allow_pickle),
+                                                      **_pipeline_kwargs(pipeline_class))
+        except (OSError, ValueError) as error:  # a component or weight file missing, in diffusers' words
+            raise BaseModelNotFound(f"base model folder {path}: {str(error).splitlines()[0]}") from None
     else:
         pipeline = _from_hub(base, dtype, allow_pickle)
     pipeline.set_progress_bar_config(disable=True)

@@ -50,6 +50,14 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def _weights_arg(text: str) -> list[float]:
+    """`1,0.5` -> [1.0, 0.5]."""
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _adapter_arg(text: str) -> tuple[Path, float]:
     """`a.safetensors` or `a.safetensors:0.8` -> (path, weight); a shipped adapter's name (`toy-circle`) works too."""
     path, sep, weight = text.rpartition(":")
@@ -269,7 +277,7 @@ def add_merge_command(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("adapters", type=adapter_path, nargs="+", metavar="ADAPTER")
     parser.add_argument("-o", "--out", type=Path, required=True)
-    parser.add_argument("--weights", type=lambda t: [float(w) for w in t.split(",")], default=None,
+    parser.add_argument("--weights", type=_weights_arg, default=None,
                         help="comma-separated weight per adapter (default: all 1)")
     parser.add_argument("--rank", type=_at_least_one, default=None, help="compact merge to this rank")
     parser.add_argument("--force", action="store_true", help="merge adapters trained on different bases")
