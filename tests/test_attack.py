@@ -56,6 +56,7 @@ def test_an_adapter_for_another_base_is_refused_before_any_work(toy_pipeline, tm
     err = capsys.readouterr().err.strip().splitlines()[-1]  # above it: the base model's loading bar
     assert code == 2
     assert err.startswith("dt-lora attack: error: ") and "foreign.safetensors" in err and "another base" in err
+    assert "--force" not in err  # the attack has none to suggest
     assert not (tmp_path / "out").exists()
 
     sdxl_shield = Path(__file__).parent / "data" / "sdxl-shields" / "toy-circle.safetensors"  # another family

@@ -131,12 +131,12 @@ def test_file_outputs_overwrite_only_dt_lora_files(command, adapter, tmp_path, c
     assert main([*args, "--overwrite"]) == 0  # its own earlier output: replaced
 
 
-
 @pytest.mark.parametrize("command", ["merge", "export"])
 def test_file_outputs_create_missing_folders(command, adapter, tmp_path):
     out = tmp_path / "new" / "folder" / "out.safetensors"  # the export said "No such file …/.out.safetensors….tmp"
     assert main([command, str(adapter), "-o", str(out)]) == 0 and is_dt_lora_file(out)
     assert [p.name for p in out.parent.iterdir()] == ["out.safetensors"]  # no temporary file left
+
 
 def test_train_overwrite_refuses_a_file_dt_lora_did_not_write(tmp_path, capsys):
     out = tmp_path / "shield.safetensors"

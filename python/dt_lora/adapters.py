@@ -283,13 +283,16 @@ def part_models(unet, text_encoders: Mapping | None = None) -> dict:
 
 
 def check_fits(adapters: Sequence[AdapterFile], unet, *, force: bool = False,
-               sources: Sequence[str | Path] | None = None, text_encoders: Mapping | None = None) -> None:
+               sources: Sequence[str | Path] | None = None, text_encoders: Mapping | None = None,
+               offers_force: bool = True) -> None:
     """Refuse adapters that do not fit `unet` (and `text_encoders`, `pipeline_text_encoders`' map, for adapters
     with text-encoder parts): raises `AdapterError` naming the file and the layer.
 
     Every adapted layer must be a Linear layer of the model whose weight is (out × in) as the adapter's
     B·A; and each shielded concept must have been trained on this UNet (its recorded fingerprint equals
     `unet_fingerprint(unet)`) unless `force`. Adapters already loaded on `unet` do not change the answer.
+    `offers_force`: whether the caller's command has a --force for the message to suggest (`attack` has none:
+    it measures a shield on the model it was trained on).
     """
     from .base import unet_fingerprint
     from .family import family_of, label
@@ -314,7 +317,8 @@ def check_fits(adapters: Sequence[AdapterFile], unet, *, force: bool = False,
         foreign = [c.get("name", "?") for c in adapter.concepts if c.get("base_fingerprint") not in (None, fingerprint)]
         if foreign:
             raise AdapterError(f"{source}: shield(s) {', '.join(foreign)} were trained on another base model (UNet "
-                               f"fingerprint differs from this base's {fingerprint}); pass --force to use them anyway")
+                               f"fingerprint differs from this base's {fingerprint})"
+                               + ("; pass --force to use them anyway" if offers_force else ""))
 
 
 def _check_layers(part: AdapterFile, modules: dict, source: str, prefix: str) -> None:

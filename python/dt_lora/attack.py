@@ -136,8 +136,7 @@ def check_inputs(base_pipeline, recipes: Sequence[Recipe], adapters: Sequence[Pa
                  settings: AttackSettings | None = None) -> None:
     """One-line errors for what would otherwise fail late: no prompts to attack, a foreign adapter, and
     (with `settings`) an attacked prompt that leaves no room for the free tokens."""
-    from .adapters import AdapterError, check_fits, pipeline_text_encoders, read_adapter
-    from .base import unet_fingerprint
+    from .adapters import check_fits, pipeline_text_encoders, read_adapter
 
     if not recipes:
         raise ValueError("nothing to attack: give at least one recipe")
@@ -148,19 +147,9 @@ def check_inputs(base_pipeline, recipes: Sequence[Recipe], adapters: Sequence[Pa
         if settings is not None:
             for prompt in _spread(recipe.target_prompts, settings.prompts):
                 _Prompt(base_pipeline.tokenizer, prompt, settings.free_tokens, settings.placement)
-    if adapters:
-        files = [read_adapter(path) for path in adapters]
-        # another family (named), a layer or text-encoder part the base lacks; then the base itself, without
-        # `check_fits`' --force: an attack measures a shield on the model it was trained on
-        check_fits(files, base_pipeline.unet, force=True, sources=adapters,
-                   text_encoders=pipeline_text_encoders(base_pipeline))
-        fingerprint = unet_fingerprint(base_pipeline.unet)
-        for path, adapter in zip(adapters, files):
-            for concept in adapter.concepts:
-                if concept.get("base_fingerprint") not in (None, fingerprint):
-                    raise AdapterError(f"{path}: shield {concept.get('name', '?')!r} was trained on another base "
-                                       f"model (UNet fingerprint "
-                                       f"{concept['base_fingerprint']}, this base's is {fingerprint})")
+    if adapters:  # another family (named), a layer the base lacks, or another base: no --force here
+        check_fits([read_adapter(path) for path in adapters], base_pipeline.unet, sources=adapters,
+                   text_encoders=pipeline_text_encoders(base_pipeline), offers_force=False)
 
 
 def concept_words(recipe: Recipe) -> list[str]:
