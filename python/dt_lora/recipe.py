@@ -9,6 +9,8 @@
     prompts = ["a red square", "a green star"]
 
 Every key is also a CLI flag of `dt-lora train`, named `--<section>-<key>` (`--train-steps 300`).
+Every error is one line that names where the bad value came from (the recipe file, or the flag that
+overrode it), the key, and what is wrong.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ import re
 import string
 import sys
 import types
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
+
+from .errors import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -35,8 +40,8 @@ else:  # pragma: no cover
 TARGET_SCALE_MIN = 0.5  # train.target_scale_min's default, and "auto"'s for a shield that is not text-local
 
 
-class RecipeError(ValueError):
-    """A recipe file or override is invalid; the message names the file and the key."""
+class RecipeError(UserError, ValueError):
+    """A recipe file or override is invalid; the message names the file (or the flag) and the key."""
 
 
 # `name` becomes a file name (`<name>.safetensors`, the cache folder `<name>-<key>`): a plain slug,
@@ -59,6 +64,15 @@ class PromptSet:
             values = [self.vars[name] for name in names]
             out += [template.format(**dict(zip(names, combo))) for combo in itertools.product(*values)]
         return list(dict.fromkeys(out))
+
+    def expanded_count(self) -> int:
+        """How many prompts `expand` makes at most (before duplicates go), without making them. For templates
+        that `Recipe.validate` has checked (each field names a variable)."""
+        count = len(self.prompts)
+        for template in self.templates:
+            names = dict.fromkeys(name for _, name, _, _ in string.Formatter().parse(template) if name)
+            count += math.prod(len(self.vars[name]) for name in names)
+        return count
 
 
 @dataclass
@@ -220,88 +234,57 @@ class Recipe:
         chosen = {k: data[k] for k in (keys or tuple(data))}
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
-    def validate(self, source: str) -> None:
+    def validate(self, source: str, overridden: Iterable[str] = ()) -> None:
+        """Check every setting before any work. `source` is the recipe file; `overridden` are the dotted
+        keys that overrides set, so that their errors name the flag instead of the file."""
+        origins = _Origins(source, frozenset(overridden))
+
         def fail(key: str, problem: str) -> None:
-            raise RecipeError(f"{source}: {key}: {problem}")
+            raise origins.error(key, problem)
 
         if not self.name:
             fail("name", "must not be empty")
-        if self.resolution < 0:
-            fail("resolution", f"must be 0 (not stated) or the image side in pixels, got {self.resolution}")
         if not SAFE_NAME.fullmatch(self.name) or len(self.name) > 200:
             fail("name", f"{self.name!r} is not a safe file name: use letters, digits, '.', '_' and '-', "
                          "starting with a letter or digit")
-        for key, value in _float_fields(self):
-            if not math.isfinite(value):
-                fail(key, f"must be a finite number, got {value}")
+        for key, value, may_be_auto in _number_fields(self):
+            problem = NUMBER_BOUNDS[key].problem(value, may_be_auto)
+            if problem:
+                fail(key, problem)
         for section in ("target", "anchors"):
             prompt_set: PromptSet = getattr(self, section)
-            for template in prompt_set.templates:
-                for _, name, _, _ in string.Formatter().parse(template):
-                    if name and name not in prompt_set.vars:
-                        fail(f"{section}.templates", f"{template!r} uses {{{name}}} but {section}.vars has no {name!r}")
-            if prompt_set.images < 1:
-                fail(f"{section}.images", f"must be at least 1, got {prompt_set.images}")
+            for index, template in enumerate(prompt_set.templates):
+                problem = _template_problem(template, prompt_set.vars, f"{section}.vars")
+                if problem:
+                    fail(f"{section}.templates[{index}]", problem)
+            count = prompt_set.expanded_count()
+            if count > MAX_PROMPTS:
+                fail(f"{section}.templates", f"expand to {count:,} prompts (templates × vars); at most {MAX_PROMPTS:,}")
         if not self.target_prompts and not self.target.image_folder:
             fail("target", "give prompts, templates, or an image_folder")
-        if self.scramble.grid < 1:
-            fail("scramble.grid", f"must be at least 1, got {self.scramble.grid}")
         if self.scramble.space not in ("pixel", "latent"):
             fail("scramble.space", f"must be 'pixel' or 'latent', got {self.scramble.space!r}")
-        if self.lora.rank < 1:
-            fail("lora.rank", f"must be at least 1, got {self.lora.rank}")
-        if self.lora.alpha <= 0:
-            fail("lora.alpha", f"must be more than 0, got {self.lora.alpha}")
         if not self.lora.targets:
             fail("lora.targets", "must name at least one module")
         if self.lora.text_local and any(t not in TEXT_LOCAL_TARGETS for t in self.lora.targets):
             fail("lora.targets", f"lora.text_local needs attn2.to_k / attn2.to_v (and, on SDXL, {POOLED_TARGET}) "
                                  f"only, got {self.lora.targets}")
-        for key in ("train.steps", "train.batch_size", "sampling.steps", "sampling.batch_size"):
-            section, name = key.split(".")
-            if getattr(getattr(self, section), name) < 1:
-                fail(key, f"must be at least 1, got {getattr(getattr(self, section), name)}")
-        if self.train.learning_rate <= 0:
-            fail("train.learning_rate", f"must be more than 0, got {self.train.learning_rate}")
-        if not 0 <= self.train.seed < 2**32:  # the data and batch seeds are derived from it and must stay u64
-            fail("train.seed", f"must be between 0 and 2**32 - 1, got {self.train.seed}")
-        if self.train.preservation_weight < 0:
-            fail("train.preservation_weight", f"must be 0 or more, got {self.train.preservation_weight}")
         if self.train.preservation not in ("distill", "denoise", "none"):
             fail("train.preservation", f"must be 'distill', 'denoise' or 'none', got {self.train.preservation!r}")
         if self.train.preservation != "none" and not self.anchor_prompts:
             fail("anchors", f"train.preservation = {self.train.preservation!r} needs anchor prompts")
-        if not 0 <= self.train.unconditional_share <= 1:
-            fail("train.unconditional_share", f"must be between 0 and 1, got {self.train.unconditional_share}")
-        if self.train.adversarial_rounds < 0 or self.train.adversarial_prompts < 1:
-            fail("train.adversarial_rounds", "rounds must be 0 or more and adversarial_prompts at least 1, got "
-                 f"{self.train.adversarial_rounds} and {self.train.adversarial_prompts}")
         if self.train.adversarial_rounds and not self.target_prompts:
             fail("train.adversarial_rounds", "adversarial training attacks the target prompts; add target.prompts")
-        if self.train.prompt_contexts < 0:
-            fail("train.prompt_contexts", f"must be 0 or more, got {self.train.prompt_contexts}")
         if self.train.split_encoders and not self.target_prompts:
             fail("train.split_encoders", "gives the target prompts to one text encoder; add target.prompts or templates")
         if self.train.prompt_contexts and not self.target_prompts:
             fail("train.prompt_contexts", "puts the target prompts in contexts; add target.prompts or templates")
-        if self.train.target_scale_min is not None and not 0 < self.train.target_scale_min <= 1:
-            fail("train.target_scale_min", f"must be \"auto\" or in (0, 1], got {self.train.target_scale_min}")
-        if self.train.anchor_scale_jitter < 0:
-            fail("train.anchor_scale_jitter", f"must be 0 or more, got {self.train.anchor_scale_jitter}")
-        if self.train.checkpoint_every < 1 or self.train.sample_every < 0:
-            fail("train.checkpoint_every/sample_every", "must be at least 1 / at least 0")
         if self.train.optimizer not in ("adamw8bit", "adamw"):
             fail("train.optimizer", f"must be 'adamw8bit' or 'adamw', got {self.train.optimizer!r}")
         if self.train.mixed_precision not in ("no", "fp16", "bf16"):
             fail("train.mixed_precision", f"must be 'no', 'fp16' or 'bf16', got {self.train.mixed_precision!r}")
         if self.guard.enabled and not self.target_prompts:
             fail("guard.enabled", "a guard keeps the target prompts' text response; add target.prompts or templates")
-        for key, least in (("rounds", 0), ("steps", 1), ("rank", 1), ("batch", 1), ("free_tokens", 1),
-                           ("attack_steps", 1), ("composed", 0)):
-            if getattr(self.guard, key) < least:
-                fail(f"guard.{key}", f"must be at least {least}, got {getattr(self.guard, key)}")
-        if self.guard.learning_rate <= 0 or self.guard.keep_weight < 0 or self.guard.gate_weight < 0:
-            fail("guard.learning_rate/keep_weight/gate_weight", "the rate must be more than 0, the weights 0 or more")
         if self.name in self.guard.stacked_with:
             fail("guard.stacked_with", f"names the recipe itself ({self.name}); name the other shields' recipes")
 
@@ -322,24 +305,185 @@ class Recipe:
         """
         what, side = ("images", image_side) if self.scramble.space == "pixel" else ("latents", latent_side)
         if side % self.scramble.grid:
-            divisors = [d for d in range(1, side + 1) if side % d == 0]
+            divisors = [d for d in range(NUMBER_BOUNDS["scramble.grid"].low, side + 1) if side % d == 0]
             raise RecipeError(
                 f"recipe {self.name!r}: scramble.grid: {self.scramble.grid} does not divide the base model's "
                 f"{side}x{side} {what} (scramble.space = {self.scramble.space!r}); use one of {divisors}")
 
 
-def _float_fields(node, prefix: str = ""):
-    """(dotted key, value) of every float field of the recipe, sections included."""
+def override_flag(dotted: str) -> str:
+    """The `dt-lora train` flag that overrides the recipe key `dotted` (`train.steps` -> `--train-steps`)."""
+    return "--" + dotted.replace(".", "-").replace("_", "-")
+
+
+@dataclass(frozen=True)
+class _Origins:
+    """Where each key's value came from, for the error messages: the recipe file, or the flag of an
+    override (a user who typed `--train-steps abc` must not be sent to look for a mistake in the file)."""
+
+    file: str  # the recipe file, or "<command line>" when there is none
+    overridden: frozenset[str] = frozenset()  # dotted keys that overrides set
+
+    def of(self, key: str) -> str:
+        """The flag that set `key` (or the list or table it is an item of), else the file."""
+        for dotted in self.overridden:
+            if key == dotted or key.startswith((f"{dotted}.", f"{dotted}[")):
+                return override_flag(dotted)
+        return self.file
+
+    def error(self, key: str, problem: str) -> RecipeError:
+        return RecipeError(f"{self.of(key)}: {key}: {problem}")
+
+
+def _format_number(number: float) -> str:
+    """As the command line's own checks write numbers (cli.py): 10,000,000; 2**63 - 1; 0.001."""
+    if isinstance(number, int):
+        if number >= 2**31 and (number + 1).bit_count() == 1:
+            return f"2**{(number + 1).bit_length() - 1} - 1"
+        return f"{number:,}"
+    return repr(number)
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The values a numeric recipe key may take: low to high (None: no upper bound), both included
+    unless `low_open`; `multiple_of` for sizes that must divide evenly; `zero` names what 0 means where
+    0 is allowed below `low` (resolution 0: not stated); `why` is said with the error."""
+
+    low: int | float
+    high: int | float | None
+    low_open: bool = False
+    multiple_of: int = 1
+    zero: str = ""
+    why: str = ""
+
+    def describe(self) -> str:
+        low = _format_number(self.low)
+        if self.high is None:
+            text = f"more than {low}" if self.low_open else f"at least {low}"
+        elif self.low_open:
+            text = f"more than {low} and at most {_format_number(self.high)}"
+        else:
+            text = f"from {low} to {_format_number(self.high)}"
+        if self.multiple_of > 1:
+            text = f"a multiple of {self.multiple_of} {text}"
+        if self.zero:
+            text = f"0 ({self.zero}) or {text}"
+        return text
+
+    def problem(self, value: int | float, may_be_auto: bool = False) -> str | None:
+        """What is wrong with `value`, or None. NaN fails every comparison, so finiteness comes first."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, got {value!r}"
+        allowed = ((value > self.low if self.low_open else value >= self.low)
+                   and (self.high is None or value <= self.high)
+                   and (self.multiple_of == 1 or value % self.multiple_of == 0))
+        if allowed or (self.zero and value == 0):
+            return None
+        auto = '"auto" or ' if may_be_auto else ""
+        why = f" ({self.why})" if self.why else ""
+        return f"must be {auto}{self.describe()}{why}, got {_format_number(value)}"
+
+
+# Upper bounds are far above any sane run: they catch typos (an extra zero or three) before hours of work,
+# and the sizes that would overflow something (a seed, the sampler's noise levels, CLIP's context). The
+# command line's own flags (cli.py: -n, --steps, --seed) use the same limits where they mean the same.
+MAX_STEPS = 10_000_000
+MAX_BATCH = 65_536
+MAX_IMAGES = 100_000  # as the command line's -n: days of drawing on a GPU already
+# the rank of one LoRA matrix; text-local shields are also held to the base's text width once it is
+# loaded (locality.py), free LoRAs to the width of the layers they adapt (peft)
+MAX_RANK = 1024
+MAX_WEIGHT = 10_000
+MAX_ROUNDS = 100
+# one prompt set's prompts, templates × vars expanded: each is encoded (and drawn) at least once a run,
+# and the expansion itself must not exhaust memory
+MAX_PROMPTS = 100_000
+
+# One entry per int or float field of Recipe (a test checks that none is missing).
+NUMBER_BOUNDS: dict[str, Bound] = {
+    "resolution": Bound(8, 16_384, multiple_of=8, zero="not stated",
+                        why="the VAE halves the image side three times"),
+    "target.images": Bound(1, MAX_IMAGES),
+    "anchors.images": Bound(1, MAX_IMAGES),
+    "scramble.grid": Bound(2, 1024, why="a 1x1 grid has one tile, which cannot move"),
+    "lora.rank": Bound(1, MAX_RANK),
+    "lora.alpha": Bound(0, MAX_WEIGHT, low_open=True),
+    "train.steps": Bound(1, MAX_STEPS),
+    # no upper bound: a rate too high for the data diverges, and training stops saying so (TrainingDiverged)
+    "train.learning_rate": Bound(0, None, low_open=True),
+    "train.batch_size": Bound(1, MAX_BATCH),
+    # the batch seeds are (seed * 1_000_003 + step) * 64 + process (train.py): they must fit 64 bits
+    "train.seed": Bound(0, 2**32 - 1),
+    "train.preservation_weight": Bound(0, MAX_WEIGHT),
+    "train.unconditional_share": Bound(0, 1),
+    "train.anchor_scale_jitter": Bound(0, 100),
+    "train.target_scale_min": Bound(0, 1, low_open=True),
+    "train.adversarial_rounds": Bound(0, MAX_ROUNDS),
+    "train.adversarial_prompts": Bound(1, MAX_PROMPTS),
+    "train.prompt_contexts": Bound(0, 1000),
+    "train.checkpoint_every": Bound(1, MAX_STEPS),
+    "train.sample_every": Bound(0, MAX_STEPS),  # 0: never
+    "guard.rounds": Bound(0, MAX_ROUNDS),
+    "guard.steps": Bound(1, MAX_STEPS),
+    "guard.rank": Bound(1, MAX_RANK),
+    "guard.learning_rate": Bound(0, None, low_open=True),
+    "guard.keep_weight": Bound(0, MAX_WEIGHT),
+    "guard.gate_weight": Bound(0, MAX_WEIGHT),
+    "guard.batch": Bound(1, MAX_BATCH),
+    "guard.free_tokens": Bound(1, 75, why="CLIP reads 77 tokens, two of them its start and end"),
+    "guard.attack_steps": Bound(1, MAX_STEPS),
+    "guard.seed": Bound(0, 2**63 - 1),  # torch's generators take seeds up to 64 bits
+    "guard.composed": Bound(0, MAX_PROMPTS),
+    "sampling.steps": Bound(1, 1000, why="the samplers have 1000 noise levels"),
+    "sampling.guidance": Bound(0, 100),
+    "sampling.batch_size": Bound(1, MAX_BATCH),
+}
+
+
+def _number_fields(node, prefix: str = ""):
+    """(dotted key, value, may be "auto") of every int and float field of the recipe, sections
+    included; a float that is "auto" (None) has nothing to check and is left out."""
+    hints = get_type_hints(type(node))
     for f in fields(node):
         value = getattr(node, f.name)
         key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            yield from _float_fields(value, f"{key}.")
-        elif isinstance(value, float):
-            yield key, value
+        annotation = hints[f.name]
+        may_be_auto = get_origin(annotation) is types.UnionType and type(None) in get_args(annotation)
+        if may_be_auto:
+            (annotation,) = (a for a in get_args(annotation) if a is not type(None))
+        if dataclasses.is_dataclass(annotation):
+            yield from _number_fields(value, f"{key}.")
+        elif annotation in (int, float) and value is not None:
+            yield key, value, may_be_auto
 
 
-def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
+def _template_problem(template: str, variables: dict[str, list[str]], vars_key: str) -> str | None:
+    """What keeps `template` from expanding with `variables`, or None. Checked with the parser that
+    `str.format` uses, field by field, so that `expand` cannot fail later."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as error:  # a lone "{" or "}", or a field cut short ("{colour!}")
+        return f"{template!r} has a stray brace or a broken field ({error}); write {{{{ or }}}} for a literal brace"
+    for _, name, spec, conversion in parsed:
+        if name is None:  # literal text only
+            continue
+        if name == "" or name.isdigit():
+            return (f"{template!r} has a positional field {{{name}}}; name one of {vars_key} instead, "
+                    f"like {{{next(iter(variables), 'colour')}}}")
+        if any(c in name for c in ".[]"):
+            return f"{template!r} has the field {{{name}}}; a field is a variable's bare name, without '.' or '[]'"
+        if conversion is not None or spec:
+            field_text = name + (f"!{conversion}" if conversion is not None else "") + (f":{spec}" if spec else "")
+            return f"{template!r} has the field {{{field_text}}}; write {{{name}}} (no conversion or format spec)"
+        if name not in variables:
+            return f"{template!r} uses {{{name}}} but {vars_key} has no {name!r}"
+        if not variables[name]:
+            return f"{template!r} uses {{{name}}} but {vars_key}.{name} is empty"
+    return None
+
+
+def _coerce(value: Any, annotation: Any, key: str, origins: _Origins) -> Any:
     """Check a TOML (or CLI string) value against the field's type, converting where lossless."""
     origin = get_origin(annotation)
     if origin is types.UnionType and type(None) in get_args(annotation):  # a setting that may be "auto"
@@ -347,64 +491,64 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
             return None
         (inner,) = (a for a in get_args(annotation) if a is not type(None))
         try:
-            return _coerce(value, inner, key, source)
+            return _coerce(value, inner, key, origins)
         except RecipeError:
-            raise RecipeError(f"{source}: {key}: expected \"auto\" or a {inner.__name__}, got {value!r}") from None
+            raise origins.error(key, f"expected \"auto\" or a {inner.__name__}, got {value!r}") from None
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
-            raise RecipeError(f"{source}: {key}: expected a table, got {type(value).__name__}")
-        return _build(annotation, value, key, source)
+            raise origins.error(key, f"expected a table, got {type(value).__name__}")
+        return _build(annotation, value, key, origins)
     if origin is list:
         (item,) = get_args(annotation)
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
-            raise RecipeError(f"{source}: {key}: expected a list, got {value!r}")
-        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+            raise origins.error(key, f"expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]", origins) for i, v in enumerate(value)]
     if origin is dict:
         _, item = get_args(annotation)
         if not isinstance(value, dict):
-            raise RecipeError(f"{source}: {key}: expected a table, got {value!r}")
-        return {k: _coerce(v, item, f"{key}.{k}", source) for k, v in value.items()}
+            raise origins.error(key, f"expected a table, got {value!r}")
+        return {k: _coerce(v, item, f"{key}.{k}", origins) for k, v in value.items()}
     if annotation is bool:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         if not isinstance(value, bool):
-            raise RecipeError(f"{source}: {key}: expected true or false, got {value!r}")
+            raise origins.error(key, f"expected true or false, got {value!r}")
         return value
     if annotation in (int, float):
         if isinstance(value, bool):
-            raise RecipeError(f"{source}: {key}: expected a number, got {value!r}")
+            raise origins.error(key, f"expected a number, got {value!r}")
         try:
             number = annotation(value)
-        except (TypeError, ValueError):
-            raise RecipeError(f"{source}: {key}: expected {annotation.__name__}, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf), float(10**400)
+            raise origins.error(key, f"expected {annotation.__name__}, got {value!r}") from None
         if annotation is int and isinstance(value, float) and number != value:
-            raise RecipeError(f"{source}: {key}: expected an integer, got {value!r}")
+            raise origins.error(key, f"expected an integer, got {value!r}")
         return number
     if annotation is str:
         if not isinstance(value, str):
-            raise RecipeError(f"{source}: {key}: expected a string, got {value!r}")
+            raise origins.error(key, f"expected a string, got {value!r}")
         return value
     raise TypeError(f"unsupported recipe field type {annotation}")  # a bug in this module, not the input
 
 
-def _build(cls, table: dict[str, Any], prefix: str, source: str):
+def _build(cls, table: dict[str, Any], prefix: str, origins: _Origins):
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     for key in table:
         if key not in known:
             where = f"{prefix}.{key}" if prefix else key
-            raise RecipeError(f"{source}: {where}: unknown key (known: {', '.join(sorted(known))})")
+            raise origins.error(where, f"unknown key (known: {', '.join(sorted(known))})")
     kwargs = {}
     for f in fields(cls):
         if f.name in table:
             where = f"{prefix}.{f.name}" if prefix else f.name
-            kwargs[f.name] = _coerce(table[f.name], hints[f.name], where, source)
+            kwargs[f.name] = _coerce(table[f.name], hints[f.name], where, origins)
     try:
         return cls(**kwargs)
     except TypeError as error:
-        raise RecipeError(f"{source}: {prefix or 'recipe'}: {error}") from None
+        raise origins.error(prefix or "recipe", str(error)) from None
 
 
 def override_keys() -> list[tuple[str, Any]]:
@@ -420,7 +564,9 @@ def override_keys() -> list[tuple[str, Any]]:
 
 
 def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Read a recipe file (or start from defaults when `path` is None) and apply dotted overrides."""
+    """Read a recipe file (or start from defaults when `path` is None) and apply dotted overrides
+    (`{"train.steps": "50"}`, the values of `dt-lora train`'s flags). An error in a value from the file
+    names the file and the key; one in an override names its flag (`--train-steps`) and the key."""
     table: dict[str, Any] = {}
     source = str(path) if path is not None else "<command line>"
     if path is not None:
@@ -431,14 +577,19 @@ def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None
             table = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise RecipeError(f"{path}: not valid TOML: {error}") from None
-    for dotted, value in (overrides or {}).items():
+    overrides = overrides or {}
+    file_origins = _Origins(source)
+    for dotted, value in overrides.items():
         *sections, key = dotted.split(".")
         node = table
-        for section in sections:
+        for depth, section in enumerate(sections):
             node = node.setdefault(section, {})
+            if not isinstance(node, dict):  # the file set `train = 5` and a flag sets train.steps
+                raise file_origins.error(".".join(sections[:depth + 1]), f"expected a table, got {node!r}")
         node[key] = value
     if "name" not in table:
-        raise RecipeError(f"{source}: name: missing (the concept's name)")
-    recipe = _build(Recipe, table, "", source)
-    recipe.validate(source)
+        hint = "; give a RECIPE file or --name" if path is None else ""
+        raise RecipeError(f"{source}: name: missing (the concept's name{hint})")
+    recipe = _build(Recipe, table, "", _Origins(source, frozenset(overrides)))
+    recipe.validate(source, overrides)
     return recipe

@@ -5,6 +5,9 @@ checkout's `adapters/*.toml` and `adapters/toy-*.safetensors` (`python -m dt_lor
     recipe_path("toy-circle")   # the shipped file; a path to an existing file comes back unchanged
     adapter_path("toy-circle")  # the shipped adapter, likewise (shipped_adapter: None where none ships)
 
+A local file named like a shipped one (`./toy-circle`) is taken instead, with a note on stderr unless it
+was written as a path; a local folder of that name never hides the shipped file.
+
 In a checkout `shipped_recipes/` is a link to `adapters/`; in a wheel it is a folder of copies
 (pyproject.toml's `[tool.maturin] include`), so `dt-lora demo` and `dt-lora train toy-circle` work
 from any folder after `pip install`.
@@ -12,6 +15,8 @@ from any folder after `pip install`.
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 RECIPES_DIR = Path(__file__).parent / "shipped_recipes"
@@ -29,23 +34,50 @@ def shipped_adapter(name: str) -> Path | None:
 
 
 def adapter_path(name_or_path: str | Path) -> Path:
-    """`name_or_path` itself unless it is missing and names a shipped adapter (`toy-circle`)."""
+    """The adapter file `name_or_path` means: a local file of that name, else the shipped adapter of that
+    name (`toy-circle`), else `name_or_path` itself (whose reading then says what is wrong with it)."""
     path = Path(name_or_path)
-    if not path.exists() and path.parent == Path("."):
-        return shipped_adapter(path.name) or path
-    return path
+    if not _is_bare_name(name_or_path):
+        return path
+    shipped = shipped_adapter(path.name)
+    if shipped is None:
+        return path
+    return _local_or_shipped(path, shipped, "shield")
 
 
 def recipe_path(name_or_path: str | Path) -> Path:
-    """A recipe file: `name_or_path` itself if it is a file, else the shipped recipe of that name
-    (`toy-circle` or `toy-circle.toml`)."""
+    """A recipe file: a local file `name_or_path`, else the shipped recipe of that name (`toy-circle` or
+    `toy-circle.toml`)."""
     path = Path(name_or_path)
+    shipped = RECIPES_DIR / f"{path.name.removesuffix('.toml')}.toml"
+    if _is_bare_name(name_or_path) and shipped.is_file():
+        return _local_or_shipped(path, shipped, "recipe")
     if path.is_file():
         return path
-    if path.parent == Path("."):  # a bare name: the shipped recipe of that name
-        shipped = RECIPES_DIR / f"{path.name.removesuffix('.toml')}.toml"
-        if shipped.is_file():
-            return shipped
     raise FileNotFoundError(
         f"recipe {str(name_or_path)!r} is neither a file nor a shipped recipe "
         f"({', '.join(list_recipes()) or f'none found in {RECIPES_DIR}'}; `dt-lora recipes` lists them)")
+
+
+# A bare name can mean a local file or a shipped one. The user's own file comes first, but only a file: a
+# folder of that name (a checkout, an output folder named after the shield) would otherwise hide the
+# shipped file and fail later with an error about the folder. A file that hides a shipped one is said once
+# per name on stderr; `./NAME` (a path, not a bare name) takes the local file without a word.
+_shadowing_noted: set[str] = set()
+
+
+def _is_bare_name(name_or_path: str | Path) -> bool:
+    """True for `toy-circle`, False for `./toy-circle` or `a/toy-circle` (a Path drops a leading `./`, so
+    only a string can say it)."""
+    text = str(name_or_path)
+    return not any(separator and separator in text for separator in (os.sep, os.altsep))
+
+
+def _local_or_shipped(path: Path, shipped: Path, kind: str) -> Path:
+    if not path.is_file():
+        return shipped
+    if path.name not in _shadowing_noted:
+        _shadowing_noted.add(path.name)
+        print(f"dt-lora: note: using the local file {path.name}, not the shipped {kind} of that name "
+              "(`dt-lora recipes --path` shows where that one is)", file=sys.stderr)
+    return path
