@@ -28,7 +28,8 @@ pub struct PlanSpec {
     pub cols: usize,
     /// Transposes keep a tile's shape only when it is square.
     pub square_tiles: bool,
-    /// No tile stays in place (when the grid has more than one tile).
+    /// No tile stays in place. A 1x1 grid cannot be deranged: `validate`
+    /// refuses it rather than return the identity as if it were scrambled.
     pub derange: bool,
     /// Draw a transform code per output tile (grids of more than one tile);
     /// otherwise all codes are 0.
@@ -66,6 +67,11 @@ impl PlanSpec {
                     self.rows, self.cols
                 ))
             })?;
+        if self.derange && self.tiles_per_image() == 1 {
+            return Err(GridError::new(
+                "grid 1x1 has a single tile, which cannot be moved: a derangement needs at least 2 tiles",
+            ));
+        }
         Ok(())
     }
 }
@@ -107,9 +113,10 @@ fn fill_image_plan(
             let j = below(rng, i as u64 + 1) as usize;
             tiles.swap(i, j);
         }
-        // Rejection sampling keeps derangements uniform; about e tries on average.
+        // Rejection sampling keeps derangements uniform; about e tries on average
+        // (`validate` has refused the single tile, for which it would never end).
         let has_fixed_point = tiles.iter().enumerate().any(|(p, &t)| t as usize == p);
-        if !(spec.derange && n > 1 && has_fixed_point) {
+        if !(spec.derange && has_fixed_point) {
             break;
         }
     }
@@ -300,10 +307,24 @@ mod tests {
     }
 
     #[test]
-    fn single_tile_is_identity() {
-        let (tiles, transforms) = batch_plan(&spec(1, 1, true, true), 10, 0, 0).unwrap();
+    fn single_tile_without_derange_is_identity() {
+        let (tiles, transforms) = batch_plan(&spec(1, 1, false, true), 10, 0, 0).unwrap();
         assert!(tiles.iter().all(|&t| t == 0));
         assert!(transforms.iter().all(|&t| t == 0));
+    }
+
+    #[test]
+    fn single_tile_cannot_be_deranged() {
+        for flips in [false, true] {
+            let err = batch_plan(&spec(1, 1, true, flips), 10, 0, 0).unwrap_err();
+            assert!(err.to_string().contains("single tile"), "{err}");
+            assert!(!err.is_out_of_memory());
+            // Also for an empty batch: the grid is wrong whatever the images.
+            assert!(batch_plan(&spec(1, 1, true, flips), 0, 0, 0).is_err());
+        }
+        // Two tiles are enough: the only derangement swaps them.
+        let (tiles, _) = batch_plan(&spec(1, 2, true, false), 5, 0, 0).unwrap();
+        assert!(tiles.chunks(2).all(|img| img == [1, 0]));
     }
 
     #[test]

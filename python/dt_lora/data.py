@@ -63,8 +63,13 @@ def encode_pixels(vae, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def load_image_folder(folder: str | Path, size: int) -> np.ndarray:
-    """The user's own images of the concept: centre-cropped to squares and resized; uint8 NHWC."""
+    """The user's own images of the concept: centre-cropped to squares and resized; uint8 NHWC.
+
+    Each file is read by `dt_lora.images.read_rgb` (any mode and bit depth to 8-bit RGB, upright,
+    transparency on white); one it cannot read is an `ImageReadError` naming it."""
     from PIL import Image
+
+    from .images import read_rgb
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -74,11 +79,7 @@ def load_image_folder(folder: str | Path, size: int) -> np.ndarray:
         raise FileNotFoundError(f"target.image_folder {folder} has no PNG or JPEG images")
     images = []
     for path in paths:
-        try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-        except OSError as error:
-            raise ValueError(f"{path}: not a readable image ({error})") from None
+        image = Image.fromarray(read_rgb(path))
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
         image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)

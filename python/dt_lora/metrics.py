@@ -311,17 +311,17 @@ def _batches(images, batch_size: int) -> Iterator[np.ndarray]:
 
 
 def _folder_batches(files: list[Path], size: tuple[int, int], batch_size: int) -> Iterator[np.ndarray]:
-    """Reference images as uint8 NHWC batches, centre-cropped and resized to `size` (width, height)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    """Reference images as uint8 NHWC batches, centre-cropped and resized to `size` (width, height).
+
+    Each file is read by `dt_lora.images.read_rgb` (any mode and bit depth to 8-bit RGB, upright,
+    transparency on white); one it cannot read is an `ImageReadError` naming it."""
+    from PIL import Image, ImageOps
+
+    from .images import read_rgb
 
     for start in range(0, len(files), batch_size):
-        batch = []
-        for path in files[start:start + batch_size]:
-            try:
-                with Image.open(path) as image:
-                    batch.append(np.asarray(ImageOps.fit(image.convert("RGB"), size, Image.Resampling.BICUBIC)))
-            except (OSError, UnidentifiedImageError) as error:
-                raise ValueError(f"reference image {path} could not be read ({error})") from None
+        batch = [np.asarray(ImageOps.fit(Image.fromarray(read_rgb(path)), size, Image.Resampling.BICUBIC))
+                 for path in files[start:start + batch_size]]
         yield np.stack(batch)
 
 
