@@ -194,15 +194,15 @@ def test_adapter_arguments_take_a_shipped_shields_name(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args, refusal", [
-    (["generate", "x", "--steps", "0", "-o", "o"], "--steps: must be at least 1, got 0"),  # was a ZeroDivisionError
+    (["generate", "x", "--steps", "0", "-o", "o"], "--steps: must be from 1 to 1,000, got 0"),  # was a ZeroDivisionError
     (["eval", "--recipe", "toy-circle", "--adapter", "toy-circle", "--steps", "0", "-o", "o"],
-     "--steps: must be at least 1, got 0"),  # was silently the recipe's steps
+     "--steps: must be from 1 to 1,000, got 0"),  # was silently the recipe's steps
     (["attack", "--recipe", "toy-circle", "--adapter", "toy-circle", "--steps", "-1", "-o", "o"],
-     "--steps: must be at least 1, got -1"),
-    (["generate", "x", "-n", "0", "-o", "o"], "-n/--num-images: must be at least 1, got 0"),
-    (["merge", "toy-circle", "toy-red", "--rank", "0", "-o", "m.safetensors"], "--rank: must be at least 1, got 0"),
+     "--steps: must be from 1 to 1,000, got -1"),
+    (["generate", "x", "-n", "0", "-o", "o"], "-n/--num-images: must be from 1 to 100,000, got 0"),
+    (["merge", "toy-circle", "toy-red", "--rank", "0", "-o", "m.safetensors"], "--rank: must be from 1 to 1,000,000, got 0"),
     (["merge", "toy-circle", "toy-red", "--weights", "1,abc", "-o", "m.safetensors"],
-     "--weights: expected comma-separated numbers, got '1,abc'"),  # was "invalid <lambda> value"
+     "--weights: expected comma-separated finite numbers, got '1,abc'"),  # was "invalid <lambda> value"
 ])
 def test_bad_counts_and_weights_are_refused_before_any_work(args, refusal, tmp_path, monkeypatch, capsys):
     from dt_lora.cli import main

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dt_lora import errors
@@ -109,7 +110,9 @@ def test_eval_writes_a_marked_report_and_overwrite_replaces_it(adapter, tmp_path
     assert main(args) == 0
     assert json.loads((out / OUTPUT_MARKER).read_text())["command"] == "eval" and (out / "report.json").is_file()
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
-    (out / "grids" / "stale.png").write_bytes(b"from an older report")
+    (out / "grids" / "stale.png").write_bytes(b"from an older report")  # one grid more than this report draws
+    marker = json.loads((out / OUTPUT_MARKER).read_text())
+    (out / OUTPUT_MARKER).write_text(json.dumps({**marker, "contents": [*marker["contents"], "grids/stale.png"]}))
     assert main([*args, "--overwrite"]) == 0
     assert not (out / "grids" / "stale.png").exists()  # replaced whole, not mixed with the old report
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "small.toml"]  # no temporary folder left
@@ -176,16 +179,16 @@ def test_scramble_overwrite_replaces_only_images_dt_lora_wrote(tmp_path, capsys)
 
 
 def test_check_output_kinds(tmp_path):
-    check_output(tmp_path / "missing", False)
-    check_output(tmp_path / "missing", False, folder=True)
+    check_output(tmp_path / "missing", False, kind="adapter")
+    check_output(tmp_path / "missing", False, kind="model")
     (tmp_path / "dir").mkdir()
     with pytest.raises(errors.OutputInTheWay, match="is not a file"):
-        check_output(tmp_path / "dir", True)
+        check_output(tmp_path / "dir", True, kind="adapter")
     (tmp_path / "file").write_text("x")
     with pytest.raises(errors.OutputInTheWay, match="is not a folder"):
-        check_output(tmp_path / "file", True, folder=True)
+        check_output(tmp_path / "file", True, kind="model")
     with pytest.raises(errors.OutputInTheWay, match="pass --overwrite"):
-        check_output(tmp_path / "file", False)
+        check_output(tmp_path / "file", False, kind="adapter")
     assert errors.exit_code(errors.OutputInTheWay("x")) == errors.EXIT_USER
 
 
@@ -241,9 +244,9 @@ def test_stale_temporaries_of_a_killed_write_are_swept_by_the_next_run(tmp_path)
 
 def test_atomic_directory_leaves_the_old_folder_when_the_new_one_fails(tmp_path):
     out = tmp_path / "made"
-    with atomic_directory(out) as folder:
-        (folder / OUTPUT_MARKER).write_text("{}")
-    with pytest.raises(RuntimeError), atomic_directory(out, overwrite=True) as folder:
+    with atomic_directory(out, kind="report", command="test") as folder:
+        pass
+    with pytest.raises(RuntimeError), atomic_directory(out, kind="report", command="test", overwrite=True) as folder:
         (folder / "partial").write_text("x")
         raise RuntimeError("killed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["made"]
@@ -323,3 +326,245 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr("dt_lora.scramble.scramble_folder", lambda *a, **k: None + 1)
     with pytest.raises(TypeError):
         main(["scramble", "in", "out"])
+
+
+# ---------------------------------------------------------------- ownership: only what dt-lora recorded, of that kind
+
+
+def test_overwrite_never_takes_a_users_file_beside_dt_lora_images(tmp_path, capsys):
+    photos = user_folder(tmp_path / "photos")
+    assert main(["generate", "a red circle", "-o", str(photos), "-n", "1", "--steps", "2"]) == 0
+    assert sorted(p.name for p in photos.iterdir()) == ["000000.png", OUTPUT_MARKER, "holiday.jpg"]
+    capsys.readouterr()
+    assert main(["bake", "--adapter", "toy-circle", "-o", str(photos), "--overwrite"]) == 2
+    line = one_error_line(capsys.readouterr().err, "bake")
+    assert str(photos) in line and "folder of images" in line and "not a baked model folder" in line
+    assert (photos / "holiday.jpg").read_bytes() == b"the user's photo" and (photos / "000000.png").is_file()
+
+
+def test_overwrite_replaces_a_baked_folder_only_while_it_holds_only_what_dt_lora_wrote(tmp_path, capsys):
+    baked = tmp_path / "baked"
+    bake = ["bake", "--adapter", "toy-circle", "-o", str(baked)]
+    assert main(bake) == 0
+    marker = json.loads((baked / OUTPUT_MARKER).read_text())
+    assert marker["kind"] == "model" and "unet/diffusion_pytorch_model.safetensors" in marker["contents"]
+    (baked / "unet" / "my-notes.txt").write_text("the user's")
+    capsys.readouterr()
+    assert main([*bake, "--overwrite"]) == 2
+    line = one_error_line(capsys.readouterr().err, "bake")
+    assert str(baked / "unet" / "my-notes.txt") in line and "did not write" in line
+    assert (baked / "unet" / "my-notes.txt").read_text() == "the user's"
+    (baked / "unet" / "my-notes.txt").unlink()
+    assert main([*bake, "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("first, second, kind", [
+    (["bake", "--adapter", "toy-circle"], ["eval", "--recipe", "toy-circle", "--adapter", "toy-circle"], "a report"),
+    (["merge", "toy-circle", "toy-red"], ["export", "toy-circle"], "a kohya LoRA"),
+    (["export", "toy-circle"], ["merge", "toy-circle", "toy-red"], "a shield adapter"),
+])
+def test_overwrite_replaces_only_an_output_of_the_same_kind(first, second, kind, tmp_path, capsys):
+    out = tmp_path / ("out" if first[0] == "bake" else "out.safetensors")
+    assert main([*first, "-o", str(out)]) == 0
+    before = sorted(p.name for p in out.iterdir()) if out.is_dir() else out.read_bytes()
+    capsys.readouterr()
+    assert main([*second, "-o", str(out), "--overwrite"]) == 2
+    assert f"not {kind}" in one_error_line(capsys.readouterr().err, second[0])
+    assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else out.read_bytes()) == before
+
+
+# ---------------------------------------------------------------- the output can be written, before any work
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "toy-circle", "--train-steps", "2"],
+    ["generate", "a red circle", "-n", "1"],
+    ["bake", "--adapter", "toy-circle"],
+    ["merge", "toy-circle", "toy-red"],
+])
+@pytest.mark.parametrize("where", ["inside a file", "a folder that takes no files"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(command, where, tmp_path, monkeypatch, capsys):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded for an output that cannot be written")
+
+    monkeypatch.setattr("dt_lora.base.load_pipeline", no_model)
+    monkeypatch.setattr("dt_lora.merge.merge_adapters", no_model)
+    monkeypatch.chdir(tmp_path)
+    if where == "inside a file":
+        (tmp_path / "notes.txt").write_text("the user's")
+        out = tmp_path / "notes.txt" / "sub" / "out.safetensors"
+    else:
+        out = Path("/proc/dt-lora-test/out.safetensors")  # /proc takes no new files, not even root's
+    assert main([*command, "-o", str(out)]) == 2
+    line = one_error_line(capsys.readouterr().err, command[0])
+    assert f"cannot write {out}" in line
+    assert ("notes.txt is a file, not a folder" in line) if where == "inside a file" else ("does not take new files" in line)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["notes.txt"] if where == "inside a file" else [])
+
+
+# ---------------------------------------------------------------- finite numbers in and out
+
+
+@pytest.mark.parametrize("weight", ["nan", "inf", "-inf"])
+def test_a_weight_that_is_not_finite_is_refused_by_the_parser(weight, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", "a red circle", "--adapter", f"toy-circle:{weight}", "-o", str(tmp_path / "x")])
+    assert exit.value.code == 2 and "must be a finite number" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["merge", "toy-circle", "toy-red", f"--weights={weight},1", "-o", str(tmp_path / "m.safetensors")])
+    assert "finite numbers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "a red circle", f"--guidance={weight}", "-o", str(tmp_path / "x")])
+    assert "--guidance: must be a finite number" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def _shipped_with(tmp_path: Path, name: str, *, b_max: float | None = None, alpha: float | None = None) -> Path:
+    """toy-circle's file with its lora_B values scaled up to `b_max` or its alpha changed, as a hand-edited
+    file would be."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from dt_lora.recipes import adapter_path
+
+    with safe_open(adapter_path("toy-circle"), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for key, tensor in tensors.items():
+        if "lora_B" in key and b_max is not None:
+            tensors[key] = tensor / tensor.abs().max() * b_max
+    if alpha is not None:
+        config = json.loads(metadata["lora_adapter_metadata"])
+        config["unet.lora_alpha"] = alpha
+        metadata["lora_adapter_metadata"] = json.dumps(config)
+    save_file(tensors, tmp_path / name, metadata=metadata)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("adapter, problem", [
+    ("toy-circle:1e308", "beyond the 65504 that float16 holds"),
+    ("toy-circle:1e6", "beyond the 65504 that float16 holds"),  # baked, it made 14 float16 tensors inf
+    ("huge-b", "beyond the 65504 that float16 holds"),
+    ("huge-alpha", "beyond the 65504 that float16 holds"),
+    ("zero-alpha", "lora_alpha = 0"),
+    ("negative-alpha", "lora_alpha = -2"),
+])
+def test_an_adapter_that_would_draw_nan_is_refused_before_the_model_loads(adapter, problem, tmp_path, monkeypatch,
+                                                                         capsys):
+    files = {"huge-b": dict(b_max=3e38), "huge-alpha": dict(alpha=1e308), "zero-alpha": dict(alpha=0),
+             "negative-alpha": dict(alpha=-2)}
+    if adapter in files:
+        adapter = str(_shipped_with(tmp_path, f"{adapter}.safetensors", **files[adapter]))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("dt_lora.base.load_pipeline", no_model)
+    for command in (["generate", "a red circle", "-o", str(tmp_path / "x"), "-n", "1"],
+                    ["bake", "-o", str(tmp_path / "b")]):
+        assert main([*command, "--adapter", adapter]) == 2
+        assert problem in one_error_line(capsys.readouterr().err, command[0])
+    assert main(["merge", adapter.split(":")[0], "toy-red", "-o", str(tmp_path / "m.safetensors")]
+                + (["--weights", "1e308,1"] if ":" in adapter else [])) == 2
+    assert problem in one_error_line(capsys.readouterr().err, "merge")
+    assert not [p for p in tmp_path.iterdir() if not p.name.endswith("-alpha.safetensors")
+                and not p.name.startswith("huge")]
+
+
+def test_a_drawn_nan_is_an_error_not_a_black_image():
+    from dt_lora.errors import NonFinite
+    from dt_lora.generate import generate_images
+
+    class DrawsNan:  # a pipeline whose weights overflow: diffusers hands back NaN where the picture was
+        def __call__(self, prompts, **kwargs):
+            images = np.full((len(prompts), 8, 8, 3), 0.5, np.float32)
+            images[1, 2, 3] = np.nan
+            return type("Output", (), {"images": images})
+
+    with pytest.raises(NonFinite, match=r"NaN or inf values in 1 of 2 image\(s\), e.g. 'b' at seed 8"):
+        generate_images(DrawsNan(), ["a", "b"], seed=7, steps=1, guidance=1.0)
+
+
+def test_bake_refuses_a_model_that_is_not_finite_and_writes_nothing(toy_pipeline, tmp_path, capsys):
+    import copy
+
+    base = copy.deepcopy(toy_pipeline)
+    with torch.no_grad():  # a damaged base: one weight overflowed
+        base.unet.conv_in.weight[0, 0, 0, 0] = float("inf")
+    base.save_pretrained(tmp_path / "base")
+    out = tmp_path / "b"
+    assert main(["bake", "--base", str(tmp_path / "base"), "--adapter", "toy-circle", "-o", str(out), "--force"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # (after diffusers' loading bars)
+    assert "the baked model (float16): tensor unet.conv_in.weight holds NaN or inf" in line and "nothing was written" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+def test_nothing_dt_lora_writes_holds_nan(tmp_path):
+    from dt_lora.adapters import AdapterError, read_adapter, write_adapter
+    from dt_lora.errors import NonFinite
+    from dt_lora.export import write_kohya
+    from dt_lora.recipes import adapter_path
+    from dt_lora.tensorfiles import write_safetensors
+
+    adapter = read_adapter(adapter_path("toy-circle"))
+    key = next(iter(adapter.weights))
+    adapter.weights[key] = adapter.weights[key].clone()
+    adapter.weights[key][0, 0] = float("inf")
+    with pytest.raises((AdapterError, NonFinite), match="inf"):  # (write_adapter's own layer check says so first)
+        write_adapter(tmp_path / "a.safetensors", adapter)
+    with pytest.raises((AdapterError, NonFinite), match="inf"):
+        write_kohya(tmp_path / "k.safetensors", adapter)
+    with pytest.raises(NonFinite, match=r"x.safetensors: tensor b holds NaN or inf \(1 NaN, 0 inf\); nothing was written"):
+        write_safetensors(tmp_path / "x.safetensors", {"a": torch.zeros(2), "b": torch.tensor([0.0, float("nan")])})
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- bounds on sizes
+
+
+def test_merge_rank_above_the_exact_rank_writes_the_exact_merge_and_says_so(tmp_path, capsys):
+    from dt_lora.adapters import read_adapter
+
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", "toy-circle", "toy-red", "--rank", "100000", "-o", str(out)]) == 0
+    assert "--rank 100000 is not below the exact merge's rank 4: wrote the exact merge" in capsys.readouterr().out
+    assert read_adapter(out).rank == 4 and out.stat().st_size < 200_000
+
+
+@pytest.mark.parametrize("flag, value, problem", [
+    ("--seed", "99999999999999999999", "must be from 0 to 2**63 - 1"),
+    ("--seed", "-5", "must be from 0 to 2**63 - 1"),
+    ("-n", "1000000000000", "must be from 1 to 100,000"),
+    ("--steps", "0", "must be from 1 to 1,000"),
+    ("--guidance", "nan", "must be a finite number"),
+    ("--guidance", "-1", "must be at least 0"),
+])
+def test_sizes_seeds_and_numbers_are_bounded_by_the_parser(flag, value, problem, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", "a red circle", flag, value, "-o", str(tmp_path / "x")])
+    assert exit.value.code == 2
+    assert problem in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- a foreign LoRA config
+
+
+def test_an_adapter_config_without_target_modules_is_refused_by_every_command(tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from dt_lora.recipes import adapter_path
+
+    with safe_open(adapter_path("toy-circle"), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    metadata["lora_adapter_metadata"] = json.dumps({"unet.r": 2, "unet.lora_alpha": 2.0})
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, bad, metadata=metadata)
+    for command in (["generate", "x", "--adapter", str(bad), "-o", str(tmp_path / "g"), "-n", "1", "--steps", "2"],
+                    ["merge", str(bad), "toy-red", "-o", str(tmp_path / "m.safetensors")],
+                    ["bake", "--adapter", str(bad), "-o", str(tmp_path / "b")]):
+        assert main(command) == 2
+        line = one_error_line(capsys.readouterr().err, command[0])
+        assert str(bad) in line and "unet.target_modules = None" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from dt_lora import GridPlan, _native, grid_plan, prepare_images, scramble_grid
+from dt_lora.errors import UserError
+from dt_lora.scramble import GridError, scramble_folder
 from reference import image_tiles, reference_scramble
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -61,7 +65,7 @@ def scramble_cases(draw: st.DrawFn) -> dict:
         "grid": (rows, cols) if rows != cols or draw(st.booleans()) else rows,
         "layout": layout,
         "seed": draw(st.integers(0, 2**64 - 1)),
-        "derange": draw(st.booleans()),
+        "derange": rows * cols > 1 and draw(st.booleans()),  # a single tile cannot be deranged
         "flips": draw(st.booleans()),
         "offset": draw(st.integers(0, 1000)),
     }
@@ -136,11 +140,29 @@ def test_split_batch_with_offset_equals_one_call(case: dict) -> None:
 
 @pytest.mark.parametrize("use_torch", [False, True])
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-def test_grid_one_is_identity(use_torch: bool, layout: str) -> None:
+def test_grid_one_without_derange_is_a_copy(use_torch: bool, layout: str) -> None:
     x = random_images((2, 3, 6, 10), "float32", use_torch, seed=1)
-    out, plan = scramble_grid(x, 1, seed=5, layout=layout, flips=True, return_perm=True)
+    out, plan = scramble_grid(x, 1, seed=5, layout=layout, derange=False, flips=True, return_perm=True)
     np.testing.assert_array_equal(as_bits(out), as_bits(x))
     assert not np.asarray(plan.tiles).any() and not np.asarray(plan.transforms).any()
+
+
+@pytest.mark.parametrize("grid", [1, (1, 1)])
+def test_single_tile_grid_cannot_be_deranged(grid) -> None:
+    x = random_images((2, 3, 6, 10), "uint8", False, seed=1)
+    for call in (lambda: scramble_grid(x, grid, seed=5), lambda: grid_plan(2, grid, (6, 10), seed=5)):
+        with check_error(GridError, "single tile", "cannot be moved") as raised:
+            call()
+        assert isinstance(raised.value, UserError) and isinstance(raised.value, ValueError)
+        assert "\n" not in str(raised.value)
+    # The native planner refuses it on its own (an exception, not the identity and not a panic).
+    with check_error(ValueError, "single tile"):
+        _native.grid_plan(2, 1, 1, True, 5, 0, True, False)
+
+
+def test_two_tiles_are_always_swapped() -> None:
+    plan = grid_plan(50, (1, 2), (4, 8), seed=0)
+    assert (plan.tiles.reshape(50, 2) == [1, 0]).all()
 
 
 @pytest.mark.parametrize("use_torch", [False, True])
@@ -206,9 +228,18 @@ def test_prepare_equals_reference_of_unit_range(n, c, rows, cols, tile, dtype, u
     assert torch.equal(got, expected)
     assert got.min() >= -1 and got.max() <= 1
 
-    # Same plan as scrambling the bytes directly.
-    _, byte_plan = scramble_grid(x, (rows, cols), seed, layout="NHWC", flips=flips, offset=7, return_perm=True)
+    # Same plan as scrambling the bytes directly (a 1x1 grid is the conversion alone: nothing to derange).
+    _, byte_plan = scramble_grid(x, (rows, cols), seed, layout="NHWC", derange=rows * cols > 1, flips=flips,
+                                 offset=7, return_perm=True)
     np.testing.assert_array_equal(np.asarray(byte_plan.tiles), np.asarray(plan.tiles))
+
+
+@pytest.mark.parametrize("flips", [False, True])
+def test_prepare_with_grid_one_is_the_unscrambled_conversion(flips: bool) -> None:
+    x = random_images((2, 6, 10, 3), "uint8", False, seed=4)
+    out = prepare_images(x, 1, seed=9, flips=flips)
+    expected = (np.moveaxis(x, -1, 1).astype(np.float64) * 2 / 255 - 1).astype(np.float32)
+    np.testing.assert_array_equal(out, expected)
 
 
 def test_prepare_endpoints() -> None:
@@ -222,10 +253,10 @@ def test_prepare_endpoints() -> None:
 
 
 @contextmanager
-def check_error(exc_type: type[Exception], *fragments: str) -> Iterator[None]:
+def check_error(exc_type: type[Exception], *fragments: str) -> Iterator[pytest.ExceptionInfo]:
     """Expect `exc_type` with a message naming every fragment."""
     with pytest.raises(exc_type) as info:
-        yield
+        yield info
     for fragment in fragments:
         assert fragment in str(info.value), f"{fragment!r} not in {str(info.value)!r}"
 
@@ -392,3 +423,91 @@ def test_huge_plan_is_an_exception_not_an_abort() -> None:
     whole = grid_plan(6, 4, (8, 8), 5)
     first, rest = grid_plan(2, 4, (8, 8), 5), grid_plan(4, 4, (8, 8), 5, offset=2)
     np.testing.assert_array_equal(whole.tiles, np.concatenate([first.tiles, rest.tiles]))
+
+
+# ---------------------------------------------------------------- folders (what `dt-lora scramble` writes)
+
+
+def read_back(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image)
+
+
+def four_tile_image() -> np.ndarray:
+    """An 8x8 RGB image whose four 4x4 tiles are flat, distinct colours."""
+    image = np.empty((8, 8, 3), np.uint8)
+    for index, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]):
+        row, col = divmod(index, 2)
+        image[row * 4:(row + 1) * 4, col * 4:(col + 1) * 4] = colour
+    return image
+
+
+@pytest.fixture
+def one_image_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(four_tile_image()).save(folder / "tiles.png")
+    return folder
+
+
+@pytest.mark.parametrize("grid", [1, (1, 1)])
+def test_folder_with_single_tile_grid_is_refused_before_writing(one_image_folder: Path, tmp_path: Path,
+                                                                grid) -> None:
+    out = tmp_path / "out"
+    with check_error(GridError, "1x1", "single tile"):
+        scramble_folder(one_image_folder, out, grid, seed=0, progress=False)
+    assert not out.exists()
+
+
+def test_cli_grid_one_exits_2_with_one_line(one_image_folder: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    from dt_lora.cli import main
+
+    out = tmp_path / "out"
+    assert main(["scramble", str(one_image_folder), str(out), "--grid", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "single tile" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_folder_with_single_tile_grid_without_derange_is_a_copy(one_image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    scramble_folder(one_image_folder, out, 1, seed=0, derange=False, progress=False)
+    np.testing.assert_array_equal(read_back(out / "tiles.png"), four_tile_image())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_folder_grid_two_leaves_no_tile_in_place(one_image_folder: Path, tmp_path: Path, seed: int) -> None:
+    out = tmp_path / "out"
+    scramble_folder(one_image_folder, out, 2, seed=seed, progress=False)
+    source, scrambled = four_tile_image(), read_back(out / "tiles.png")
+    source_tiles, scrambled_tiles = image_tiles(source, 2, 2), image_tiles(scrambled, 2, 2)
+    assert sorted(scrambled_tiles) == sorted(source_tiles)
+    assert all(a != b for a, b in zip(source_tiles, scrambled_tiles))
+
+
+def test_folder_16_bit_grey_png_scrambles_its_8_bit_gradient(tmp_path: Path) -> None:
+    gradient_8 = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(gradient_8.astype(np.uint16) * 257).save(folder / "grey16.png")  # mode I;16
+    out = tmp_path / "out"
+    scramble_folder(folder, out, 4, seed=3, progress=False)
+    written = read_back(out / "grey16.png")
+    assert written.dtype == np.uint8 and written.shape == (16, 16)  # 8-bit grey, as the input was grey
+    expected = scramble_grid(np.ascontiguousarray(gradient_8[..., None]), 4, 3, layout="NHWC")[..., 0]
+    np.testing.assert_array_equal(written, expected)
+
+
+@pytest.mark.parametrize(
+    "grid, fragments",
+    [(16, ["grid 16x16 is larger than the 8x8 image", "tiles.png"]),
+     ((1, 9), ["larger than the 8x8 image", "tiles.png"]),
+     (3, ["8x8 is not divisible by the grid 3x3", "tiles.png"])],
+)
+def test_folder_grid_that_does_not_fit_names_the_file(one_image_folder: Path, tmp_path: Path, grid,
+                                                     fragments: list[str]) -> None:
+    with check_error(GridError, str(one_image_folder / "tiles.png"), *fragments) as raised:
+        scramble_folder(one_image_folder, tmp_path / "out", grid, seed=0, progress=False)
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "out").exists()

@@ -28,7 +28,8 @@ from typing import NamedTuple
 
 import torch
 
-from .io import atomic_write
+from .errors import NonFinite
+from .tensorfiles import write_safetensors
 
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 DT_METADATA_KEY = "dt_lora"
@@ -122,22 +123,18 @@ def adapter_family(adapter: AdapterFile) -> str:
 
 def write_adapter(path: str | Path, adapter: AdapterFile) -> Path:
     """Write atomically: readers see the old file or the whole new one, never a partial one."""
-    from safetensors.torch import save
-
     path = Path(path)
     parts = adapter.parts()
     for prefix, part in parts:
         lora_layers(part, source=path, prefix=prefix)  # never write a file that read_adapter would refuse
-    tensors = {prefix + k: v.contiguous() for prefix, part in parts for k, v in part.weights.items()}
+    tensors = {prefix + k: v for prefix, part in parts for k, v in part.weights.items()}
     config = {prefix + k: v for prefix, part in parts for k, v in part.lora_config.items()}
     metadata = {
         "format": "pt",
         LORA_METADATA_KEY: json.dumps(config, sort_keys=True),
-        DT_METADATA_KEY: json.dumps({"concepts": adapter.concepts}),
+        DT_METADATA_KEY: json.dumps({"kind": "adapter", "concepts": adapter.concepts}),
     }
-    with atomic_write(path) as f:
-        f.write(save(tensors, metadata=metadata))
-    return path
+    return write_safetensors(path, tensors, metadata)
 
 
 class LoraLayer(NamedTuple):
@@ -206,11 +203,27 @@ def _checked_config(config: dict, where: str, prefix: str) -> int:
     rank, alpha = config.get("r"), config.get("lora_alpha")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise AdapterError(f"{where}metadata '{LORA_METADATA_KEY}' has {prefix}r = {rank!r}; the rank must be an integer >= 1")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise AdapterError(f"{where}metadata '{LORA_METADATA_KEY}' has {prefix}lora_alpha = {alpha!r}; expected a finite number")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise AdapterError(f"{where}metadata '{LORA_METADATA_KEY}' has {prefix}lora_alpha = {alpha!r}; "
+                           "expected a finite number > 0")
     for option, what in _UNSUPPORTED.items():
         if config.get(option):
             raise AdapterError(f"{where}uses {what}, which dt-lora does not support")
+    targets = config.get("target_modules")
+    # diffusers builds a peft LoraConfig from this metadata; without targets peft guesses them from a
+    # `model_type` the UNet does not have, and fails deep inside the load
+    if not (isinstance(targets, str) and targets) and not (
+            isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
+        raise AdapterError(f"{where}metadata '{LORA_METADATA_KEY}' has {prefix}target_modules = {targets!r}; "
+                           "expected the adapted layers' names (a list of strings)")
+    from peft import LoraConfig
+
+    try:
+        LoraConfig(**config)
+    except (TypeError, ValueError) as error:
+        problem = (str(error).splitlines() or [type(error).__name__])[0]
+        raise AdapterError(f"{where}metadata '{LORA_METADATA_KEY}' is not a LoRA config peft accepts "
+                           f"({prefix[:-1]} part: {problem})") from None
     return rank
 
 
@@ -228,6 +241,14 @@ def _check_tensor(tensor: torch.Tensor, what: str) -> None:
 
 def _dims(tensor: torch.Tensor) -> str:
     return "×".join(str(n) for n in tensor.shape)
+
+
+def read_adapters(paths: Sequence[str | Path], weights: Sequence[float] | None = None) -> list[AdapterFile]:
+    """Read and validate adapter files, and check each at its stacking weight (`check_strengths`): what every
+    command does with its adapters before it loads a model."""
+    adapters = [read_adapter(path) for path in paths]
+    check_strengths(adapters, list(weights) if weights is not None else [1.0] * len(adapters), paths)
+    return adapters
 
 
 def read_adapter(path: str | Path) -> AdapterFile:
@@ -270,6 +291,35 @@ def read_adapter(path: str | Path) -> AdapterFile:
     for prefix, part in adapter.parts():
         lora_layers(part, source=path, prefix=prefix)
     return adapter
+
+
+# The largest weight change an adapter may make to one weight: what float16, the precision SD is drawn in,
+# can hold. Real shields change weights by well under 1; a change beyond this draws NaN (black images) or
+# bakes inf weights, whatever the base.
+MAX_WEIGHT_CHANGE = float(torch.finfo(torch.float16).max)
+
+
+def check_strengths(adapters: Sequence[AdapterFile], weights: Sequence[float],
+                    sources: Sequence[str | Path]) -> None:
+    """Refuse an adapter whose weight change at its stacking weight, w·(α/r)·B·A, is not finite or exceeds
+    `MAX_WEIGHT_CHANGE` anywhere: a weight that is NaN or inf, or one (or a file's lora_alpha or lora_B) so
+    large that the shield would draw NaN. Costs nothing for ordinary adapters: the product is computed only
+    when a bound on it is not already small."""
+    for adapter, weight, source in zip(adapters, weights, sources):
+        if not math.isfinite(weight):
+            raise NonFinite(f"{source}: the adapter weight {weight} is not a finite number")
+        for prefix, part in adapter.parts():
+            for layer, lora in lora_layers(part, source=source, prefix=prefix).items():
+                bound = (abs(weight) * abs(lora.scale) * lora.A.shape[0]
+                         * float(lora.A.abs().max()) * float(lora.B.abs().max()))
+                if bound <= MAX_WEIGHT_CHANGE:
+                    continue
+                change = float((weight * lora.scale * (lora.B.double() @ lora.A.double())).abs().max())
+                if change <= MAX_WEIGHT_CHANGE:
+                    continue
+                raise NonFinite(f"{source}: at weight {weight:g} it changes {prefix}{layer} by up to {change:.3g}, "
+                                f"beyond the {MAX_WEIGHT_CHANGE:g} that float16 holds: the weight, or the file's "
+                                f"lora_alpha ({part.alpha:g}) or lora_B values, are far too large")
 
 
 def pipeline_text_encoders(pipeline) -> dict:
@@ -347,8 +397,8 @@ def load_adapters(pipeline, paths, weights=None, *, force: bool = False) -> list
     weights = list(weights) if weights is not None else [1.0] * len(paths)
     if len(weights) != len(paths):
         raise ValueError(f"got {len(paths)} adapters but {len(weights)} weights")
-    check_fits([read_adapter(p) for p in paths], pipeline.unet, force=force, sources=paths,
-               text_encoders=pipeline_text_encoders(pipeline))
+    read = read_adapters(paths, weights)
+    check_fits(read, pipeline.unet, force=force, sources=paths, text_encoders=pipeline_text_encoders(pipeline))
 
     names = []
     try:

@@ -8,7 +8,8 @@ the same way. No LoRA layer is left, so the UNet is a plain `UNet2DConditionMode
 
 Formats:
   diffusers    a pipeline folder (`save_pretrained`) plus `dt_lora.json` (shielded concepts, base,
-               baked UNet fingerprint); written under a temporary name and moved into place
+               baked UNet fingerprint, the folder's files); written under a temporary name and moved
+               into place
   single-file  one .safetensors in the original SD key layout (`single_file.py`), the provenance in
                its metadata under `dt_lora`; what AUTOMATIC1111 and ComfyUI load
 """
@@ -21,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from .adapters import DT_METADATA_KEY, check_fits, lora_layers, part_models, pipeline_text_encoders, read_adapter
+from .adapters import (DT_METADATA_KEY, check_fits, lora_layers, part_models, pipeline_text_encoders, read_adapter,
+                       read_adapters)
 from .base import describe, diffusers_errors_only, load_pipeline, unet_fingerprint
 from .merge import merge_adapters
+from .tensorfiles import require_finite
 
 FORMATS = ("diffusers", "single-file")
-PROVENANCE_FILE = "dt_lora.json"
 
 
 @dataclass
@@ -63,30 +65,35 @@ def bake(base: str, adapters, out: str | Path, *, format: str = "diffusers", wei
          allow_pickle: bool | None = None) -> BakeResult:
     """Load `base`, fuse `adapters` into its UNet and write the full model to `out` in `format`.
 
-    With `overwrite`, an existing `out` is replaced only if dt-lora wrote it (`io.check_output`).
+    With `overwrite`, an existing `out` is replaced only if dt-lora wrote it (`io.claim_output`). A model
+    whose weights are not all finite in `dtype` (a shield weight so large that float16 overflows) is
+    refused, and nothing is written.
     """
-    from .io import atomic_directory, check_output
+    from .io import atomic_directory, claim_output
 
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
     out = Path(out)
-    check_output(out, overwrite, folder=format == "diffusers")
     if format == "single-file" and out.suffix != ".safetensors":
         raise ValueError(f"--format single-file writes one .safetensors file; got {out}")
-    for path in adapters:
-        read_adapter(path)  # a malformed adapter fails now, not after loading a large base model
-    pipeline = load_pipeline(base, allow_pickle=allow_pickle)
-    concepts = fuse_adapters(pipeline, adapters, weights, force=force)
-    with diffusers_errors_only():  # "modules that should be kept in float32: []": SD has none
-        pipeline.to(dtype)
-    fingerprint = unet_fingerprint(pipeline.unet)
-    provenance = {"concepts": concepts, "base": describe(base), "baked_unet_fingerprint": fingerprint}
-    if format == "diffusers":
-        with atomic_directory(out, overwrite=overwrite) as folder:
-            pipeline.save_pretrained(folder, safe_serialization=True)
-            (folder / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-    else:
-        from .single_file import write_single_file
+    kind = "model" if format == "diffusers" else "single-file"
+    with claim_output(out, overwrite, kind=kind):
+        read_adapters(adapters, weights)  # a malformed adapter fails now, not after loading a large base model
+        pipeline = load_pipeline(base, allow_pickle=allow_pickle)
+        concepts = fuse_adapters(pipeline, adapters, weights, force=force)
+        with diffusers_errors_only():  # "modules that should be kept in float32: []": SD has none
+            pipeline.to(dtype)
+        require_finite(((f"{name}.{key}", value) for name, component in pipeline.components.items()
+                        if isinstance(component, torch.nn.Module) for key, value in component.state_dict().items()),
+                       f"the baked model ({str(dtype).removeprefix('torch.')})",
+                       "lower the adapter weights" + (", or bake with --dtype float32" if dtype != torch.float32 else ""))
+        fingerprint = unet_fingerprint(pipeline.unet)
+        provenance = {"concepts": concepts, "base": describe(base), "baked_unet_fingerprint": fingerprint}
+        if format == "diffusers":
+            with atomic_directory(out, kind=kind, command="bake", overwrite=overwrite, **provenance) as folder:
+                pipeline.save_pretrained(folder, safe_serialization=True)
+        else:
+            from .single_file import write_single_file
 
-        write_single_file(pipeline, out, metadata={DT_METADATA_KEY: json.dumps(provenance)})
+            write_single_file(pipeline, out, metadata={DT_METADATA_KEY: json.dumps({"kind": kind, **provenance})})
     return BakeResult(out, concepts, fingerprint)

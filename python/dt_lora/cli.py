@@ -13,7 +13,9 @@ Exit codes (see `dt_lora.errors`): 0 done, 2 user error, 1 runtime failure,
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,35 +29,80 @@ EXIT_USAGE = EXIT_USER  # same code argparse uses for bad arguments
 
 
 def _grid_arg(text: str) -> int | tuple[int, int]:
-    """`4` -> 4, `2x3` -> (2, 3)."""
+    """`4` -> 4, `2x3` -> (2, 3); each side at least 1. A 1x1 grid depends on --no-derange, which an
+    argument type cannot see: scramble_folder refuses it (GridError, exit 2) before reading any image."""
     try:
         parts = [int(p) for p in text.lower().split("x")]
     except ValueError:
         parts = []
-    if len(parts) == 1:
-        return parts[0]
-    if len(parts) == 2:
-        return parts[0], parts[1]
-    raise argparse.ArgumentTypeError(f"expected N or ROWSxCOLS, got {text!r}")
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected N or ROWSxCOLS, got {text!r}")
+    if min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"tiles per side must be at least 1, got {text!r}")
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
 
 
-def _at_least_one(text: str) -> int:
-    """A count that must be positive (images, sampler steps, a merge rank): refused before any work."""
+def _count(at_most: int, at_least: int = 1) -> Callable[[str], int]:
+    """A count (images, sampler steps, a rank) from `at_least` to `at_most`, refused before any work: 0 sampler
+    steps divide by zero inside diffusers, and a typo's 10**12 images would allocate for hours before failing."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not at_least <= value <= at_most:
+            raise argparse.ArgumentTypeError(f"must be from {at_least} to {at_most:,}, got {value:,}")
+        return value
+
+    return parse
+
+
+_at_least_one = _count(1_000_000)
+_images = _count(100_000)  # images a command draws: days of work on a GPU already
+_sampler_steps = _count(1000)  # a sampler takes at most one step per training timestep (SD: 1000)
+_search_steps = _count(1_000_000, at_least=0)
+
+
+def _finite(text: str) -> float:
+    """A number that is not NaN or infinite: `float()` takes 'nan', and a NaN guidance silently turns
+    guidance off (every comparison with it is false), a NaN weight draws black images."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _guidance(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text!r}")
+    return value
+
+
+MAX_SEED = 2**63 - 1  # torch's generators take 64-bit seeds; image i uses seed + i
+
+
+def _seed(text: str) -> int:
+    """A seed from 0 to 2**63 - 1 (image files are named by seed, so a negative one would be '-00005.png')."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 2**63 - 1, got {value}")
     return value
 
 
 def _weights_arg(text: str) -> list[float]:
     """`1,0.5` -> [1.0, 0.5]."""
     try:
-        return [float(w) for w in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        return [_finite(w) for w in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got {text!r}") from None
 
 
 def _adapter_arg(text: str) -> tuple[Path, float]:
@@ -63,10 +110,14 @@ def _adapter_arg(text: str) -> tuple[Path, float]:
     path, sep, weight = text.rpartition(":")
     if sep and path:
         try:
-            return adapter_path(path), float(weight)
+            value = float(weight)
         except ValueError:
             if adapter_path(path).is_file() and not adapter_path(text).exists():
                 raise argparse.ArgumentTypeError(f"{text}: the weight after ':' must be a number, got {weight!r}")
+        else:
+            if not math.isfinite(value):
+                raise argparse.ArgumentTypeError(f"{text}: the weight after ':' must be a finite number, got {weight!r}")
+            return adapter_path(path), value
     return adapter_path(text), 1.0
 
 
@@ -119,11 +170,13 @@ def add_scramble_command(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("in_dir", type=Path, metavar="IN_DIR", help="folder of PNG/JPEG images")
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder for the scrambled PNGs")
-    parser.add_argument("--grid", type=_grid_arg, default=4, help="tiles per side, N or ROWSxCOLS (default: 4)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--grid", type=_grid_arg, default=4, help="tiles per side, N or ROWSxCOLS; at least 2 tiles unless "
+                        "--no-derange (default: 4)")
+    parser.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
     parser.add_argument("--flips", action="store_true", help="also flip/transpose tiles at random")
     parser.add_argument(
-        "--no-derange", dest="derange", action="store_false", help="allow tiles to stay in place"
+        "--no-derange", dest="derange", action="store_false",
+        help="allow tiles to stay in place (a 1x1 grid then copies the image)"
     )
     _add_overwrite_argument(parser)
     parser.set_defaults(run=run_scramble)
@@ -187,7 +240,6 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from dt_lora import distributed
-    from dt_lora.io import check_output
     from dt_lora.recipe import load_recipe
     from dt_lora.recipes import recipe_path
     from dt_lora.train import TrainingDiverged, train_adapter
@@ -195,7 +247,6 @@ def run_train(args: argparse.Namespace) -> int:
     overrides = {k[len("set:"):]: v for k, v in vars(args).items() if k.startswith("set:") and v is not None}
     recipe = load_recipe(recipe_path(args.recipe) if args.recipe else None, overrides)
     out = args.out or (args.recipe.parent if args.recipe else Path(".")) / f"{recipe.name}.safetensors"
-    check_output(out, args.overwrite)
     try:
         result = train_adapter(recipe, out, cache_dir=args.cache_dir, overwrite=args.overwrite,
                                progress=not args.quiet)
@@ -225,10 +276,10 @@ def add_generate_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--out", type=Path, required=True, metavar="OUT_DIR")
     _add_base_arguments(parser)
     _add_adapter_argument(parser)
-    parser.add_argument("-n", "--num-images", type=_at_least_one, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=_at_least_one, default=25, help="sampler steps (default: 25)")
-    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default: 5)")
+    parser.add_argument("-n", "--num-images", type=_images, default=4)
+    parser.add_argument("--seed", type=_seed, default=0, help="image i uses seed SEED+i (default: 0)")
+    parser.add_argument("--steps", type=_sampler_steps, default=25, help="sampler steps (default: 25)")
+    parser.add_argument("--guidance", type=_guidance, default=5.0, help="classifier-free guidance (default: 5)")
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--force", action="store_true", help="use adapters trained on another base")
     _add_overwrite_argument(parser)
@@ -238,28 +289,31 @@ def add_generate_command(subparsers: argparse._SubParsersAction) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from dt_lora.adapters import load_adapters
+    from dt_lora.adapters import load_adapters, read_adapters
     from dt_lora.base import load_pipeline
     from dt_lora.generate import generate_images
-    from dt_lora.io import atomic_write, check_output_files, record_output_files
+    from dt_lora.io import atomic_write, claim_output_files, record_output_files
 
+    if args.seed + args.num_images - 1 > MAX_SEED:
+        raise ValueError(f"--seed {args.seed} with {args.num_images} images runs past the largest seed, 2**63 - 1")
     names = [args.out / f"{args.seed + i:06d}.png" for i in range(args.num_images)]
-    check_output_files(args.out, [path.name for path in names], args.overwrite)
-    pipeline = load_pipeline(args.base, allow_pickle=args.allow_pickle)
-    if args.adapter:
-        load_adapters(pipeline, [p for p, _ in args.adapter], [w for _, w in args.adapter], force=args.force)
-    images = generate_images(pipeline, [args.prompt] * args.num_images, seed=args.seed, steps=args.steps,
-                             guidance=args.guidance, negative_prompt=args.negative_prompt, progress=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    written = []
-    try:
-        for path, image in zip(names, images):
-            with atomic_write(path) as f:
-                Image.fromarray(image).save(f, format="PNG")
-            written.append(path.name)
-    finally:  # also on Ctrl-C: what was written is ours, so a later --overwrite may replace it
-        if written:
-            record_output_files(args.out, written, "generate")
+    with claim_output_files(args.out, [path.name for path in names], args.overwrite):
+        read_adapters([p for p, _ in args.adapter], [w for _, w in args.adapter])  # before the model loads
+        pipeline = load_pipeline(args.base, allow_pickle=args.allow_pickle)
+        if args.adapter:
+            load_adapters(pipeline, [p for p, _ in args.adapter], [w for _, w in args.adapter], force=args.force)
+        images = generate_images(pipeline, [args.prompt] * args.num_images, seed=args.seed, steps=args.steps,
+                                 guidance=args.guidance, negative_prompt=args.negative_prompt, progress=True)
+        args.out.mkdir(parents=True, exist_ok=True)
+        written = []
+        try:
+            for path, image in zip(names, images):
+                with atomic_write(path) as f:
+                    Image.fromarray(image).save(f, format="PNG")
+                written.append(path.name)
+        finally:  # also on Ctrl-C: what was written is ours, so a later --overwrite may replace it
+            if written:
+                record_output_files(args.out, written, "generate")
     print(f"wrote {len(names)} image(s) to {args.out}")
     return 0
 
@@ -287,17 +341,20 @@ def add_merge_command(subparsers: argparse._SubParsersAction) -> None:
 
 def run_merge(args: argparse.Namespace) -> int:
     from dt_lora.adapters import write_adapter
-    from dt_lora.io import check_output
+    from dt_lora.io import claim_output
     from dt_lora.merge import merge_adapters
 
-    check_output(args.out, args.overwrite)
-    result = merge_adapters(args.adapters, args.weights, rank=args.rank, force=args.force)
-    for layer, error in sorted(result.layer_errors.items(), key=lambda kv: -kv[1]):
-        print(f"  {error:8.2%}  {layer}")
-    if result.layer_errors:
-        print(f"relative error: worst layer {result.overall_error:.2%}, "
-              f"mean {sum(result.layer_errors.values()) / len(result.layer_errors):.2%}")
-    write_adapter(args.out, result.adapter)
+    with claim_output(args.out, args.overwrite, kind="adapter"):
+        result = merge_adapters(args.adapters, args.weights, rank=args.rank, force=args.force)
+        for layer, error in sorted(result.layer_errors.items(), key=lambda kv: -kv[1]):
+            print(f"  {error:8.2%}  {layer}")
+        if result.layer_errors:
+            print(f"relative error: worst layer {result.overall_error:.2%}, "
+                  f"mean {sum(result.layer_errors.values()) / len(result.layer_errors):.2%}")
+        if result.capped_rank is not None:
+            print(f"--rank {result.capped_rank} is not below the exact merge's rank {result.adapter.rank}: "
+                  "wrote the exact merge, which computes the stack with no error")
+        write_adapter(args.out, result.adapter)
     names = ", ".join(c.get("name", "?") for c in result.adapter.concepts)
     print(f"wrote {args.out}: rank {result.adapter.rank}, shields {names}")
     return 0
@@ -323,11 +380,11 @@ def add_export_command(subparsers: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from dt_lora.adapters import read_adapter
     from dt_lora.export import write_kohya
-    from dt_lora.io import check_output
+    from dt_lora.io import claim_output
 
-    check_output(args.out, args.overwrite)
-    adapter = read_adapter(args.adapter)
-    write_kohya(args.out, adapter)
+    with claim_output(args.out, args.overwrite, kind="kohya-lora"):
+        adapter = read_adapter(args.adapter)
+        write_kohya(args.out, adapter)
     print(f"wrote {args.out} ({args.format}, rank {adapter.rank}, alpha {adapter.alpha:g})")
     return 0
 
@@ -386,15 +443,31 @@ def _output_folder(path: Path, overwrite: bool, command: str) -> Iterator[Path]:
     dt-lora's. Under `accelerate launch` only the main process writes; the others compute their
     shares (the library writes nothing on them) and wait until the folder is in place."""
     from dt_lora import distributed
-    from dt_lora.io import atomic_directory, mark_output_folder
+    from dt_lora.io import atomic_directory
 
     if distributed.is_main():
-        with atomic_directory(path, overwrite=overwrite) as folder:
+        with atomic_directory(path, kind="report", command=command, overwrite=overwrite) as folder:
             yield folder
-            mark_output_folder(folder, command)
     else:
         yield path
     distributed.wait()
+
+
+def _claims_report_folder(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """`run` with its report folder (`args.out`) claimed before any work and held until it ends
+    (`io.claim_output`); under `accelerate launch` by the main process, the one that writes it."""
+
+    @functools.wraps(run)
+    def claimed(args: argparse.Namespace) -> int:
+        from dt_lora import distributed
+        from dt_lora.io import claim_output
+
+        if not distributed.is_main():
+            return run(args)
+        with claim_output(args.out, args.overwrite, kind="report"):
+            return run(args)
+
+    return claimed
 
 
 def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
@@ -412,10 +485,10 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--negative-prompt", metavar="TEXT",
                         help="also draw with the base model and TEXT as negative prompt (the baseline DT improves on)")
     parser.add_argument("--clip", type=Path, metavar="DIR", help="score with CLIP zero-shot from this local CLIP folder")
-    parser.add_argument("--images-per-prompt", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=EVAL_SEED, help=f"first seed (default: {EVAL_SEED})")
-    parser.add_argument("--steps", type=_at_least_one, default=None, help="sampler steps (default: the first recipe's)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance (default: the first recipe's)")
+    parser.add_argument("--images-per-prompt", type=_images, default=2)
+    parser.add_argument("--seed", type=_seed, default=EVAL_SEED, help=f"first seed (default: {EVAL_SEED})")
+    parser.add_argument("--steps", type=_sampler_steps, default=None, help="sampler steps (default: the first recipe's)")
+    parser.add_argument("--guidance", type=_guidance, default=None, help="guidance (default: the first recipe's)")
     quality = parser.add_argument_group("general image quality on a captions file (real models)")
     quality.add_argument("--captions", type=Path, metavar="FILE",
                          help="one caption per line, or COCO captions_*.json: each condition draws one image per caption")
@@ -431,16 +504,15 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run_eval)
 
 
+@_claims_report_folder
 def run_eval(args: argparse.Namespace) -> int:
     from dt_lora import distributed
     from dt_lora.base import load_pipeline
     from dt_lora.evaluate import ClipScorer, QualityRequest, ToyScorer, evaluate_shields
-    from dt_lora.io import check_output
     from dt_lora.metrics import read_captions
     from dt_lora.recipe import load_recipe
     from dt_lora.recipes import recipe_path
 
-    check_output(args.out, args.overwrite, folder=True)
     recipes = [load_recipe(recipe_path(path)) for path in args.recipe]
     quality = None
     if args.captions:
@@ -506,37 +578,36 @@ def add_attack_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--clip", type=Path, metavar="DIR", help="score with CLIP zero-shot from this local CLIP folder")
     budget = parser.add_argument_group("attack budget")
     budget.add_argument("--methods", default=",".join(defaults.methods), help="comma-separated: discrete,soft")
-    budget.add_argument("--prompts", type=int, default=defaults.prompts, help="target prompts attacked per concept")
+    budget.add_argument("--prompts", type=_images, default=defaults.prompts, help="target prompts attacked per concept")
     budget.add_argument("--objective", choices=("contrast", "denoise"), default=defaults.objective,
                         help="contrast (default): the concept's denoising error relative to its neighbours' (the "
                         "recipe's anchors); denoise: the concept's error alone (UnlearnDiffAtk)")
     budget.add_argument("--placement", choices=("before", "after"), default=defaults.placement,
                         help="where the free tokens go: before the target prompt (default) or after it")
-    budget.add_argument("--free-tokens", type=int, default=defaults.free_tokens)
-    budget.add_argument("--attack-steps", type=int, default=defaults.steps, help="discrete search iterations")
-    budget.add_argument("--candidates", type=int, default=defaults.candidates, help="swaps evaluated per iteration")
-    budget.add_argument("--soft-steps", type=int, default=defaults.soft_steps, help="soft-prompt optimiser steps")
-    budget.add_argument("--seeds", type=int, default=defaults.seeds, help="fresh images per found prompt")
+    budget.add_argument("--free-tokens", type=_count(1000), default=defaults.free_tokens)
+    budget.add_argument("--attack-steps", type=_search_steps, default=defaults.steps, help="discrete search iterations")
+    budget.add_argument("--candidates", type=_images, default=defaults.candidates, help="swaps evaluated per iteration")
+    budget.add_argument("--soft-steps", type=_search_steps, default=defaults.soft_steps, help="soft-prompt optimiser steps")
+    budget.add_argument("--seeds", type=_images, default=defaults.seeds, help="fresh images per found prompt")
     budget.add_argument("--allow-concept-words", action="store_true",
                         help="let the free tokens be the concept's own words (excluded by default)")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="the attack's random seed")
-    parser.add_argument("--steps", type=_at_least_one, default=None, help="sampler steps (default: the first recipe's)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance (default: the first recipe's)")
+    parser.add_argument("--seed", type=_seed, default=defaults.seed, help="the attack's random seed")
+    parser.add_argument("--steps", type=_sampler_steps, default=None, help="sampler steps (default: the first recipe's)")
+    parser.add_argument("--guidance", type=_guidance, default=None, help="guidance (default: the first recipe's)")
     _add_overwrite_argument(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run_attack)
 
 
+@_claims_report_folder
 def run_attack(args: argparse.Namespace) -> int:
     from dt_lora import distributed
     from dt_lora.attack import AttackSettings, attack_shields, check_inputs, default_negative_prompt
     from dt_lora.base import load_pipeline
     from dt_lora.evaluate import ClipScorer, ToyScorer
-    from dt_lora.io import check_output
     from dt_lora.recipe import load_recipe
     from dt_lora.recipes import recipe_path
 
-    check_output(args.out, args.overwrite, folder=True)
     settings = AttackSettings(prompts=args.prompts, free_tokens=args.free_tokens, steps=args.attack_steps,
                               candidates=args.candidates, soft_steps=args.soft_steps, seeds=args.seeds,
                               allow_concept_words=args.allow_concept_words, seed=args.seed,

@@ -28,6 +28,18 @@ class OutputInTheWay(UserError, FileExistsError):
     """An output path exists and dt-lora may not replace it (not asked to, or not a dt-lora output)."""
 
 
+class OutputNotWritable(UserError, PermissionError):
+    """An output's place does not take new files (a folder on its way is a file, no permission, a read-only disk)."""
+
+
+class OutputBusy(UserError):
+    """Another dt-lora run holds this output or work folder."""
+
+
+class NonFinite(UserError, ValueError):
+    """Numbers that are NaN or infinite, or would become so: an input, a weight, or what would be written."""
+
+
 class UnsafeWeights(UserError, ValueError):
     """Model weights that only pickle can read, which dt-lora does not load unless told to."""
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .adapters import DT_METADATA_KEY, UNET_PREFIX, AdapterFile, adapter_family, lora_layers
-from .io import atomic_write
+from .tensorfiles import write_safetensors
 from .single_file import UNET_TEXT_TIME, UNET_TRANSFORMER, unet_blocks
 
 KOHYA_PREFIX = "lora_unet_"
@@ -92,15 +92,10 @@ def to_kohya(adapter: AdapterFile) -> dict[str, torch.Tensor]:
 
 
 def write_kohya(path: str | Path, adapter: AdapterFile) -> Path:
-    from safetensors.torch import save
-
-    path = Path(path)
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(adapter.rank),
         "ss_network_alpha": str(kohya_alpha(adapter)),
-        DT_METADATA_KEY: json.dumps({"concepts": adapter.concepts}),
+        DT_METADATA_KEY: json.dumps({"kind": "kohya-lora", "concepts": adapter.concepts}),
     }
-    with atomic_write(path) as f:
-        f.write(save(to_kohya(adapter), metadata=metadata))
-    return path
+    return write_safetensors(path, to_kohya(adapter), metadata)

@@ -60,8 +60,20 @@ def generate_images(
                 output_type="np",
                 **(batch_inputs(slice(start, start + len(batch))) if batch_inputs else {}),
             ).images
+        _check_drawn(images, batch, seed + start)
         chunks.append(np.ascontiguousarray(np.clip(np.rint(images * 255), 0, 255), dtype=np.uint8))
     return np.concatenate(chunks) if chunks else np.zeros((0, 0, 0, 3), dtype=np.uint8)
+
+
+def _check_drawn(images: np.ndarray, prompts: list[str], first_seed: int) -> None:
+    """A NaN drawn would be written as a black image without a word (uint8 takes it as 0): refuse it."""
+    from .errors import NonFinite
+
+    bad = [i for i, image in enumerate(images) if not np.isfinite(image).all()]
+    if bad:
+        raise NonFinite(f"the model drew NaN or inf values in {len(bad)} of {len(images)} image(s), e.g. "
+                        f"{prompts[bad[0]]!r} at seed {first_seed + bad[0]}; its weights (or a stacked adapter's "
+                        "weight) are too large, or its precision too low for them")
 
 
 def image_grid(images: np.ndarray, columns: int, scale: int = 2) -> np.ndarray:

@@ -6,7 +6,8 @@ file's alpha equal to its rank (scale 1). A layer that some adapter does not tou
 
 Compact (`rank=R`): per layer, the summed weight delta is truncated to rank R by SVD; the relative
 error of each layer (Frobenius norm) is reported, since whether it is acceptable is an empirical
-question for the shielding numbers.
+question for the shielding numbers. A rank R not below the exact merge's rank (the sum of the
+adapters' ranks) gives the exact merge, which already computes the stack with no error.
 
 Text-encoder parts (context guards) are merged the same way, always exactly, into the merged file's
 text-encoder part; an adapter without one adds nothing there.
@@ -19,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .adapters import (TEXT_ENCODERS, UNET_PREFIX, AdapterError, AdapterFile, adapter_family, lora_layers,
-                       read_adapter)
+from .adapters import (TEXT_ENCODERS, UNET_PREFIX, AdapterError, AdapterFile, adapter_family, check_strengths,
+                       lora_layers, read_adapter)
 from .family import label
 
 
@@ -28,6 +29,7 @@ from .family import label
 class MergeResult:
     adapter: AdapterFile
     layer_errors: dict[str, float]  # relative Frobenius error per layer (compact merges only)
+    capped_rank: int | None = None  # a compact rank asked for that is not below the exact merge's, which was written
 
     @property
     def overall_error(self) -> float:
@@ -61,12 +63,18 @@ def merge_adapters(adapters, weights=None, *, rank: int | None = None, force: bo
         raise ValueError(f"got {len(adapters)} adapters but {len(weights)} weights")
     sources = [f"adapter {i}" if isinstance(a, AdapterFile) else str(a) for i, a in enumerate(adapters)]
     adapters = [a if isinstance(a, AdapterFile) else read_adapter(a) for a in adapters]
+    check_strengths(adapters, weights, sources)
     families = {source: label(adapter_family(a)) for a, source in zip(adapters, sources)}
     if len(set(families.values())) > 1:  # not even with --force: the layers mean different things
         detail = ", ".join(f"{Path(source).name}: {name}" for source, name in families.items())
         raise AdapterError(f"adapters are shields of different model families ({detail}); they cannot be merged")
     if not force:
         check_same_base(adapters, [Path(s).name for s in sources])
+    capped = None
+    if rank is not None and rank >= sum(a.rank for a in adapters):
+        # the exact merge already has that rank or less: a larger rank adds only zero rows (a file of
+        # gigabytes from a few kilobytes at --rank 100000), and an equal one an SVD that loses nothing
+        capped, rank = rank, None
     merged, errors = _merge_part(adapters, weights, sources, rank, UNET_PREFIX)
     for name in TEXT_ENCODERS:  # the text-encoder parts (context guards): always exactly, they are small
         guarded = [i for i, adapter in enumerate(adapters) if name in adapter.text_encoders]
@@ -75,7 +83,7 @@ def merge_adapters(adapters, weights=None, *, rank: int | None = None, force: bo
                                                         [weights[i] for i in guarded], [sources[i] for i in guarded],
                                                         None, f"{name}.")
     merged.concepts = [{**c, "merge_weight": w} for adapter, w in zip(adapters, weights) for c in adapter.concepts]
-    return MergeResult(merged, errors)
+    return MergeResult(merged, errors, capped)
 
 
 def _merge_part(parts: list[AdapterFile], weights, sources, rank: int | None,

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple, TypeVar
 import numpy as np
 
 from dt_lora import _native
+from dt_lora.errors import UserError
 
 Grid = int | tuple[int, int]
 ArrayT = TypeVar("ArrayT")  # np.ndarray or torch.Tensor
@@ -31,6 +32,11 @@ ArrayT = TypeVar("ArrayT")  # np.ndarray or torch.Tensor
 _LAYOUTS = ("NCHW", "NHWC")
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _MAX_U64 = 2**64 - 1
+
+
+class GridError(UserError, ValueError):
+    """A grid that cannot cut or scramble the images it is given (too small, too large, not dividing
+    them, or a single tile where a derangement was asked for)."""
 
 
 class GridPlan(NamedTuple):
@@ -57,15 +63,26 @@ def _parse_grid(grid: Grid) -> tuple[int, int]:
     else:
         raise TypeError(f"grid must be an int or a (rows, cols) pair of ints, got {grid!r}")
     if rows < 1 or cols < 1:
-        raise ValueError(f"grid must be at least 1x1, got {rows}x{cols}")
+        raise GridError(f"grid must be at least 1x1, got {rows}x{cols}")
     return rows, cols
+
+
+def _check_derangeable(rows: int, cols: int, derange: bool) -> None:
+    """A derangement moves every tile, which a single tile cannot do: refused rather than copied."""
+    if derange and rows * cols == 1:
+        raise GridError(
+            "grid 1x1 has a single tile, which cannot be moved: use a grid of at least 2 tiles "
+            "(e.g. 2 or 1x2), or turn derangement off (--no-derange) to copy the image unchanged"
+        )
 
 
 def _tile_shape(height: int, width: int, rows: int, cols: int, what: str = "image") -> tuple[int, int]:
     if rows > height or cols > width:
-        raise ValueError(f"grid {rows}x{cols} is larger than the {height}x{width} {what}")
+        raise GridError(
+            f"grid {rows}x{cols} is larger than the {height}x{width} {what}: a tile needs at least 1 pixel"
+        )
     if height % rows or width % cols:
-        raise ValueError(
+        raise GridError(
             f"{what} height x width {height}x{width} is not divisible by the grid {rows}x{cols}; "
             "crop or resize it first"
         )
@@ -173,9 +190,11 @@ def grid_plan(
     """The plans `scramble_grid` would use for `n` images of size `image_hw`.
 
     Returns numpy arrays. `image_hw` matters only for divisibility checks and
-    for whether tiles are square (transposes are drawn only then).
+    for whether tiles are square (transposes are drawn only then). A 1x1 grid
+    with `derange` is a `GridError`: its one tile cannot move.
     """
     rows, cols = _parse_grid(grid)
+    _check_derangeable(rows, cols, derange)
     tile_hw = _tile_shape(int(image_hw[0]), int(image_hw[1]), rows, cols)
     return _native_plan(n, rows, cols, tile_hw, seed, offset, derange, flips)
 
@@ -201,7 +220,8 @@ def scramble_grid(
             divisible by it; nothing is cropped.
         seed: run seed in [0, 2**64).
         layout: "NCHW" (CHW for one image) or "NHWC" (HWC).
-        derange: no tile stays in place (when the grid has > 1 tile).
+        derange: no tile stays in place. A 1x1 grid cannot be deranged and
+            is a `GridError`; without `derange` it returns a copy.
         flips: also flip (and, for square tiles, transpose) each tile.
         return_perm: also return the `GridPlan` used, shape (N, rows, cols)
             (N = 1 for one image), as arrays of x's kind.
@@ -215,6 +235,7 @@ def scramble_grid(
     bits, kernel = _bits_view(x, torch, "x")
     channels_last = _layout_is_channels_last(layout)
     rows, cols = _parse_grid(grid)
+    _check_derangeable(rows, cols, derange)
     batch = bits if bits.ndim == 4 else bits[None]
     height, width = batch.shape[1:3] if channels_last else batch.shape[2:4]
     tile_hw = _tile_shape(height, width, rows, cols)
@@ -263,6 +284,11 @@ def prepare_images(
     single pass over memory. `images` is (N, H, W, C) or one (H, W, C) image;
     the result is (N, C, H, W) or (C, H, W) of `dtype` (float32 or float16,
     numpy or torch spelling), of the same kind (torch/numpy) as `images`.
+
+    Grid 1 (1x1) is the conversion alone, unscrambled: `derange` and `flips`
+    do not apply to it. Callers use it to turn anchors and evaluation images
+    into model input; a grid meant to scramble must have at least 2 tiles
+    (`scramble_grid` and `grid_plan` refuse a 1x1 grid with `derange`).
     """
     torch = _check_array(images, "images")
     if images.dtype != (torch.uint8 if torch is not None else np.uint8):
@@ -273,7 +299,8 @@ def prepare_images(
     batch = src if src.ndim == 4 else src[None]
     n, height, width, channels = batch.shape
     tile_hw = _tile_shape(height, width, rows, cols)
-    plan = _native_plan(n, rows, cols, tile_hw, seed, offset, derange, flips)
+    unscrambled = rows * cols == 1  # the native planner refuses to derange a single tile
+    plan = _native_plan(n, rows, cols, tile_hw, seed, offset, derange and not unscrambled, flips)
 
     out_shape = (n, channels, height, width) if src.ndim == 4 else (channels, height, width)
     if torch is not None:
@@ -301,20 +328,6 @@ def list_images(folder: Path) -> list[Path]:
     )
 
 
-def _read_pixels(path: Path) -> np.ndarray:
-    """The decoded pixels of one image file (L, LA, RGB or RGBA); a damaged file is a ValueError naming it."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ("L", "LA", "RGB", "RGBA"):
-                im = im.convert("RGBA" if "A" in im.getbands() or "transparency" in im.info else "RGB")
-            return np.asarray(im)  # decodes the whole file: a truncated one fails here
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        # PIL reports damaged files as OSError (truncated), SyntaxError (broken chunks) or ValueError
-        raise ValueError(f"cannot read image {path}: {exc}") from None
-
-
 def scramble_folder(
     in_dir: str | Path,
     out_dir: str | Path,
@@ -332,14 +345,18 @@ def scramble_folder(
     is reproducible. Everything is checked before anything is written: missing
     folder, no images, name clashes, existing outputs (unless `overwrite`, and
     then only files an earlier dt-lora run wrote there, see
-    `dt_lora.io.check_output_files`), damaged images (every file is decoded),
-    sizes not divisible by the grid. Each file is written atomically and
+    `dt_lora.io.claim_output_files`), a 1x1 grid with `derange`, damaged or
+    unsupported images (every file is decoded), sizes the grid does not fit.
+    Files are read by `dt_lora.images.read_pixels`: any mode and bit depth
+    becomes 8 bits, upright, keeping its grey / alpha channels; the outputs are
+    8-bit PNGs with those channels. Each file is written atomically and
     recorded in `out_dir`'s `dt_lora.json`. Returns the written paths.
     """
     from PIL import Image
     from tqdm import tqdm
 
-    from dt_lora.io import atomic_write, check_output_files, record_output_files
+    from dt_lora.images import read_pixels
+    from dt_lora.io import atomic_write, claim_output_files, record_output_files
 
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if not in_dir.is_dir():
@@ -348,6 +365,7 @@ def scramble_folder(
     if not sources:
         raise ValueError(f"no PNG or JPEG images found in {in_dir}")
     rows, cols = _parse_grid(grid)
+    _check_derangeable(rows, cols, derange)
 
     targets: dict[Path, Path] = {}
     for src in sources:
@@ -357,26 +375,25 @@ def scramble_folder(
         if target.resolve() == src.resolve():
             raise ValueError(f"output {target} would overwrite its own input; use another OUT_DIR")
         targets[target] = src
-    check_output_files(out_dir, [t.name for t in targets], overwrite)
-    for src in sources:  # decoded twice (here and below) so that a damaged file stops the run before any output
-        pixels = _read_pixels(src)
-        _tile_shape(pixels.shape[0], pixels.shape[1], rows, cols, what=f"image {src.name}")
+    with claim_output_files(out_dir, [t.name for t in targets], overwrite):
+        for src in sources:  # decoded twice (here and below) so that a damaged file stops the run before any output
+            pixels = read_pixels(src)
+            _tile_shape(pixels.shape[0], pixels.shape[1], rows, cols, what=f"image {src}")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    try:
-        for index, (target, src) in enumerate(
-            tqdm(targets.items(), desc="scramble", unit="img", disable=not progress)
-        ):
-            pixels = _read_pixels(src)
-            hwc = pixels[..., None] if pixels.ndim == 2 else np.ascontiguousarray(pixels)
-            scrambled = scramble_grid(hwc, (rows, cols), seed, layout="NHWC", derange=derange, flips=flips,
-                                      offset=index)
-            image = Image.fromarray(scrambled[..., 0] if pixels.ndim == 2 else scrambled)
-            with atomic_write(target) as f:
-                image.save(f, format="PNG")
-            written.append(target)
-    finally:  # also on Ctrl-C: what was written is ours, so a later --overwrite may replace it
-        if written:
-            record_output_files(out_dir, [t.name for t in written], "scramble")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written: list[Path] = []
+        try:
+            for index, (target, src) in enumerate(
+                tqdm(targets.items(), desc="scramble", unit="img", disable=not progress)
+            ):
+                pixels = read_pixels(src)
+                scrambled = scramble_grid(pixels, (rows, cols), seed, layout="NHWC", derange=derange, flips=flips,
+                                          offset=index)
+                image = Image.fromarray(scrambled[..., 0] if scrambled.shape[-1] == 1 else scrambled)
+                with atomic_write(target) as f:
+                    image.save(f, format="PNG")
+                written.append(target)
+        finally:  # also on Ctrl-C: what was written is ours, so a later --overwrite may replace it
+            if written:
+                record_output_files(out_dir, [t.name for t in written], "scramble")
     return written

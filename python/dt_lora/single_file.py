@@ -59,18 +59,34 @@ their [C, C] weights are written as [C, C, 1, 1].
 
 Every tensor of the three components must map: a key no table covers (an attached LoRA's `lora_A`
 or `base_layer`, a block type SD 1.x does not have) raises ValueError naming it, never drops it.
+
+An SDXL file whose two text towers are equally wide (the toy SDXL: both 64) is right, but diffusers'
+`from_single_file` (0.42.1) loads its `text_encoder_2` wrongly. `create_diffusers_clip_model_from_ldm`
+(diffusers/loaders/single_file_utils.py) builds each text encoder from the whole file and picks the
+tower by width, not by the component it is loading:
+
+    elif (is_clip_sdxl_model(checkpoint)
+          and checkpoint[CHECKPOINT_KEY_NAMES["clip_sdxl"]].shape[-1] == position_embedding_dim):
+        diffusers_format_checkpoint = convert_ldm_clip_checkpoint(checkpoint)  # the CLIP-L tower
+
+With CLIP-L as wide as `text_encoder_2`, `text_encoder_2` gets CLIP-L's weights, and its
+`text_projection` (CLIP-L has none) stays on the meta device. SDXL's real towers (768 and 1280 wide)
+never meet that condition. The file cannot steer it and keep the original layout: the condition reads
+only whether `conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight` is
+there (A1111 and ComfyUI need it) and its width (the model's). So `write_single_file` warns instead
+(`from_single_file_caveat`).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .io import atomic_write
 
 Table = tuple[tuple[str, str], ...]
 
@@ -457,29 +473,48 @@ def to_single_file(pipeline, *, dtype=None) -> dict[str, Any]:
     return tensors
 
 
+def from_single_file_caveat(pipeline) -> str | None:
+    """Why diffusers' `from_single_file` will misread this pipeline's single file, or None.
+
+    An SDXL pipeline whose text encoders are equally wide: diffusers picks the SDXL text tower by width
+    (see the module's docstring), so it builds `text_encoder_2` from the CLIP-L tower.
+    """
+    from .family import SDXL, family
+
+    if family(pipeline) != SDXL:
+        return None
+    clip_l = _config(pipeline.text_encoder.config, "hidden_size")
+    open_clip = _config(pipeline.text_encoder_2.config, "hidden_size")
+    if clip_l != open_clip:
+        return None
+    return (f"text_encoder and text_encoder_2 are both {clip_l} wide: diffusers' from_single_file (0.42.1) "
+            "picks SDXL's text tower by width and fills text_encoder_2 from CLIP-L's; AUTOMATIC1111 and ComfyUI "
+            "read this file right, for diffusers bake a diffusers folder")
+
+
 def write_single_file(pipeline, path: str | os.PathLike[str], *, metadata: dict[str, str] | None = None,
                       dtype=None) -> Path:
     """Write `pipeline` as one original-layout .safetensors at `path` (atomically); returns `path`.
 
     `metadata` goes into the safetensors header (string keys and values only).
     """
-    from safetensors.torch import save
+    from .tensorfiles import write_safetensors
 
     if metadata is not None:
         bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
         if bad:
             raise ValueError(f"safetensors metadata must map str to str; not so for {bad}")
-    path = Path(path)
     tensors = {name: tensor.cpu() for name, tensor in to_single_file(pipeline, dtype=dtype).items()}
-    data = save(tensors, metadata=dict(metadata) if metadata else None)
-    with atomic_write(path) as f:
-        f.write(data)
-    return path
+    caveat = from_single_file_caveat(pipeline)
+    if caveat:
+        print(f"[dt-lora] warning: {caveat}", file=sys.stderr, flush=True)
+    return write_safetensors(path, tensors, metadata)
 
 
 __all__ = [
     "CLIP_TEXT", "COMPONENTS", "LAYER", "OPEN_CLIP_TEXT", "SAMPLER", "UNET_DOWNSAMPLE", "UNET_FIXED", "UNET_RESNET",
-    "UNET_TRANSFORMER", "VAE_ATTENTION", "VAE_FIXED", "VAE_RESNET", "Block", "component_to_ldm", "key_table",
+    "UNET_TRANSFORMER", "VAE_ATTENTION", "VAE_FIXED", "VAE_RESNET", "Block", "component_to_ldm",
+    "from_single_file_caveat", "key_table",
     "open_clip_blocks", "open_clip_to_ldm", "text_encoder_blocks", "to_single_file", "unet_blocks", "vae_blocks",
     "write_single_file",
 ]

@@ -18,6 +18,11 @@ Checkpoints (LoRA weights + optimizer state as safetensors, step as JSON) are wr
 records the run it belongs to (recipe, base fingerprint, data key) and resuming a different run is
 refused. The batch of each step is drawn from a generator seeded by (seed, step, process), so a
 resumed run replays the same batches as an uninterrupted one.
+
+Only usable weights are kept: the LoRA weights are checked after every update, no checkpoint or
+adapter is written with a NaN/inf or a blown-up weight, and a diverged run's checkpoint is removed
+(`_diverged`). When the adapter cannot be written at the end, a checkpoint at the last step keeps the
+trained weights, and the same command writes the adapter without training again.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -41,9 +46,10 @@ from . import __version__, distributed
 from .adapters import AdapterFile, pipeline_text_encoders, write_adapter
 from .base import describe, load_pipeline, unet_fingerprint
 from .data import ConceptData, data_key, generation_dtype, prepare_data
+from .errors import RuntimeFailure, UserError
 from .family import (SDXL, Conditioning, encode_for_one_encoder, encode_prompts, family, image_size, label,
                      training_target)
-from .io import atomic_write, remove_if_empty
+from .io import atomic_write, claim_output, output_lock, remove_if_empty
 from .locality import (encode_direction_prompts, pooled_directions, prompts_in_context, shield_directions,
                        weakest_target_strength)
 from .recipe import POOLED_TARGET, TARGET_SCALE_MIN, Recipe, RecipeError, load_recipe
@@ -52,14 +58,33 @@ from .recipes import recipe_path
 WARMUP_STEPS = 20
 ADAPTER_NAME = "dt_lora"  # the name the adapter has on the UNet while it trains
 GUARD_FILE = "guard.safetensors"  # in the work folder: the trained guard, until the adapter is written
+# The largest LoRA weight a usable adapter has: adapters are applied in half precision, where a larger
+# one is inf, and trained LoRA weights are of order 1. A larger one comes from a diverged run.
+WEIGHT_LIMIT = float(torch.finfo(torch.float16).max)
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf or exploded; the last good checkpoint is kept."""
+class TrainingDiverged(RuntimeFailure):
+    """The loss or the LoRA weights blew up (NaN/inf, or beyond `WEIGHT_LIMIT`); nothing diverged is kept."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint is damaged or belongs to another run; it is left as it is and nothing is trained."""
+
+
+def unusable_tensor(tensors: dict[str, torch.Tensor], limit: float = math.inf) -> str | None:
+    """The first of `tensors` (name -> tensor) with a NaN, an inf or a value beyond ±`limit`, described
+    ("name is nan"), or None when all are usable. One device sync for all of them: it runs every step."""
+    floating = [(name, tensor) for name, tensor in tensors.items() if tensor.is_floating_point() and tensor.numel()]
+    if not floating:
+        return None
+    device = floating[0][1].device
+    peaks = torch.stack([tensor.detach().abs().amax().float().to(device) for _, tensor in floating]).tolist()
+    for (name, _), peak in zip(floating, peaks):
+        if not math.isfinite(peak):
+            return f"{name} is {peak:.3g}"
+        if peak > limit:
+            return f"{name} is {peak:.3g}, beyond ±{limit:.4g}"
+    return None
 
 
 class TrainedGuard(NamedTuple):
@@ -170,9 +195,10 @@ def _flatten(table: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
 
 @dataclass
 class ResumeState:
-    step: int
+    step: int  # 0..train.steps; train.steps: trained to the end, the adapter is still to be written
     lora_state: dict[str, torch.Tensor]
     optimizer_state: dict
+    loss: float = math.nan  # the loss of the last step before the checkpoint (NaN: none recorded)
 
 
 @dataclass
@@ -182,6 +208,7 @@ class Checkpoint:
 
     `read` refuses a checkpoint of another run (changed recipe, base or data) instead of mixing the
     two, and a damaged one with one line naming the file; either way the file is left untouched.
+    `write` refuses weights that are not usable (`unusable_tensor`): every checkpoint can be resumed.
     """
 
     folder: Path
@@ -190,6 +217,11 @@ class Checkpoint:
     @property
     def path(self) -> Path:
         return self.folder / CHECKPOINT
+
+    @property
+    def steps(self) -> int:
+        """The run's train.steps: a checkpoint's step is 0..steps."""
+        return self.identity["recipe"]["train.steps"]
 
     def write(self, step: int, lora_state: dict, optimizer, loss: float) -> None:
         from safetensors.torch import save
@@ -212,9 +244,13 @@ class Checkpoint:
 
         for index, param_state in state["state"].items():
             flatten(str(index), param_state, scalars, str(index))
+        blown = _unusable_state(tensors)
+        if blown:
+            raise TrainingDiverged(f"{self.path}: not written, {blown}")
         # hyper-parameters may be 0-d tensors (e.g. a tensor lr); JSON keeps their values
         groups = [{k: v.item() if torch.is_tensor(v) else v for k, v in g.items()} for g in state["param_groups"]]
-        meta = {"step": step, "loss": loss, "scalars": scalars, "param_groups": groups, "identity": self.identity}
+        meta = {"step": step, "loss": loss if math.isfinite(loss) else None, "scalars": scalars,
+                "param_groups": groups, "identity": self.identity}
         self.folder.mkdir(parents=True, exist_ok=True)
         with atomic_write(self.path) as f:
             f.write(save(tensors, metadata={"dt_lora_checkpoint": json.dumps(meta)}))
@@ -230,23 +266,37 @@ class Checkpoint:
                 meta = json.loads(f.metadata()["dt_lora_checkpoint"])
                 self._check_identity(meta.get("identity"))
                 tensors = {key: f.get_tensor(key) for key in f.keys()}
-            step = int(meta["step"])
-            scalars, groups = meta["scalars"], meta["param_groups"]
+            step, loss, scalars, groups = meta["step"], meta.get("loss"), meta["scalars"], meta["param_groups"]
+            # JSON that parses is not yet a state to resume: the types and ranges are what `write` writes
+            if type(step) is not int or not 0 <= step <= self.steps:
+                raise self._damaged(f"step {step!r} is not one of 0..{self.steps}, the run's train.steps")
+            if loss is not None and not (type(loss) in (int, float) and (math.isnan(loss) or 0 <= loss < math.inf)):
+                raise self._damaged(f"loss {loss!r} is not a number >= 0")  # NaN: older dt-lora's "no step yet"
+            if not isinstance(scalars, dict) or not all(isinstance(v, dict) for v in scalars.values()):
+                raise self._damaged("'scalars' is not a table of per-parameter tables")
+            if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+                raise self._damaged("'param_groups' is not a list of tables")
+            if not _finite_numbers(scalars) or not _finite_numbers(groups):
+                raise self._damaged("the optimizer's settings hold NaN or inf")
+            blown = _unusable_state(tensors)
+            if blown:
+                raise self._damaged(blown)
+            lora_state = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
+            optim_state: dict = {int(k): v for k, v in scalars.items()}
+            for key, value in tensors.items():
+                if key.startswith("optim."):
+                    index, *path = key[len("optim."):].split("/")
+                    node = optim_state.setdefault(int(index), {})
+                    for part in path[:-1]:
+                        node = node.setdefault(part, {})
+                    node[path[-1]] = value
         except (SafetensorError, OSError, KeyError, TypeError, ValueError, AttributeError) as error:
             if isinstance(error, CheckpointError):
                 raise
             problem = (str(error).splitlines() or [type(error).__name__])[0]
-            raise CheckpointError(f"{self.path}: damaged checkpoint ({problem}); {self._start_over}") from None
-        lora_state = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
-        optim_state: dict = {int(k): v for k, v in scalars.items()}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                index, *path = key[len("optim."):].split("/")
-                node = optim_state.setdefault(int(index), {})
-                for part in path[:-1]:
-                    node = node.setdefault(part, {})
-                node[path[-1]] = value
-        return ResumeState(step, lora_state, {"state": optim_state, "param_groups": groups})
+            raise self._damaged(problem) from None
+        return ResumeState(step, lora_state, {"state": optim_state, "param_groups": groups},
+                           math.nan if loss is None else float(loss))
 
     def restore(self, state: ResumeState, unet, optimizer) -> None:
         """Load `state` into the UNet's adapter and the optimizer; a mismatch is a damaged checkpoint."""
@@ -255,23 +305,25 @@ class Checkpoint:
         expected = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).keys()
         if state.lora_state.keys() != expected:  # peft would load a partial state silently
             missing = sorted(set(expected) - state.lora_state.keys())[:1] or sorted(state.lora_state.keys() - expected)[:1]
-            raise CheckpointError(f"{self.path}: damaged checkpoint (LoRA weights do not match the adapter, "
-                                  f"e.g. {missing[0]!r}); {self._start_over}")
+            raise self._damaged(f"LoRA weights do not match the adapter, e.g. {missing[0]!r}")
         try:
             set_peft_model_state_dict(unet, state.lora_state, adapter_name=ADAPTER_NAME)
             optimizer.load_state_dict(state.optimizer_state)
         except (RuntimeError, ValueError, KeyError, TypeError) as error:
-            problem = (str(error).splitlines() or [type(error).__name__])[0]
-            raise CheckpointError(f"{self.path}: damaged checkpoint ({problem}); {self._start_over}") from None
+            raise self._damaged((str(error).splitlines() or [type(error).__name__])[0]) from None
 
     def remove(self) -> None:
-        """After success: the checkpoint, and the folder when nothing else (samples) is in it."""
+        """After success or a divergence: the checkpoint, and the folder when nothing else (samples, the
+        guard) is in it."""
         self.path.unlink(missing_ok=True)
         remove_if_empty(self.folder)
 
     @property
     def _start_over(self) -> str:
         return f"to start over, delete {self.folder} (or pass another --out)"
+
+    def _damaged(self, problem: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: damaged checkpoint ({problem}); {self._start_over}")
 
     def _check_identity(self, saved: dict | None) -> None:
         if saved == self.identity:
@@ -294,6 +346,22 @@ class Checkpoint:
             why = "its training data changed (the target images or the generation precision)"
         raise CheckpointError(f"{self.folder} holds a checkpoint of another run: {why}. It is not resumed: "
                               f"{self._start_over}, or run again as it was started (recipe, base, processes)")
+
+
+def _unusable_state(tensors: dict[str, torch.Tensor]) -> str | None:
+    """What makes a checkpoint's tensors unusable, or None: LoRA weights ("lora.…") must be finite and within
+    `WEIGHT_LIMIT`, the optimizer's state ("optim.…") finite (Adam's squared gradients may be large)."""
+    return (unusable_tensor({k: v for k, v in tensors.items() if k.startswith("lora.")}, WEIGHT_LIMIT)
+            or unusable_tensor({k: v for k, v in tensors.items() if k.startswith("optim.")}))
+
+
+def _finite_numbers(value) -> bool:
+    """Whether every number in `value` (JSON: nested tables and lists) is finite."""
+    if isinstance(value, dict):
+        return all(_finite_numbers(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite_numbers(v) for v in value)
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def _describe_change(key: str, old, new) -> str:
@@ -460,13 +528,39 @@ def train_adapter(
     `stop_after` ends the run after that many steps with a checkpoint and no adapter, as an
     interruption would (tests use it to check that resuming is exact).
     """
-    from accelerate import Accelerator
-
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work")
     optimizer_class(recipe.train.optimizer)
+    with _claimed(out, work, overwrite):
+        return _train_adapter(recipe, out, work, cache_dir, pipeline, progress, stop_after)
+
+
+@contextmanager
+def _claimed(out: Path, work: Path, overwrite: bool) -> Iterator[None]:
+    """Hold the output and the work folder for the whole run (io.claim_output): a second run on either is
+    refused while this one holds it, and an output in the way or in a place that cannot be written is
+    refused before any work. Locks are per machine, so the main process alone takes them; every process
+    learns whether it got them, so that none goes on to wait for a refused run."""
+    refusal = None
+    with ExitStack() as held:
+        if distributed.is_main():
+            try:
+                held.enter_context(claim_output(out, overwrite, kind="adapter"))
+                held.enter_context(output_lock(work))
+            except UserError as error:
+                refusal = error
+        refused = any(distributed.gather([(distributed.state().process_index, refusal is not None)]))
+        if refusal is not None:
+            raise refusal
+        if refused:
+            raise UserError(f"{out}: refused by the main process (its message says why)")
+        yield
+
+
+def _train_adapter(recipe: Recipe, out: Path, work: Path, cache_dir, pipeline, progress: bool,
+                   stop_after: int | None) -> TrainResult:
+    from accelerate import Accelerator
+
     device = distributed.state().device
     if recipe.train.mixed_precision == "fp16" and device.type != "cuda":
         # float16 autocast is CUDA's: elsewhere the UNet would be cast to float16 and its float32 inputs refused
@@ -518,7 +612,8 @@ def _guard(recipe: Recipe, stacked_with: list[Recipe], pipeline, work: Path, pro
         try:
             with safe_open(path, framework="pt") as f:
                 metadata = f.metadata() or {}
-                if metadata.get("identity") == identity:
+                if metadata.get("identity") == identity and not unusable_tensor(
+                        {k: f.get_tensor(k) for k in f.keys()}, WEIGHT_LIMIT):
                     configs = json.loads(metadata["lora_config"])
                     parts = {name: AdapterFile({k[len(name) + 1:]: f.get_tensor(k) for k in f.keys()
                                                 if k.startswith(f"{name}.")}, configs[name]) for name in names}
@@ -530,9 +625,14 @@ def _guard(recipe: Recipe, stacked_with: list[Recipe], pipeline, work: Path, pro
     started = time.perf_counter()
     parts = train_guard(pipeline, recipe, stacked_with, log=lambda line: log(f"[dt-lora] guard {line}"))
     guard = TrainedGuard(parts, time.perf_counter() - started)
+    tensors = {f"{name}.{key}": value for name, part in parts.items() for key, value in part.weights.items()}
+    blown = unusable_tensor(tensors, WEIGHT_LIMIT)
+    if blown:  # kept, it would be reused by every later run
+        raise TrainingDiverged(f"{recipe.name}'s context guard diverged ({blown}); it is not kept: run the same "
+                               f"command with --guard-learning-rate {recipe.guard.learning_rate / 10:g} "
+                               f"(a tenth of {recipe.guard.learning_rate:g})")
     if distributed.is_main():
         work.mkdir(parents=True, exist_ok=True)
-        tensors = {f"{name}.{key}": value for name, part in parts.items() for key, value in part.weights.items()}
         configs = {name: part.lora_config for name, part in parts.items()}
         with atomic_write(path) as f:
             f.write(save(tensors, metadata={"identity": identity, "lora_config": json.dumps(configs),
@@ -573,18 +673,10 @@ def _train_single(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, 
         low = (weakest_target_strength(directions, encoded[0].embeds) if directions is not None
                else TARGET_SCALE_MIN)
         recipe = replace(recipe, train=replace(recipe.train, target_scale_min=low))
-    data = prepare_data(pipeline, recipe, cache_dir, base_fingerprint=fingerprint,
-                        progress=progress and accelerator.is_main_process)
-    images = data.target_latents
-    if recipe.train.prompt_contexts:  # the same scrambled images, also under their prompts in contexts
-        data.target_prompts = Conditioning.cat([data.target_prompts,
-                                                encode_prompts(pipeline, prompts_in_context(recipe, pipeline.tokenizer))])
-        data.target_latents = torch.cat([data.target_latents] + [images] * recipe.train.prompt_contexts)
-    if recipe.train.split_encoders and family(pipeline) == SDXL:  # … and under their prompts to one encoder alone
-        prompts = [recipe.target_prompts[i % len(recipe.target_prompts)] for i in range(len(images))]  # as data.py
-        data.target_prompts = Conditioning.cat([data.target_prompts, *(encode_for_one_encoder(pipeline, prompts, e)
-                                                                       for e in (0, 1))])
-        data.target_latents = torch.cat([data.target_latents, images, images])
+    if resume is not None and resume.step == recipe.train.steps:
+        data = None  # trained to the end before the adapter could be written: nothing to train on
+    else:
+        data = _training_data(pipeline, recipe, cache_dir, fingerprint, progress and accelerator.is_main_process)
 
     unet.requires_grad_(False)
     if getattr(unet, "peft_config", None) and ADAPTER_NAME in unet.peft_config:
@@ -613,6 +705,22 @@ def _train_single(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, 
         unet.eval()
 
 
+def _training_data(pipeline, recipe: Recipe, cache_dir, fingerprint: str, progress: bool) -> ConceptData:
+    """The cached (or generated) target and anchor latents, with the recipe's extra prompt sets."""
+    data = prepare_data(pipeline, recipe, cache_dir, base_fingerprint=fingerprint, progress=progress)
+    images = data.target_latents
+    if recipe.train.prompt_contexts:  # the same scrambled images, also under their prompts in contexts
+        data.target_prompts = Conditioning.cat([data.target_prompts,
+                                                encode_prompts(pipeline, prompts_in_context(recipe, pipeline.tokenizer))])
+        data.target_latents = torch.cat([data.target_latents] + [images] * recipe.train.prompt_contexts)
+    if recipe.train.split_encoders and family(pipeline) == SDXL:  # … and under their prompts to one encoder alone
+        prompts = [recipe.target_prompts[i % len(recipe.target_prompts)] for i in range(len(images))]  # as data.py
+        data.target_prompts = Conditioning.cat([data.target_prompts, *(encode_for_one_encoder(pipeline, prompts, e)
+                                                                       for e in (0, 1))])
+        data.target_latents = torch.cat([data.target_latents, images, images])
+    return data
+
+
 def _fix_lora_a(unet, directions: torch.Tensor, pooled: torch.Tensor | None = None) -> None:
     """Set every lora_A to the text-local directions and freeze it: only lora_B trains (locality.py).
     SDXL's added embedding (`recipe.POOLED_TARGET`) gets `pooled`, the directions of the pooled embedding."""
@@ -627,7 +735,7 @@ def _fix_lora_a(unet, directions: torch.Tensor, pooled: torch.Tensor | None = No
 
 
 def _train(recipe: Recipe, out: Path, checkpoint: Checkpoint, resume: ResumeState | None, accelerator,
-           pipeline, data: ConceptData, fingerprint: str, progress: bool, stop_after: int | None,
+           pipeline, data: ConceptData | None, fingerprint: str, progress: bool, stop_after: int | None,
            started: float, guard: TrainedGuard | None = None) -> TrainResult:
     from peft.tuners.lora import LoraLayer
     from peft.utils import get_peft_model_state_dict
@@ -636,13 +744,13 @@ def _train(recipe: Recipe, out: Path, checkpoint: Checkpoint, resume: ResumeStat
     unet = pipeline.unet
     if recipe.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    lora_parameters = [p for p in unet.parameters() if p.requires_grad]
+    lora_parameters = {name: p for name, p in unet.named_parameters() if p.requires_grad}
     if accelerator.mixed_precision in ("fp16", "bf16"):
         # frozen base weights in half precision, trainable LoRA weights in float32 (as diffusers' scripts)
         unet.to(torch.float16 if accelerator.mixed_precision == "fp16" else torch.bfloat16)
-        for p in lora_parameters:
+        for p in lora_parameters.values():
             p.data = p.data.float()
-    optimizer = make_optimizer(recipe.train.optimizer, lora_parameters, recipe.train.learning_rate)
+    optimizer = make_optimizer(recipe.train.optimizer, list(lora_parameters.values()), recipe.train.learning_rate)
 
     start_step = 0
     if resume is not None:
@@ -671,53 +779,112 @@ def _train(recipe: Recipe, out: Path, checkpoint: Checkpoint, resume: ResumeStat
                              optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, loss)
 
     unet.train()
-    loss_value, smoothed = float("nan"), None
+    loss_value, smoothed = resume.loss if resume else math.nan, None
     completed = start_step  # steps whose update is applied: what a checkpoint records
     end = recipe.train.steps if stop_after is None else min(recipe.train.steps, start_step + stop_after)
     bar = tqdm(range(start_step, end), initial=start_step, total=recipe.train.steps,
                desc=f"train {recipe.name}", disable=not (progress and accelerator.is_main_process))
     try:
-        for step in bar:
-            generator = step_generator(recipe, step, accelerator.process_index)
-            lr = _lr_at(step, recipe)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+        try:
+            for step in bar:
+                generator = step_generator(recipe, step, accelerator.process_index)
+                lr = _lr_at(step, recipe)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
 
-            loss_value = accumulate_gradients(ctx, accelerator, generator)
-            if not math.isfinite(loss_value) or (smoothed is not None and loss_value > 100 * max(smoothed, 1e-3)):
-                raise TrainingDiverged(
-                    f"loss became {loss_value:.4g} at step {step} (lr {lr:.3g}); lower --train-learning-rate. "
-                    f"The last good checkpoint is kept in {checkpoint.folder}")
-            smoothed = loss_value if smoothed is None else 0.9 * smoothed + 0.1 * loss_value
-            with update_uninterrupted():
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                completed = step + 1
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            if completed % recipe.train.checkpoint_every == 0 and completed < recipe.train.steps:
-                save_checkpoint(completed, loss_value)
-            if recipe.train.sample_every and completed % recipe.train.sample_every == 0 and accelerator.is_main_process:
-                unet.eval()
-                _write_samples(pipeline, recipe, checkpoint.folder / "samples" / f"step-{completed:06d}.png")
-                unet.train()
-    except KeyboardInterrupt:
-        save_checkpoint(completed, loss_value)
-        raise
-    finally:
-        bar.close()
+                loss_value = accumulate_gradients(ctx, accelerator, generator)
+                if not math.isfinite(loss_value) or (smoothed is not None and loss_value > 100 * max(smoothed, 1e-3)):
+                    raise TrainingDiverged(f"loss became {loss_value:.4g} at step {step} (lr {lr:.3g})")
+                smoothed = loss_value if smoothed is None else 0.9 * smoothed + 0.1 * loss_value
+                with update_uninterrupted():
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    completed = step + 1
+                # The loss alone misses a blow-up: the UNet's normalisation layers scale a huge LoRA output
+                # back down, so weights of 5e28 still give a finite loss for a step or more, and a checkpoint
+                # written then would keep them. Checked after every update, not only at checkpoints, so a run
+                # stops at the update that blew up instead of training on garbage until the next checkpoint;
+                # it costs one device sync over the LoRA weights, little beside the step's own (loss.item()).
+                blown = unusable_tensor(lora_parameters, WEIGHT_LIMIT)
+                if blown:
+                    raise TrainingDiverged(f"the update of step {step} (lr {lr:.3g}) blew up the LoRA weights: {blown}")
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+                if completed % recipe.train.checkpoint_every == 0 and completed < recipe.train.steps:
+                    save_checkpoint(completed, loss_value)
+                if recipe.train.sample_every and completed % recipe.train.sample_every == 0 and accelerator.is_main_process:
+                    unet.eval()
+                    _write_samples(pipeline, recipe, checkpoint.folder / "samples" / f"step-{completed:06d}.png")
+                    unet.train()
+        except KeyboardInterrupt:
+            save_checkpoint(completed, loss_value)
+            raise
+        finally:
+            bar.close()
 
-    if completed < recipe.train.steps:  # stopped early on purpose: leave a checkpoint to resume from
-        save_checkpoint(completed, loss_value)
-        accelerator.wait_for_everyone()
-        return TrainResult(None, completed, time.perf_counter() - started, loss_value, start_step)
+        if completed < recipe.train.steps:  # stopped early on purpose: leave a checkpoint to resume from
+            save_checkpoint(completed, loss_value)
+            accelerator.wait_for_everyone()
+            return TrainResult(None, completed, time.perf_counter() - started, loss_value, start_step)
 
-    lora_state = get_peft_model_state_dict(base_unet, adapter_name=ADAPTER_NAME)
-    seconds = time.perf_counter() - started
-    if accelerator.is_main_process:
-        write_adapter(out, AdapterFile.from_training(
-            lora_state, recipe=recipe, base=describe(recipe.base), base_fingerprint=fingerprint,
-            version=__version__, seconds=seconds, processes=accelerator.num_processes, family=family(pipeline),
-            text_encoders=guard.parts if guard else None, guard_seconds=guard.seconds if guard else 0.0))
-        checkpoint.remove()
-    accelerator.wait_for_everyone()  # every process returns once the adapter is on disk
-    return TrainResult(out, recipe.train.steps, seconds, loss_value, start_step)
+        lora_state = get_peft_model_state_dict(base_unet, adapter_name=ADAPTER_NAME)
+        seconds = time.perf_counter() - started
+        if accelerator.is_main_process:
+            adapter = AdapterFile.from_training(
+                lora_state, recipe=recipe, base=describe(recipe.base), base_fingerprint=fingerprint,
+                version=__version__, seconds=seconds, processes=accelerator.num_processes, family=family(pipeline),
+                text_encoders=guard.parts if guard else None, guard_seconds=guard.seconds if guard else 0.0)
+            blown = unusable_tensor({prefix + k: v for prefix, part in adapter.parts() for k, v in part.weights.items()},
+                                    WEIGHT_LIMIT)
+            if blown:
+                raise TrainingDiverged(f"{out}: not written, {blown}")
+            try:
+                write_adapter(out, adapter)
+            except BaseException as error:  # a full disk, a folder made read-only, Ctrl-C: keep the work
+                kept = _keep_trained(checkpoint, lambda: save_checkpoint(recipe.train.steps, loss_value))
+                if isinstance(error, OSError):
+                    raise _not_written(error, out, kept) from None
+                raise  # Ctrl-C: the same command resumes at the last step; anything else is a bug
+            checkpoint.remove()
+        accelerator.wait_for_everyone()  # every process returns once the adapter is on disk
+        return TrainResult(out, recipe.train.steps, seconds, loss_value, start_step)
+    except TrainingDiverged as error:
+        if accelerator.is_main_process:
+            checkpoint.remove()
+        raise _diverged(error, recipe, checkpoint) from None
+
+
+def _diverged(error: TrainingDiverged, recipe: Recipe, checkpoint: Checkpoint) -> TrainingDiverged:
+    """The divergence, and a command that trains again. The run's checkpoint is removed: resumed, it would
+    replay the same batches into the same divergence, and a run at another learning rate is another run
+    (its identity) that would refuse it."""
+    rate = recipe.train.learning_rate
+    return TrainingDiverged(f"training diverged: {error}; no checkpoint of this run is kept in {checkpoint.folder} "
+                            f"(resumed, it would diverge again): run the same command with --train-learning-rate "
+                            f"{rate / 10:g} (a tenth of {rate:g})")
+
+
+def _keep_trained(checkpoint: Checkpoint, save_final_checkpoint: Callable[[], None]) -> str:
+    """Keep the trained weights in a checkpoint at the last step, from which the same command writes the
+    adapter and trains no step again; returns what was kept, as a sentence for the error."""
+    try:
+        save_final_checkpoint()
+    except Exception as error:  # the work folder is on the same full disk, or in the same read-only folder
+        return f"the trained weights could not be kept either ({_os_problem(error)})"
+    return (f"the trained weights are kept in {checkpoint.path}: run the same command again to write the "
+            "adapter without training again")
+
+
+def _not_written(error: OSError, out: Path, kept: str) -> OSError:
+    """`error` from writing the adapter as one line naming the output, the error and where the work is
+    kept; of the same class, so that the exit code keeps its meaning (a PermissionError is the user's,
+    a full disk the machine's)."""
+    failure = type(error)(f"{out}: the adapter could not be written ({_os_problem(error)}); {kept}")
+    failure.errno = error.errno
+    return failure
+
+
+def _os_problem(error: BaseException) -> str:
+    """The error's reason alone ("Permission denied"): the message names the path itself."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return (str(error).splitlines() or [type(error).__name__])[0]
