@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from lora_helpers import STACKED
 
 
@@ -21,7 +20,7 @@ def toy_pipeline():
 @pytest.fixture(scope="session")
 def toy_shields(tmp_path_factory) -> dict[str, Path]:
     """concept → a copy of the shipped shield adapters/toy-<concept>.safetensors. Training the four would take
-    minutes; `python -m dt_lora.toy.shields` trained them with their recipes, and test_shipped_shields checks
+    minutes; `python -m worlds.toy.shields` trained them with their recipes, and test_shipped_shields checks
     that they still are what those recipes train."""
     from dt_lora.recipes import adapter_path
 

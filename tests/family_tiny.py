@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from dt_lora.toy import MODEL_DIR
-from dt_lora.toy.training.architecture import SCHEDULER_CONFIG
+from worlds.toy.training.architecture import SCHEDULER_CONFIG
 
 SEED = 4321
 TIME_EMBED = 8  # SDXL: addition_time_embed_dim 256

@@ -12,7 +12,7 @@ from dt_lora.adapters import AdapterFile
 
 SHIELDED = ("circle", "red")  # one shape, one colour: measured alone and as a pair
 STACKED = ("circle", "red", "square", "blue")  # the keys of the `toy_shields` fixture: stacked all four
-# the demo's two shields trained on the toy SDXL (`python -m dt_lora.toy.shields --base toy-sdxl --out …`)
+# the demo's two shields trained on the toy SDXL (`python -m worlds.toy.shields --base toy-sdxl --out …`)
 SDXL_SHIELDS = Path(__file__).resolve().parent / "data" / "sdxl-shields"
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from dt_lora.toy import MODEL_DIR
-from dt_lora.toy.training.architecture import SCHEDULER_CONFIG
+from worlds.toy.training.architecture import SCHEDULER_CONFIG
 
 TEXT_HIDDEN_SIZE = 32
 SEED = 1234

@@ -7,14 +7,21 @@ import math
 
 import pytest
 import torch
+from lora_helpers import random_adapter, unet_output
 from safetensors.torch import save_file
 
-from dt_lora.adapters import (LORA_METADATA_KEY, AdapterError, check_fits, load_adapters, lora_layers,
-                              read_adapter, unload_adapters, write_adapter)
+from dt_lora.adapters import (
+    LORA_METADATA_KEY,
+    AdapterError,
+    check_fits,
+    load_adapters,
+    lora_layers,
+    read_adapter,
+    unload_adapters,
+    write_adapter,
+)
 from dt_lora.base import unet_fingerprint
 from dt_lora.cli import main
-from lora_helpers import random_adapter, unet_output
-
 
 pytestmark = pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters:RuntimeWarning")
 
@@ -234,8 +241,8 @@ def test_unplaced_keys_diffusers_reports_are_an_error(toy_pipeline, adapter, tmp
 
 
 def test_rank_stabilised_adapters_merge_and_export_exactly(toy_pipeline, adapter, tmp_path):
-    from dt_lora.export import write_kohya
-    from dt_lora.merge import merge_adapters
+    from dt_lora.adapters.export import write_kohya
+    from dt_lora.adapters.merge import merge_adapters
 
     adapter.lora_config["use_rslora"] = True  # peft's scale is alpha/√r = 2 then, not alpha/r = 1
     path = write_adapter(tmp_path / "rs.safetensors", adapter)

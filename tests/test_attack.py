@@ -8,15 +8,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_helpers import random_adapter
 
 from dt_lora.adapters import write_adapter
-from dt_lora.attack import (AttackSettings, FoundPrompt, _Prompt, allowed_tokens, attack_shields, concept_words,
-                            nearest_anchors, rate_interval, without_words)
 from dt_lora.cli import main
 from dt_lora.evaluate import ToyScorer
+from dt_lora.evaluate.attack import attack_shields
 from dt_lora.recipe import load_recipe
-
-from lora_helpers import random_adapter
+from dt_lora.search import (
+    AttackPrompt,
+    AttackSettings,
+    FoundPrompt,
+    allowed_tokens,
+    concept_words,
+    nearest_anchors,
+    rate_interval,
+    without_words,
+)
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
 CIRCLE = ADAPTERS / "toy-circle.toml"
@@ -27,8 +35,9 @@ def _no_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("started work before checking the inputs")
 
-    monkeypatch.setattr("dt_lora.attack.generate_images", refuse)
-    monkeypatch.setattr("dt_lora.attack.concept_latents", refuse)
+    monkeypatch.setattr("dt_lora.evaluate.attack.generate_images", refuse)
+    monkeypatch.setattr("dt_lora.search.generate_images", refuse)
+    monkeypatch.setattr("dt_lora.search.concept_latents", refuse)
 
 
 def test_a_recipe_without_target_prompts_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
@@ -96,14 +105,14 @@ def test_free_tokens_exclude_the_concept_and_found_prompts_are_typeable(toy_pipe
     assert "circle</w>" not in words and "rcle</w>" not in words and "square</w>" in words
     assert all(tokenizer.decode([int(i)]).strip().isprintable() for i in allowed)  # no byte-level tokens
     assert tokenizer.bos_token_id not in allowed.tolist() and tokenizer.eos_token_id not in allowed.tolist()
-    prompt = _Prompt(tokenizer, "a red circle", 5)
+    prompt = AttackPrompt(tokenizer, "a red circle", 5)
     free = [tokenizer.convert_tokens_to_ids(t) for t in ("square</w>", "big</w>", "the</w>", "!</w>", "with</w>")]
     ids = prompt.ids(torch.tensor([free]))[0].tolist()
     typed = tokenizer(prompt.text(free), padding="max_length", max_length=tokenizer.model_max_length).input_ids
     assert prompt.round_trips(free) and ids == typed
     with pytest.raises(ValueError, match="no room"):
-        _Prompt(tokenizer, "a photo of a red circle", 12)
-    after = _Prompt(tokenizer, "a red circle", 5, placement="after")
+        AttackPrompt(tokenizer, "a photo of a red circle", 12)
+    after = AttackPrompt(tokenizer, "a red circle", 5, placement="after")
     assert after.text(free) == "a red circle square big the ! with" and after.round_trips(free)
     assert after.ids(torch.tensor([free]))[0, after.slots].tolist() == free
 
@@ -120,12 +129,12 @@ def test_the_contrast_objective_compares_with_the_nearest_anchors():
 def test_the_contrast_objective_prefers_the_concept_over_its_neighbours(toy_pipeline):
     """On the base model, the concept's own prompt scores lower (more of the concept) than a neighbour's:
     the objective reads "circle rather than square", where the plain denoising error hardly tells."""
-    from dt_lora.attack import Victim, _Objective, concept_latents, neighbour_latents
-    from dt_lora.family import encode_prompts
+    from dt_lora.base.family import encode_prompts
+    from dt_lora.search import Objective, Victim, concept_latents, neighbour_latents
 
     recipe = load_recipe(CIRCLE)
     prompt = "a photo of a red circle"
-    objective = _Objective(Victim("base", toy_pipeline), concept_latents(toy_pipeline, recipe, prompt, 0, 4), 5.0, 16,
+    objective = Objective(Victim("base", toy_pipeline), concept_latents(toy_pipeline, recipe, prompt, 0, 4), 5.0, 16,
                            neighbour_latents(toy_pipeline, recipe, prompt, 4))
     batch = objective.draw(torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -178,7 +187,7 @@ def test_a_found_prompt_that_draws_the_concept_without_its_words_is_counted_unas
     """The toy often draws a square when no shape is named: "a photo of a yellow" shows one in 3 of 4 images at
     the attack's seeds, "triangle triangle a yellow" in none. The red shield holds "a red square" (no square in
     4 images), so both found prompts, which draw the square in 4 of 4, break it; only the first is unasked."""
-    monkeypatch.setattr("dt_lora.attack.discrete_attack",
+    monkeypatch.setattr("dt_lora.evaluate.attack.discrete_attack",
                         lambda *args: FoundPrompt("", found, 0.0, -1.0, 0.0))
     recipe = load_recipe(ADAPTERS / "toy-square.toml")
     settings = AttackSettings(prompts=1, samples=1, concept_images=1, methods=("discrete",))

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from lora_helpers import random_adapter, unet_output
 from safetensors.torch import load_file
 
 from dt_lora.adapters import AdapterError, load_adapters, unload_adapters, write_adapter
-from dt_lora.bake import bake
+from dt_lora.adapters.bake import bake
 from dt_lora.base import load_pipeline, unet_fingerprint
 from dt_lora.cli import main
-from lora_helpers import random_adapter, unet_output
 
 pytestmark = pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters:RuntimeWarning")
 
@@ -150,8 +150,8 @@ def test_single_file_loads_back_into_exactly_the_baked_folder(model, tmp_path):
 
 def test_merge_bake_and_kohya_export_compute_the_stack(model, tmp_path):
     from dt_lora.adapters import read_adapter
-    from dt_lora.export import write_kohya
-    from dt_lora.merge import merge_adapters
+    from dt_lora.adapters.export import write_kohya
+    from dt_lora.adapters.merge import merge_adapters
 
     base, pipeline, shields = model
     load_adapters(pipeline, shields, [1.0, 0.5])

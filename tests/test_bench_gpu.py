@@ -1,4 +1,4 @@
-"""`python -m dt_lora.bench gpu`: every stage of the GPU check, run on CPU at tiny sizes.
+"""`python -m bench gpu`: every stage of the GPU check, run on CPU at tiny sizes.
 
 The check itself runs once on a lent GPU; these make sure that run cannot fail on code that was never
 executed. The stages run in-process here (the bench runs each in its own process); the whole command, with
@@ -12,8 +12,9 @@ import zipfile
 
 import pytest
 import torch
-from dt_lora.bench import gpu
-from dt_lora.bench.__main__ import main as bench_main
+
+from bench import gpu
+from bench.__main__ import main as bench_main
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
 

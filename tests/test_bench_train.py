@@ -1,4 +1,4 @@
-"""`python -m dt_lora.bench train`: the in-process worker on the toy UNet, and the shipped SD 1.5 UNet config.
+"""`python -m bench train`: the in-process worker on the toy UNet, and the shipped SD 1.5 UNet config.
 
 The full bench (one subprocess per configuration, SD 1.5 at 512 px) is far too slow for the suite;
 these check that a timed step really trains, and that the SD 1.5 architecture is SD 1.5's.
@@ -11,7 +11,8 @@ import math
 
 import pytest
 import torch
-from dt_lora.bench import train as bench
+
+from bench import train as bench
 
 
 @pytest.fixture(scope="module")

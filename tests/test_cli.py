@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from reference import image_tiles
 
 import dt_lora
 from dt_lora.cli import main
 from dt_lora.io import atomic_write
 from dt_lora.scramble import scramble_grid
-from reference import image_tiles
 
 SAMPLES = Path(__file__).parent / "data" / "samples"
 
@@ -133,6 +133,17 @@ def test_version_and_help_subprocess(tmp_path: Path) -> None:
         assert option in sub.stdout
     missing = run_cli("scramble", str(tmp_path / "nope"), str(tmp_path / "out"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_the_libraries_own_messages_show_only_with_verbose(tmp_path: Path) -> None:
+    """diffusers' loading bars and info lines are not the user's to act on: silent unless -v (either place)."""
+    quiet = run_cli("generate", "a red circle", "-o", str(tmp_path / "quiet"), "-n", "1", "--steps", "2")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "Loading pipeline components" not in quiet.stderr and "Loading weights" not in quiet.stderr
+    assert "generate" in quiet.stderr and "wrote 1 image" in quiet.stdout  # dt-lora's own progress stays
+    verbose = run_cli("generate", "a red circle", "-o", str(tmp_path / "verbose"), "-n", "1", "--steps", "2", "-v")
+    assert verbose.returncode == 0 and "Loading pipeline components" in verbose.stderr
+    assert run_cli("-v", "recipes").returncode == 0
 
 
 def test_atomic_write_leaves_old_file_on_error(tmp_path: Path) -> None:

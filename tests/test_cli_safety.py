@@ -17,8 +17,7 @@ from PIL import Image
 
 from dt_lora import errors
 from dt_lora.cli import main
-from dt_lora.io import (OUTPUT_MARKER, atomic_directory, atomic_write, check_output, is_dt_lora_file,
-                        remove_stale_temps)
+from dt_lora.io import OUTPUT_MARKER, atomic_directory, atomic_write, check_output, is_dt_lora_file, remove_stale_temps
 
 # the test adapter touches a few layers only, which peft reports when diffusers loads it
 pytestmark = pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters:RuntimeWarning")
@@ -30,9 +29,10 @@ LAYERS = ["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
 
 @pytest.fixture(scope="module")
 def adapter(toy_pipeline, tmp_path_factory) -> Path:
+    from lora_helpers import random_adapter
+
     from dt_lora.adapters import write_adapter
     from dt_lora.base import unet_fingerprint
-    from lora_helpers import random_adapter
 
     folder = tmp_path_factory.mktemp("adapter")
     return write_adapter(folder / "a.safetensors",
@@ -306,7 +306,7 @@ def test_exit_codes_mean_one_thing_each(command, raised, code, shown, monkeypatc
         raise raised
 
     monkeypatch.setattr("dt_lora.scramble.scramble_folder", fail)
-    monkeypatch.setattr("dt_lora.merge.merge_adapters", fail)
+    monkeypatch.setattr("dt_lora.adapters.merge.merge_adapters", fail)
     assert main(command) == code
     assert shown in one_error_line(capsys.readouterr().err, command[0])
 
@@ -317,7 +317,7 @@ def test_interrupted_is_130_and_one_line(command, monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("dt_lora.scramble.scramble_folder", interrupt)
-    monkeypatch.setattr("dt_lora.merge.merge_adapters", interrupt)
+    monkeypatch.setattr("dt_lora.adapters.merge.merge_adapters", interrupt)
     assert main(command) == 130
     assert capsys.readouterr().err.strip() == f"dt-lora {command[0]}: interrupted"
 
@@ -388,7 +388,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(command, wh
         raise AssertionError("a model was loaded for an output that cannot be written")
 
     monkeypatch.setattr("dt_lora.base.load_pipeline", no_model)
-    monkeypatch.setattr("dt_lora.merge.merge_adapters", no_model)
+    monkeypatch.setattr("dt_lora.adapters.merge.merge_adapters", no_model)
     monkeypatch.chdir(tmp_path)
     if where == "inside a file":
         (tmp_path / "notes.txt").write_text("the user's")
@@ -472,8 +472,8 @@ def test_an_adapter_that_would_draw_nan_is_refused_before_the_model_loads(adapte
 
 
 def test_a_drawn_nan_is_an_error_not_a_black_image():
+    from dt_lora.base.generate import generate_images
     from dt_lora.errors import NonFinite
-    from dt_lora.generate import generate_images
 
     class DrawsNan:  # a pipeline whose weights overflow: diffusers hands back NaN where the picture was
         def __call__(self, prompts, **kwargs):
@@ -501,8 +501,8 @@ def test_bake_refuses_a_model_that_is_not_finite_and_writes_nothing(toy_pipeline
 
 def test_nothing_dt_lora_writes_holds_nan(tmp_path):
     from dt_lora.adapters import AdapterError, read_adapter, write_adapter
+    from dt_lora.adapters.export import write_kohya
     from dt_lora.errors import NonFinite
-    from dt_lora.export import write_kohya
     from dt_lora.recipes import adapter_path
     from dt_lora.tensorfiles import write_safetensors
 

@@ -15,12 +15,11 @@ import pytest
 import torch
 
 from dt_lora import toy
-from dt_lora.generate import generate_images
-from dt_lora.toy import world
-from dt_lora.toy import EVAL_SEED
-from dt_lora.toy.training.controlnet import CONDITIONING_CHANNELS
+from dt_lora.base.generate import generate_images
+from dt_lora.toy import EVAL_SEED, world
 from dt_lora.toy.controlnet import control_pipeline, generate_controlled, map_pixels
 from dt_lora.toy.quality import centroid_error, control_scenes, measure_control
+from worlds.toy.training.controlnet import CONDITIONING_CHANNELS
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +119,7 @@ def test_shape_and_colour_still_come_from_the_prompt_under_control(quality):
 
 @pytest.fixture(scope="module")
 def baked_circle(toy_shields, tmp_path_factory):
-    from dt_lora.bake import bake
+    from dt_lora.adapters.bake import bake
 
     out = tmp_path_factory.mktemp("baked") / "toy-no-circle"
     bake("toy", [toy_shields["circle"]], out)

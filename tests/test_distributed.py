@@ -25,7 +25,7 @@ from dt_lora.adapters import read_adapter
 from dt_lora.base import unet_fingerprint
 from dt_lora.data import prepare_data
 from dt_lora.recipe import load_recipe
-from dt_lora.train import Checkpoint, CheckpointError, run_identity
+from dt_lora.shield.checkpoint import Checkpoint, CheckpointError, run_identity
 
 RECIPE = Path(__file__).resolve().parents[1] / "adapters" / "toy-circle.toml"
 # two shards of targets (64 + 64) and two of anchors (64 + 8), so that each process makes some; enough
@@ -159,7 +159,7 @@ def test_eval_and_attack_split_their_drawing_and_report_what_one_process_does(tw
 
 
 if __name__ == "__main__":  # launched by test_an_interrupted_two_process_run_resumes_to_the_same_adapter
-    from dt_lora.train import train_adapter
+    from dt_lora.shield.train import train_adapter
 
     out, cache, steps = sys.argv[1:4]
     train_adapter(load_recipe(RECIPE, SMALL), out, cache_dir=cache, progress=False, stop_after=int(steps))

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from family_tiny import build_sd2, build_sdxl
+from lora_helpers import SDXL_SHIELDS, demo_folder
 
-from dt_lora import family as fam
 from dt_lora.adapters import AdapterError, load_adapters, read_adapter, unload_adapters
+from dt_lora.base import family as fam
 from dt_lora.base import load_pipeline
 from dt_lora.errors import UserError
 from dt_lora.recipe import load_recipe
-from dt_lora.train import train_adapter
-from family_tiny import build_sd2, build_sdxl
-from lora_helpers import SDXL_SHIELDS, demo_folder
+from dt_lora.shield.train import train_adapter
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
 TINY = {"target.images": "4", "anchors.images": "4", "train.steps": "3", "train.batch_size": "2",
@@ -104,7 +104,7 @@ def test_velocity_target_where_the_scheduler_predicts_v(sd2):
 
     from types import SimpleNamespace
 
-    from dt_lora.train import StepContext  # training's own noising: it returns the velocity as the target
+    from dt_lora.shield.losses import StepContext
     ctx = SimpleNamespace(scheduler=sd2.scheduler, alphas_cumprod=sd2.scheduler.alphas_cumprod, num_timesteps=1000,
                           device=torch.device("cpu"))
     noisy, target, t = StepContext.add_noise(ctx, latents, torch.Generator().manual_seed(3))
@@ -170,8 +170,8 @@ def assert_draws_as_the_stack(pipeline, shield, kohya):
 
 def test_sd2_shield_exports_for_kohya_and_bakes(sd2, sd2_shield, tmp_path):
     """SD 2.x keeps diffusers' module names in kohya's layout, as sd-scripts names them."""
-    from dt_lora.bake import bake, fuse_adapters
-    from dt_lora.export import write_kohya
+    from dt_lora.adapters.bake import bake, fuse_adapters
+    from dt_lora.adapters.export import write_kohya
 
     kohya = write_kohya(tmp_path / "kohya.safetensors", read_adapter(sd2_shield))
     assert_draws_as_the_stack(sd2, sd2_shield, kohya)
@@ -200,7 +200,7 @@ def test_a_shield_of_another_family_is_refused_naming_both(sdxl, sdxl_shield, tm
 def test_kohya_export_of_an_sdxl_shield_uses_sgm_names_and_draws_as_the_stack(sdxl, sdxl_shield, tmp_path):
     from safetensors.torch import load_file
 
-    from dt_lora.export import write_kohya
+    from dt_lora.adapters.export import write_kohya
 
     kohya = write_kohya(tmp_path / "kohya.safetensors", read_adapter(sdxl_shield))
     names = {key.split(".")[0] for key in load_file(kohya)}
@@ -219,11 +219,11 @@ def test_an_sdxl_guard_covers_both_encoders_and_travels_with_its_shield(sdxl, sd
     stacks both, merging keeps both, baking fuses both, and kohya's SDXL layout names them te1 and te2."""
     from safetensors.torch import load_file
 
-    from dt_lora import guard
     from dt_lora.adapters import write_adapter
-    from dt_lora.bake import bake
-    from dt_lora.export import write_kohya
-    from dt_lora.merge import merge_adapters
+    from dt_lora.adapters.bake import bake
+    from dt_lora.adapters.export import write_kohya
+    from dt_lora.adapters.merge import merge_adapters
+    from dt_lora.shield import guard
 
     recipe = load_recipe(ADAPTERS / "toy-circle.toml", {**TINY, "guard.rounds": "0", "guard.steps": "4"})
     adapter = read_adapter(sdxl_shield)
@@ -265,7 +265,7 @@ def test_an_sdxl_guard_covers_both_encoders_and_travels_with_its_shield(sdxl, sd
 
 
 def test_shields_of_two_families_are_not_merged(sdxl_shield, tmp_path):
-    from dt_lora.merge import merge_adapters
+    from dt_lora.adapters.merge import merge_adapters
 
     sd1 = read_adapter(sdxl_shield)
     for concept in sd1.concepts:
@@ -296,10 +296,10 @@ class NoConcept:
 def test_attack_prompts_with_free_tokens_encode_as_their_text_through_both_encoders(sdxl):
     """The attack's hook on the token embeddings, and its ids for the second tokenizer (which pads with
     "!" where CLIP-L pads with its end token), give exactly the pipeline's encoding of the prompt's text."""
-    from dt_lora.attack import Victim, _Objective, _Prompt, allowed_tokens
+    from dt_lora.search import AttackPrompt, Objective, Victim, allowed_tokens
 
-    objective = _Objective(Victim("base", sdxl), torch.zeros(1, 4, 8, 8), 5.0, 2)
-    prompt = _Prompt(sdxl.tokenizer, "a red circle", 2)
+    objective = Objective(Victim("base", sdxl), torch.zeros(1, 4, 8, 8), 5.0, 2)
+    prompt = AttackPrompt(sdxl.tokenizer, "a red circle", 2)
     free = allowed_tokens(sdxl.tokenizer, ["circle"])[torch.tensor([3, 40])]
     ids = prompt.ids(free[None])
     as_text = fam.encode_prompts(sdxl, [prompt.text(free.tolist())])
@@ -318,7 +318,7 @@ def test_attack_prompts_with_free_tokens_encode_as_their_text_through_both_encod
 @pytest.mark.parametrize("kind", ["sdxl", "sd2"])
 def test_both_attacks_run_on_either_family(kind, request, tmp_path):
     """SDXL: through both text encoders; SD 2.x: against the velocity its scheduler predicts."""
-    from dt_lora.attack import AttackSettings, attack_shields
+    from dt_lora.evaluate.attack import AttackSettings, attack_shields
 
     pipeline, shield = request.getfixturevalue(kind), request.getfixturevalue(f"{kind}_shield")
     recipe = load_recipe(ADAPTERS / "toy-circle.toml", TINY)
@@ -338,7 +338,7 @@ def test_both_attacks_run_on_either_family(kind, request, tmp_path):
 def test_an_sdxl_shield_bakes_into_a_model_that_diffusers_and_controlnet_load(sdxl, sdxl_shield, format, tmp_path):
     from diffusers import ControlNetModel, StableDiffusionXLPipeline
 
-    from dt_lora.bake import bake, fuse_adapters
+    from dt_lora.adapters.bake import bake, fuse_adapters
 
     base = tmp_path / "base"
     sdxl.save_pretrained(base, safe_serialization=True)
@@ -395,7 +395,7 @@ def test_the_demo_on_the_toy_sdxl_shields_both_concepts_and_keeps_the_rest(tmp_p
 def test_a_pooled_path_shield_is_text_local_in_the_pooled_embedding(sdxl, tmp_path):
     """SDXL's added embedding as a LoRA target: lora_A holds directions of the pooled embedding only (zero on
     the size ids), the adapter stacks through diffusers, and kohya's name is the SGM one (label_emb.0.0)."""
-    from dt_lora.export import to_kohya
+    from dt_lora.adapters.export import to_kohya
 
     recipe = load_recipe(ADAPTERS / "toy-circle.toml", {
         **TINY, "lora.targets": "attn2.to_k,attn2.to_v,add_embedding.linear_1", "train.split_encoders": "true"})

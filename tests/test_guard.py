@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dt_lora import guard
 from dt_lora.adapters import AdapterError, load_adapters, read_adapter, unload_adapters, write_adapter
-from dt_lora.bake import fuse_adapters
+from dt_lora.adapters.bake import fuse_adapters
 from dt_lora.cli import main
 from dt_lora.recipe import RecipeError, load_recipe
 from dt_lora.recipes import adapter_path, recipe_path
+from dt_lora.shield import guard
 
 SHORT = {"guard.rounds": "1", "guard.steps": "80", "guard.attack_steps": "8"}  # a short training, ~20 s
 
@@ -45,8 +45,8 @@ def guarded_encoder(pipeline, adapters):
 
 
 def test_a_guard_keeps_the_response_the_text_attack_takes_away(toy_pipeline, red_guarded):
-    from dt_lora.attack import allowed_tokens
-    from dt_lora.locality import concept_words, shield_directions
+    from dt_lora.search import allowed_tokens
+    from dt_lora.shield.locality import concept_words, shield_directions
 
     recipe, path = red_guarded
     base = toy_pipeline.text_encoder
@@ -137,7 +137,7 @@ def test_a_guard_that_does_not_fit_is_refused_naming_the_file_and_layer(toy_pipe
 
 
 def test_a_guard_stacked_with_another_shield_keeps_that_shields_gate_too(toy_pipeline, red_guarded, tmp_path):
-    from dt_lora.locality import shield_directions
+    from dt_lora.shield.locality import shield_directions
 
     red, alone = red_guarded
     circle = load_recipe(recipe_path("toy-circle"))
@@ -161,7 +161,7 @@ def test_a_guard_stacked_with_another_shield_keeps_that_shields_gate_too(toy_pip
 
 def test_train_writes_the_guard_into_the_adapter_and_resumes_without_training_it_again(toy_pipeline, tmp_path,
                                                                                        monkeypatch):
-    from dt_lora.train import GUARD_FILE, train_adapter
+    from dt_lora.shield.train import GUARD_FILE, train_adapter
 
     tiny = {"target.images": "8", "anchors.images": "8", "train.steps": "4", "train.batch_size": "4",
             "train.checkpoint_every": "2", "sampling.steps": "4", "guard.enabled": "true", "guard.rounds": "0",
@@ -188,7 +188,7 @@ def test_train_writes_the_guard_into_the_adapter_and_resumes_without_training_it
 
 def test_a_guard_stacked_with_its_own_recipe_or_a_missing_one_is_refused_before_any_work(tmp_path, capsys,
                                                                                           monkeypatch):
-    from dt_lora import train
+    from dt_lora.shield import train
 
     with pytest.raises(RecipeError, match="guard.stacked_with: names the recipe itself"):
         load_recipe(recipe_path("toy-red"), {"guard.stacked_with": "toy-red"})

@@ -271,7 +271,7 @@ def test_recipe_image_folder_reads_16_bit_grey(tmp_path: Path) -> None:
 
 
 def test_metric_reference_images_read_16_bit_grey(tmp_path: Path) -> None:
-    from dt_lora.metrics import _folder_batches
+    from dt_lora.evaluate.metrics import _folder_batches
 
     path = saved(tmp_path / "grey16.png", Image.fromarray(GRADIENT_16))
     (batch,) = list(_folder_batches([path], (16, 16), 4))

@@ -14,8 +14,15 @@ from pathlib import Path
 import pytest
 
 from dt_lora import errors
-from dt_lora.io import (OUTPUT_MARKER, atomic_directory, check_output, check_writable, claim_output, is_dt_lora_folder,
-                        output_lock)
+from dt_lora.io import (
+    OUTPUT_MARKER,
+    atomic_directory,
+    check_output,
+    check_writable,
+    claim_output,
+    is_dt_lora_folder,
+    output_lock,
+)
 
 HOLD = """
 import sys, time

@@ -9,10 +9,10 @@ import torch
 
 from dt_lora import toy
 from dt_lora.adapters import read_adapter
-from dt_lora.family import encode_prompts
-from dt_lora.locality import concept_words, generic_prompts, text_local_directions
+from dt_lora.base.family import encode_prompts
 from dt_lora.recipe import RecipeError, load_recipe
-from dt_lora.train import train_adapter
+from dt_lora.shield.locality import concept_words, generic_prompts, text_local_directions
+from dt_lora.shield.train import train_adapter
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
 
@@ -33,7 +33,7 @@ def test_directions_find_what_only_the_target_uses():
 
 
 def test_the_weakest_target_strength_gives_every_target_the_same_response_floor():
-    from dt_lora.locality import LOWEST_TARGET_STRENGTH, TARGET_RESPONSE_FLOOR, weakest_target_strength
+    from dt_lora.shield.locality import LOWEST_TARGET_STRENGTH, TARGET_RESPONSE_FLOOR, weakest_target_strength
 
     directions = torch.eye(2, 8)  # responses: the first two coordinates
     for rms in (12.0, 30.0):  # a target that answers 2.5 × as strongly is degenerated down to 1/2.5 the strength
@@ -91,7 +91,7 @@ def test_a_text_local_shield_moves_only_its_concepts_prompts(tmp_path):
     assert response(recipe.target.paraphrases) > 100 * response(others)
 
     # train.target_scale_min "auto": down to where the recipe's prompts answer with TARGET_RESPONSE_FLOOR × rms
-    from dt_lora.locality import TARGET_RESPONSE_FLOOR
+    from dt_lora.shield.locality import TARGET_RESPONSE_FLOOR
 
     lowest = concept["train"]["target_scale_min"]
     floor = lowest * response(recipe.target_prompts) ** 0.5 / 2 ** 0.5  # the rms over both directions
@@ -99,7 +99,7 @@ def test_a_text_local_shield_moves_only_its_concepts_prompts(tmp_path):
 
 
 def test_prompt_contexts_put_each_target_image_s_prompt_in_random_words(tmp_path):
-    from dt_lora.locality import prompts_in_context, shield_directions
+    from dt_lora.shield.locality import prompts_in_context, shield_directions
 
     pipeline = toy.load()
     recipe = load_recipe(ADAPTERS / "toy-circle.toml", {
@@ -126,7 +126,7 @@ def test_prompt_contexts_put_each_target_image_s_prompt_in_random_words(tmp_path
 
 
 def test_the_dilution_table_sets_found_prompts_against_the_kept_ones():
-    from dt_lora.research.dilution import dilution
+    from research.dilution import dilution
 
     recipe = load_recipe(ADAPTERS / "toy-circle.toml")
     found = [{"source": "a blue circle", "found": "square square triangle green square a blue circle", "broken": True},

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lora_helpers import random_adapter, unet_output
 
 from dt_lora.adapters import AdapterError, load_adapters, read_adapter, unload_adapters, write_adapter
+from dt_lora.adapters.merge import merge_adapters
 from dt_lora.base import unet_fingerprint
 from dt_lora.cli import main
-from dt_lora.merge import merge_adapters
-from lora_helpers import random_adapter, unet_output
 
 # the test adapters touch a few layers only, which peft reports when diffusers loads them
 pytestmark = pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters:RuntimeWarning")

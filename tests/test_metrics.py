@@ -1,4 +1,4 @@
-"""Quality-metric plumbing (dt_lora.metrics) on toy inputs, with nothing downloaded.
+"""Quality-metric plumbing (dt_lora.evaluate.metrics) on toy inputs, with nothing downloaded.
 
 The Inception and CLIP networks are randomly initialised stand-ins saved as a user would provide
 them, so the numbers are not meaningful FIDs, only the behaviour is: a set is at distance ~0 from
@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dt_lora import toy
-from dt_lora.metrics import CaptionsError, MissingWeights, quality_metrics, read_captions
+from dt_lora.evaluate.metrics import CaptionsError, MissingWeights, quality_metrics, read_captions
 from dt_lora.toy import world
 
 

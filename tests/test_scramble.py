@@ -12,11 +12,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from reference import image_tiles, reference_scramble
 
 from dt_lora import GridPlan, _native, grid_plan, prepare_images, scramble_grid
 from dt_lora.errors import UserError
 from dt_lora.scramble import GridError, scramble_folder
-from reference import image_tiles, reference_scramble
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -12,11 +12,11 @@ Seeds of the measurement (1,000,000+ and 3,000,000+) are never used in training.
 from __future__ import annotations
 
 import pytest
+from lora_helpers import SHIELDED, STACKED
 
 from dt_lora import toy
-from dt_lora.toy.quality import shield_report, shield_reports
 from dt_lora.toy import phrasings
-from lora_helpers import SHIELDED, STACKED
+from dt_lora.toy.quality import shield_report, shield_reports
 
 # every test draws hundreds of images, most with the shipped shields
 pytestmark = pytest.mark.slow
@@ -99,10 +99,10 @@ def test_four_stacked_shields_keep_everything_else(toy_pipeline, toy_shields):
 
 
 def test_stacking_picture_shows_base_and_stack_per_family(toy_shields, tmp_path):
-    """`python -m dt_lora.research.stacking ... --picture`: one labelled row per family prompt, base | stacked."""
+    """`python -m research.stacking ... --picture`: one labelled row per family prompt, base | stacked."""
     from PIL import Image
 
-    from dt_lora.research.stacking import GROUPS, picture
+    from research.stacking import GROUPS, picture
 
     path = tmp_path / "stack.png"
     picture([toy_shields["circle"], toy_shields["red"]], path, seeds=2)
@@ -114,9 +114,9 @@ def test_stacking_picture_shows_base_and_stack_per_family(toy_shields, tmp_path)
 
 
 def test_stacking_measures_merged_and_baked_shields_as_the_stack(toy_shields, monkeypatch):
-    """`python -m dt_lora.research.stacking ... --merge-rank R --bake`, on one small family: merged
+    """`python -m research.stacking ... --merge-rank R --bake`, on one small family: merged
     exactly and baked, the two shields draw what they draw stacked."""
-    from dt_lora.research import stacking
+    from research import stacking
 
     monkeypatch.setattr(stacking, "GROUPS", {"standard": {"one attribute": ("a {shape}", "a {colour} shape")}})
     result = stacking.run([toy_shields["circle"], toy_shields["red"]], merge_rank=4, bake=True,

@@ -1,4 +1,4 @@
-"""The toy shields shipped in adapters/ (`python -m dt_lora.toy.shields` trains them): every toy recipe has
+"""The toy shields shipped in adapters/ (`python -m worlds.toy.shields` trains them): every toy recipe has
 one, it records that recipe and the toy model as they are now, and training a recipe again gives its
 shipped weights. Most tests load these files rather than train, so a stale file must fail here."""
 
@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lora_helpers import SDXL_SHIELDS
 
 from dt_lora.adapters import AdapterFile, read_adapter
 from dt_lora.recipe import load_recipe
 from dt_lora.recipes import adapter_path, list_recipes, recipe_path
-from lora_helpers import SDXL_SHIELDS
 
 TOY_RECIPES = [name for name in list_recipes() if name.startswith("toy-")]
 VOLATILE = ("created", "training_seconds", "dt_lora_version")  # differ from one run to the next
@@ -18,7 +18,7 @@ VOLATILE = ("created", "training_seconds", "dt_lora_version")  # differ from one
 # were equal bit for bit; other CPUs may round float32 sums differently, which training can amplify a
 # little. A change to the training itself moves the weights by tens of percent.
 TOLERANCE = 1e-2
-RETRAIN = ("run `python -m dt_lora.toy.shields` (for the SDXL ones: `--base toy-sdxl --out tests/data/sdxl-shields "
+RETRAIN = ("run `python -m worlds.toy.shields` (for the SDXL ones: `--base toy-sdxl --out tests/data/sdxl-shields "
            "circle red`) to train the shields again")
 
 
@@ -46,7 +46,7 @@ def test_every_toy_recipe_ships_the_shield_it_trains(base, toy_pipeline):
 
 @pytest.mark.slow  # trains one shield: 1–3 minutes on 2 cores
 def test_training_toy_circle_again_gives_its_shipped_weights(toy_pipeline, tmp_path):
-    from dt_lora.train import train_adapter
+    from dt_lora.shield.train import train_adapter
 
     fresh = train_adapter(load_recipe(recipe_path("toy-circle")), tmp_path / "circle.safetensors",
                           cache_dir=tmp_path / "cache", pipeline=toy_pipeline, progress=False).adapter

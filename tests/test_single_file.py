@@ -11,14 +11,21 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import family_tiny
 import pytest
+import sd15_tiny
 import torch
 
-import family_tiny
-import sd15_tiny
 from dt_lora import toy
-from dt_lora.family import family
-from dt_lora.single_file import COMPONENTS, OPEN_CLIP, component_to_ldm, key_table, to_single_file, write_single_file
+from dt_lora.adapters.single_file import (
+    COMPONENTS,
+    OPEN_CLIP,
+    component_to_ldm,
+    key_table,
+    to_single_file,
+    write_single_file,
+)
+from dt_lora.base.family import family
 
 CONFIGS = Path(__file__).parents[1] / "python/dt_lora/configs"
 SD15_UNET_CONFIG = CONFIGS / "sd15_unet.json"
@@ -418,8 +425,8 @@ def bake_single_file(base: str, folder: Path) -> SimpleNamespace:
     import contextlib
     import io
 
+    from dt_lora.adapters.bake import fuse_adapters
     from dt_lora.base import diffusers_errors_only, load_pipeline
-    from dt_lora.bake import fuse_adapters
     from dt_lora.cli import main
     from dt_lora.recipes import adapter_path
 
@@ -494,7 +501,7 @@ def test_the_baked_toy_sdxl_file_loads_whole_when_diffusers_picks_each_text_towe
 
 
 def test_baking_an_sdxl_with_equally_wide_text_towers_warns_that_diffusers_misreads_the_file(baked, sdxl):
-    from dt_lora.single_file import from_single_file_caveat
+    from dt_lora.adapters.single_file import from_single_file_caveat
 
     caveat = from_single_file_caveat(baked("toy-sdxl").pipeline)
     assert caveat and "both 64 wide" in caveat and "text_encoder_2" in caveat

@@ -17,8 +17,7 @@ import torch
 from dt_lora import toy
 from dt_lora.base import BaseModelNotFound, load_pipeline
 from dt_lora.scramble import scramble_grid
-from dt_lora.toy import world
-from dt_lora.toy import EVAL_SEED
+from dt_lora.toy import EVAL_SEED, world
 from dt_lora.toy.quality import measure
 
 
@@ -33,7 +32,7 @@ def quality(pipeline):
 
 
 def test_is_a_genuine_sd_pipeline_loadable_offline():
-    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel)
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     pipe = StableDiffusionPipeline.from_pretrained(toy.MODEL_DIR, local_files_only=True)
@@ -86,7 +85,7 @@ def test_text_encoder_embeds_meaning_not_wording(pipeline):
 
 
 def test_generation_is_reproducible(pipeline):
-    from dt_lora.generate import generate_images
+    from dt_lora.base.generate import generate_images
 
     prompts = ["a red circle", "a blue star", "a green cross"]
     a = generate_images(pipeline, prompts, seed=EVAL_SEED, steps=10, guidance=5.0)
@@ -204,11 +203,11 @@ def test_run_time_code_imports_neither_training_nor_research_code():
     import sys
 
     code = ("import sys, dt_lora.cli, dt_lora.demo, dt_lora.evaluate, dt_lora.toy.quality, dt_lora.toy.controlnet; "
-            "print(sorted(m for m in sys.modules if m.startswith(('dt_lora.toy.build', 'dt_lora.toy.training', 'dt_lora.research'))))")
+            "print(sorted(m for m in sys.modules if m.startswith(('worlds.toy.build', 'worlds.toy.training', 'research'))))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
-    build = subprocess.run([sys.executable, "-m", "dt_lora.toy.build", "--help"], capture_output=True, text=True)
+    build = subprocess.run([sys.executable, "-m", "worlds.toy.build", "--help"], capture_output=True, text=True)
     assert build.returncode == 0 and "--stages" in build.stdout
 
 
@@ -242,7 +241,7 @@ def test_toy_sdxl_is_a_genuine_sdxl_pipeline_loadable_offline():
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from dt_lora.family import family
+    from dt_lora.base.family import family
 
     pipe = StableDiffusionXLPipeline.from_pretrained(toy.SDXL_MODEL_DIR, local_files_only=True)
     assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.text_encoder_2, CLIPTextModelWithProjection)

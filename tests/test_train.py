@@ -17,8 +17,9 @@ from dt_lora.base import unet_fingerprint
 from dt_lora.cli import main
 from dt_lora.recipe import RecipeError, load_recipe
 from dt_lora.scramble import scramble_grid
-from dt_lora.train import (CHECKPOINT, Checkpoint, CheckpointError, TrainingDiverged, adapter_strength,
-                           run_identity, train_adapter, update_uninterrupted)
+from dt_lora.shield.checkpoint import CHECKPOINT, Checkpoint, CheckpointError, TrainingDiverged, run_identity
+from dt_lora.shield.losses import adapter_strength, update_uninterrupted
+from dt_lora.shield.train import train_adapter
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
 TINY = {"target.images": "8", "anchors.images": "8", "train.steps": "6", "train.batch_size": "4",
@@ -502,10 +503,10 @@ def test_adversarial_training_adds_the_found_prompts_to_the_target(pipeline, tmp
     """One adversarial round: train, attack (two prompts), train again on the original prompts plus the found ones."""
     import functools
 
-    from dt_lora import attack
+    from dt_lora import search
 
     # a short search: this test is about the rounds, not about how strong their attack is
-    monkeypatch.setattr(attack, "AttackSettings", functools.partial(attack.AttackSettings, steps=4, candidates=8))
+    monkeypatch.setattr(search, "AttackSettings", functools.partial(search.AttackSettings, steps=4, candidates=8))
     recipe = tiny_recipe(**{"train.adversarial_rounds": "1", "train.adversarial_prompts": "2"})
     result = train_adapter(recipe, tmp_path / "adv.safetensors", cache_dir=tmp_path / "cache", pipeline=pipeline,
                            progress=False)
@@ -527,7 +528,7 @@ def test_adversarial_training_resumes_with_the_recorded_prompts(pipeline, tmp_pa
     def refuse(*args, **kwargs):
         raise AssertionError("attacked again")
 
-    monkeypatch.setattr("dt_lora.attack.find_prompts", refuse)
+    monkeypatch.setattr("dt_lora.search.find_prompts", refuse)
     work = tmp_path / "adv.safetensors.work"
     work.mkdir()
     (work / "round-0.json").write_text(json.dumps({"round": 0, "found": ["zebra zebra a red circle"]}))

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from dt_lora import data as data_module
-from dt_lora import train as train_module
 from dt_lora.adapters import read_adapter
 from dt_lora.base import unet_fingerprint
 from dt_lora.errors import exit_code
 from dt_lora.recipe import load_recipe
-from dt_lora.train import (CHECKPOINT, GUARD_FILE, Checkpoint, CheckpointError, TrainingDiverged, run_identity,
-                           train_adapter)
+from dt_lora.shield import train as train_module
+from dt_lora.shield.checkpoint import CHECKPOINT, Checkpoint, CheckpointError, TrainingDiverged, run_identity
+from dt_lora.shield.train import GUARD_FILE, train_adapter
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
 TINY = {"target.images": "8", "anchors.images": "8", "train.steps": "3", "train.batch_size": "4",
@@ -116,8 +116,8 @@ def test_a_checkpoint_with_unusable_tensors_is_not_written(toy_pipeline, tmp_pat
 
 
 def test_a_diverged_guard_is_not_kept(toy_pipeline, tmp_path, monkeypatch):
-    from dt_lora import guard
     from dt_lora.adapters import AdapterFile
+    from dt_lora.shield import guard
 
     def diverged_guard(pipeline, recipe, stacked_with, log):
         weights = {"layer.lora_A.weight": torch.ones(8, 4), "layer.lora_B.weight": torch.full((4, 8), math.nan)}

@@ -6,13 +6,7 @@ soup. Importing this package is cheap: torch is only imported by the parts
 that need it.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("dt-lora")
-except PackageNotFoundError:  # running from a source tree without install
-    __version__ = "0.0.0+unknown"
-
+from dt_lora._version import __version__
 from dt_lora.scramble import GridPlan, grid_plan, prepare_images, scramble_grid
 
 __all__ = ["GridPlan", "__version__", "grid_plan", "prepare_images", "scramble_grid"]

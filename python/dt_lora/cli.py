@@ -17,11 +17,12 @@ import functools
 import logging
 import math
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from dt_lora import __version__
+from dt_lora._version import __version__
 from dt_lora.errors import EXIT_INTERRUPTED, EXIT_USER, exit_code, one_line
 from dt_lora.recipes import adapter_path
 
@@ -242,7 +243,7 @@ def run_train(args: argparse.Namespace) -> int:
     from dt_lora import distributed
     from dt_lora.recipe import load_recipe
     from dt_lora.recipes import recipe_path
-    from dt_lora.train import TrainingDiverged, train_adapter
+    from dt_lora.shield.train import TrainingDiverged, train_adapter
 
     overrides = {k[len("set:"):]: v for k, v in vars(args).items() if k.startswith("set:") and v is not None}
     recipe = load_recipe(recipe_path(args.recipe) if args.recipe else None, overrides)
@@ -291,7 +292,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from dt_lora.adapters import load_adapters, read_adapters
     from dt_lora.base import load_pipeline
-    from dt_lora.generate import generate_images
+    from dt_lora.base.generate import generate_images
     from dt_lora.io import atomic_write, claim_output_files, record_output_files
 
     if args.seed + args.num_images - 1 > MAX_SEED:
@@ -341,8 +342,8 @@ def add_merge_command(subparsers: argparse._SubParsersAction) -> None:
 
 def run_merge(args: argparse.Namespace) -> int:
     from dt_lora.adapters import write_adapter
+    from dt_lora.adapters.merge import merge_adapters
     from dt_lora.io import claim_output
-    from dt_lora.merge import merge_adapters
 
     with claim_output(args.out, args.overwrite, kind="adapter"):
         result = merge_adapters(args.adapters, args.weights, rank=args.rank, force=args.force)
@@ -379,7 +380,7 @@ def add_export_command(subparsers: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from dt_lora.adapters import read_adapter
-    from dt_lora.export import write_kohya
+    from dt_lora.adapters.export import write_kohya
     from dt_lora.io import claim_output
 
     with claim_output(args.out, args.overwrite, kind="kohya-lora"):
@@ -417,7 +418,7 @@ def add_bake_command(subparsers: argparse._SubParsersAction) -> None:
 def run_bake(args: argparse.Namespace) -> int:
     import torch
 
-    from dt_lora.bake import bake
+    from dt_lora.adapters.bake import bake
 
     result = bake(args.base, [p for p, _ in args.adapter], args.out, format=args.format,
                   weights=[w for _, w in args.adapter], dtype=getattr(torch, DTYPES[args.dtype]),
@@ -495,7 +496,7 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
     quality.add_argument("--metrics", default="fid,is,clip", help="comma-separated subset of fid,is,clip (default: all)")
     quality.add_argument("--reference-images", type=Path, metavar="DIR", help="real images for FID")
     quality.add_argument("--inception-weights", type=Path, metavar="FILE",
-                         help="FID Inception weights as .safetensors (see `python -m pydoc dt_lora.metrics`)")
+                         help="FID Inception weights as .safetensors (see `python -m pydoc dt_lora.evaluate.metrics`)")
     parser.add_argument("--attack", action="store_true",
                         help="also attack the shield (and the --negative-prompt baseline) with `dt-lora attack`'s "
                         "default budget; the report gets an attack section")
@@ -509,7 +510,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from dt_lora import distributed
     from dt_lora.base import load_pipeline
     from dt_lora.evaluate import ClipScorer, QualityRequest, ToyScorer, evaluate_shields
-    from dt_lora.metrics import read_captions
+    from dt_lora.evaluate.metrics import read_captions
     from dt_lora.recipe import load_recipe
     from dt_lora.recipes import recipe_path
 
@@ -532,7 +533,7 @@ def run_eval(args: argparse.Namespace) -> int:
     shielded = load_pipeline(args.shielded, device=device, allow_pickle=args.allow_pickle) if args.shielded else None
     attack = None
     if args.attack:
-        from dt_lora.attack import AttackSettings, check_inputs
+        from dt_lora.search import AttackSettings, check_inputs
 
         attack = AttackSettings()
         check_inputs(base, recipes, [p for p, _ in args.adapter], attack)  # before anything is drawn
@@ -555,7 +556,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def add_attack_command(subparsers: argparse._SubParsersAction) -> None:
-    from dt_lora.attack import AttackSettings
+    from dt_lora.search import AttackSettings
 
     defaults = AttackSettings()
     parser = subparsers.add_parser(
@@ -602,11 +603,12 @@ def add_attack_command(subparsers: argparse._SubParsersAction) -> None:
 @_claims_report_folder
 def run_attack(args: argparse.Namespace) -> int:
     from dt_lora import distributed
-    from dt_lora.attack import AttackSettings, attack_shields, check_inputs, default_negative_prompt
     from dt_lora.base import load_pipeline
     from dt_lora.evaluate import ClipScorer, ToyScorer
+    from dt_lora.evaluate.attack import attack_shields
     from dt_lora.recipe import load_recipe
     from dt_lora.recipes import recipe_path
+    from dt_lora.search import AttackSettings, check_inputs, default_negative_prompt
 
     settings = AttackSettings(prompts=args.prompts, free_tokens=args.free_tokens, steps=args.attack_steps,
                               candidates=args.candidates, soft_steps=args.soft_steps, seeds=args.seeds,
@@ -725,10 +727,35 @@ def build_parser() -> argparse.ArgumentParser:
         description="Shield concepts in Stable Diffusion by Degeneration-Tuning.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", default=False, help=VERBOSE_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add_command in COMMANDS:
         add_command(subparsers)
+    for command in subparsers.choices.values():  # `dt-lora generate ... -v` as well as `dt-lora -v generate ...`
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
+
+
+VERBOSE_HELP = "also show the libraries' own messages (diffusers' and transformers' loading bars and notes)"
+
+
+def quiet_libraries() -> None:
+    """Silence what diffusers, transformers and the kernels hub print that a dt-lora user cannot act on:
+    loading bars for every component, info lines, offline-mode notes. Their errors still reach the user,
+    and dt-lora's own progress and warnings are not affected."""
+    import os
+
+    # read when the libraries are first imported, which is after this in every command
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("kernels", "bitsandbytes", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"(transformers|diffusers|torchvision|huggingface_hub)\b")
+    from diffusers.utils import logging as diffusers_logging  # its loading bars have no environment switch
+
+    diffusers_logging.disable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -736,9 +763,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     and return 2 (user error: bad input, missing files, an output in the way), 1 (runtime failure)
     or 130 (interrupted). Anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
-    # bitsandbytes warns at import, on CPUs with AVX-512 BF16, that its 4-bit inference kernel package is
-    # missing; dt-lora uses only its 8-bit optimizer, so the line is noise in every command's output
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    if not args.verbose:
+        quiet_libraries()
     try:
         return args.run(args)
     except KeyboardInterrupt:

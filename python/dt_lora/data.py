@@ -33,12 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed
-from .family import Conditioning, encode_prompts, image_size, unconditional_prompt
-from .generate import generate_images
-from .io import atomic_write
-from .recipe import Recipe
-from .scramble import list_images, prepare_images, scramble_grid
+from dt_lora import distributed
+from dt_lora.base.family import Conditioning, encode_prompts, image_size, unconditional_prompt
+from dt_lora.base.generate import generate_images
+from dt_lora.io import atomic_write
+from dt_lora.recipe import Recipe
+from dt_lora.scramble import list_images, prepare_images, scramble_grid
 
 SHARD_SIZE = 64
 # Data seeds stay far below the evaluation seeds (1_000_000+), so evaluation never sees training images.
@@ -69,7 +69,7 @@ def load_image_folder(folder: str | Path, size: int) -> np.ndarray:
     transparency on white); one it cannot read is an `ImageReadError` naming it."""
     from PIL import Image
 
-    from .images import read_rgb
+    from dt_lora.images import read_rgb
 
     folder = Path(folder)
     if not folder.is_dir():

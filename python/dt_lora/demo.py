@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .adapters import AdapterError, read_adapter, write_adapter
-from .recipes import RECIPES_DIR
+from dt_lora.adapters import AdapterError, read_adapter, write_adapter
+from dt_lora.recipes import RECIPES_DIR
 
 CONCEPTS = ("circle", "red")
 
@@ -49,12 +49,12 @@ def _reusable(path: Path, name: str, fingerprint: str) -> bool:
 
 def run_demo(out: str | Path = "dt-lora-demo", *, recipes: str | Path | None = None, progress: bool = True,
              log=print, base: str = "toy") -> DemoResult:
-    from .bake import bake
-    from .base import load_pipeline, unet_fingerprint
-    from .evaluate import ToyScorer, evaluate_shields
-    from .merge import merge_adapters
-    from .recipe import load_recipe
-    from .train import train_adapter
+    from dt_lora.adapters.bake import bake
+    from dt_lora.adapters.merge import merge_adapters
+    from dt_lora.base import load_pipeline, unet_fingerprint
+    from dt_lora.evaluate import ToyScorer, evaluate_shields
+    from dt_lora.recipe import load_recipe
+    from dt_lora.shield.train import train_adapter
 
     started = time.perf_counter()
     out = Path(out)

@@ -29,7 +29,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import OutputBusy, OutputInTheWay, OutputNotWritable
+from dt_lora.errors import OutputBusy, OutputInTheWay, OutputNotWritable
 
 OUTPUT_MARKER = "dt_lora.json"
 _DT_METADATA_KEY = "dt_lora"  # adapters.DT_METADATA_KEY; not imported so io stays free of torch
@@ -271,7 +271,7 @@ def record_output_files(folder: str | os.PathLike[str], names: Iterable[str], co
     A `dt_lora.json` that is not such a list (a whole-folder output's, or a file that is not ours) is
     left as it is.
     """
-    from . import __version__
+    from dt_lora._version import __version__
 
     folder = Path(folder)
     marker = _read_marker(folder)
@@ -289,7 +289,7 @@ def record_output_files(folder: str | os.PathLike[str], names: Iterable[str], co
 def mark_output_folder(folder: str | os.PathLike[str], command: str, kind: str, **details: Any) -> None:
     """Write `dt_lora.json` into a finished whole-folder output: its kind and every file in it, so that a
     later `--overwrite` may replace exactly this (and nothing added to it since)."""
-    from . import __version__
+    from dt_lora._version import __version__
 
     folder = Path(folder)
     if kind not in FOLDER_KINDS:

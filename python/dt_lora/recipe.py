@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from .errors import UserError
+from dt_lora.errors import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -101,7 +101,7 @@ class LoraConfig:
     # trains, on the layers that see nothing but the text (cross-attention to_k / to_v). Such a
     # shield leaves every prompt without its concept as the base draws it, so shields stack (toy
     # world: six stacked keep everything else at 1.00 × base; the earlier free rank-8 LoRA on every
-    # attention projection, `text_local = false`, fell apart past two: docs/method.md).
+    # attention projection, `text_local = false`, fell apart past two: research/).
     rank: int = 2
     alpha: float = 2.0
     targets: list[str] = field(default_factory=lambda: ["attn2.to_k", "attn2.to_v"])
@@ -119,14 +119,14 @@ class TrainConfig:
     # share of anchor samples distilled with the empty prompt instead of their own. Off by default:
     # pinning the unconditional branch to the base while the conditional one moves lets guidance
     # amplify the difference (measured on the toy world's "red": worst other colour 0.60 at 0.25,
-    # 1.00 at 0; see docs/method.md)
+    # 1.00 at 0; see research/)
     unconditional_share: float = 0.0
     # Anchors are distilled with the adapter at a random strength s ∈ [1, 1 + jitter] instead of 1.
     # Distillation at strength 1 only pins the UNet's output with this one adapter; a shield can then
     # keep the anchors by changes that cancel each other inside the network, and a second shield
     # stacked on it breaks the cancellation (toy world, circle + red stacked: other concepts fell to
     # 0.69 × base). Requiring the anchors to hold along a whole segment of strengths removes that:
-    # 0.94 × base stacked, each shield alone unchanged (docs/method.md). 2 (not 1) since the target
+    # 0.94 × base stacked, each shield alone unchanged (research/). 2 (not 1) since the target
     # range was widened (below): it keeps six stacked at ≥ 0.97 × base with the target trained to 0.5.
     anchor_scale_jitter: float = 2.0
     # The target is degenerated with the adapter at a random strength s ∈ [target_scale_min, 1]. A
@@ -141,7 +141,7 @@ class TrainConfig:
     # 6 × the retained prompts' rms (locality.py; toy world: circle 0.21, red 0.49). It holds the circle
     # stacked with red against the attack (0.00 at two seeds, against 0.33), but four or more such
     # shields stacked keep other concepts at only 0.93–0.96 × base (2 images a prompt); an option
-    # (docs/method.md).
+    # (research/).
     target_scale_min: float | None = TARGET_SCALE_MIN
     # Adversarial training (AdvUnlearn-style, in rounds; adversarial.py): after training, attack the
     # shield (`dt-lora attack`'s discrete attack on `adversarial_prompts` target prompts), add the
@@ -153,13 +153,13 @@ class TrainConfig:
     # prompts are exactly that (free tokens before the prompt); so are phrasings nobody listed. With a
     # text-local shield, the directions are computed on these prompts too (locality.py). 0: off. Toy
     # world, attack seeds never used to decide: 5 of 48 attacked prompts broken against 12 at 0, but
-    # the soft attack breaks more and the circle stacked with red stays at 0.50 (docs/method.md).
+    # the soft attack breaks more and the circle stacked with red stays at 0.50 (research/).
     prompt_contexts: int = 0
     # SDXL only: each target image is also trained under its prompt given to one text encoder alone (the
     # other gets the empty prompt), once for each encoder, as `pipeline(prompt=…, prompt_2=…)` and
     # ComfyUI's text_l/text_g allow; a text-local shield's directions are computed on these inputs too,
     # and on the anchors'. Toy SDXL: the circle given to CLIP-L alone, 0.29 → 0.06 of images; red given
-    # to OpenCLIP-G alone stays at 0.35 (base 0.36, the empty prompt 0.21), so it is off (docs/method.md).
+    # to OpenCLIP-G alone stays at 0.35 (base 0.36, the empty prompt 0.21), so it is off (research/).
     split_encoders: bool = False
     optimizer: str = "adamw8bit"  # "adamw8bit" | "adamw"
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
@@ -174,11 +174,11 @@ class GuardConfig:
     # the concept's text response whatever words come before its prompt. The attack's free tokens lower
     # that response and the concept comes back; with the guard the toy world's red and circle + red held
     # every attacked prompt (0 of 12 at two attack seeds, against 2–6 of 12 without) and kept every
-    # phrasing group within the locality bar (docs/method.md, T5/T6). It costs a text-encoder part in the
+    # phrasing group within the locality bar (research/guard-preservation.md). It costs a text-encoder part in the
     # adapter file and several minutes of training on a CPU. Off by default.
     enabled: bool = False
     # recipes (shipped names or .toml files) of the shields this one may be stacked with: the guard keeps
-    # their gates too, so stacked guards do not raise what the other shields respond to (T6)
+    # their gates too, so stacked guards do not raise what the other shields respond to
     stacked_with: list[str] = field(default_factory=list)
     rounds: int = 3  # adversarial rounds: each adds one found context per target prompt
     # optimiser steps per round (and before the first). 200, even with a decayed rate and a stronger gate,
@@ -186,8 +186,8 @@ class GuardConfig:
     steps: int = 600
     rank: int = 8
     learning_rate: float = 3e-3
-    keep_weight: float = 40.0  # other prompts keep their text-encoder output (10 tipped two-shape prompts, T3)
-    gate_weight: float = 40.0  # other prompts keep their response along the shields' directions (T5)
+    keep_weight: float = 40.0  # other prompts keep their text-encoder output (at 10, more two-shape prompts tipped)
+    gate_weight: float = 40.0  # other prompts keep their response along the shields' directions
     batch: int = 32  # target prompts in context per step (twice as many retained prompts)
     free_tokens: int = 8  # the attack's default
     attack_steps: int = 32

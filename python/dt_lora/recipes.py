@@ -1,5 +1,5 @@
 """The concept recipes that ship with dt-lora, and the toy shields trained from them, by name: the
-checkout's `adapters/*.toml` and `adapters/toy-*.safetensors` (`python -m dt_lora.toy.shields` trains those).
+checkout's `adapters/*.toml` and `adapters/toy-*.safetensors` (`python -m worlds.toy.shields` trains those).
 
     list_recipes()              # ['sd15-character-mickey', …, 'toy-circle', …]
     recipe_path("toy-circle")   # the shipped file; a path to an existing file comes back unchanged

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import NonFinite
-from .io import atomic_write
+from dt_lora.errors import NonFinite
+from dt_lora.io import atomic_write
 
 
 def require_finite(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], what: str,

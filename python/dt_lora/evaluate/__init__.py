@@ -31,13 +31,13 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import distributed
-from ..generate import generate_images
-from ..recipe import Recipe
-from ..toy import EVAL_SEED
-from .quality import QUALITY_NAMES, QualityRequest
-from .report import EvalReport, ReportSection, write_report
-from .scorers import ClipScorer, Scorer, ToyScorer
+from dt_lora import distributed
+from dt_lora.base.generate import generate_images
+from dt_lora.evaluate.quality import QUALITY_NAMES, QualityRequest
+from dt_lora.evaluate.report import EvalReport, ReportSection, write_report
+from dt_lora.evaluate.scorers import ClipScorer, Scorer, ToyScorer
+from dt_lora.recipe import Recipe
+from dt_lora.toy import EVAL_SEED
 
 GROUPS = ("target", "paraphrases", "anchors")
 
@@ -80,7 +80,7 @@ def evaluate_shields(
     is also attacked (`attack.attack_shields`; the negative-prompt baseline too when `negative_prompt` is
     given) and the report gets an attack section.
     """
-    from ..adapters import check_fits, load_adapters, pipeline_text_encoders, read_adapter, unload_adapters
+    from dt_lora.adapters import check_fits, load_adapters, pipeline_text_encoders, read_adapter, unload_adapters
 
     # a damaged or misfitting adapter fails now, not after the base model has drawn everything
     check_fits([read_adapter(p) for p in adapters], base_pipeline.unet, force=force, sources=adapters,
@@ -157,7 +157,7 @@ def evaluate_shields(
     if quality is not None:
         report.quality = quality.measure(draw(quality.captions))
     if attack is not None:
-        from ..attack import attack_markdown, attack_shields
+        from dt_lora.evaluate.attack import attack_markdown, attack_shields
 
         report.attack = attack_shields(
             base_pipeline, recipes, out_dir, adapters=adapters, shielded_pipeline=shielded_pipeline, scorer=scorer,

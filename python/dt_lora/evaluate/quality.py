@@ -1,5 +1,5 @@
 """General image quality on a captions file (FID, IS, CLIP score) for `dt-lora eval --captions`: see
-`dt_lora.metrics`, which computes them."""
+`dt_lora.evaluate.metrics`, which computes them."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class QualityRequest:
     clip_model: str | Path | None = None
 
     def check(self) -> None:
-        from ..metrics import check_weights
+        from dt_lora.evaluate.metrics import check_weights
 
         if "fid" in self.metrics and self.reference_images is None:
             raise ValueError("FID needs real images to compare with: pass --reference-images DIR (or leave fid "
@@ -29,7 +29,7 @@ class QualityRequest:
 
     def measure(self, drawn: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
         """metric → condition → value."""
-        from ..metrics import quality_metrics
+        from dt_lora.evaluate.metrics import quality_metrics
 
         table: dict[str, dict[str, float]] = {}
         for condition, images in drawn.items():

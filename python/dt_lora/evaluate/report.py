@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..generate import image_grid
-from ..io import atomic_write
+from dt_lora.base.generate import image_grid
+from dt_lora.io import atomic_write
 
 
 @dataclass

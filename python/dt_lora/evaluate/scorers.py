@@ -14,7 +14,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from ..recipe import Recipe
+from dt_lora.recipe import Recipe
 
 
 class Scorer(Protocol):
@@ -36,14 +36,14 @@ class ToyScorer:
     name = "toy evaluator"
 
     def __init__(self):
-        from .. import toy
+        from dt_lora import toy
 
         self.evaluator = toy.load_evaluator()
 
     @staticmethod
     def concept(recipe: Recipe) -> str:
         """The toy shape or colour every one of the recipe's target prompts names."""
-        from ..toy.quality import target_concept
+        from dt_lora.toy.quality import target_concept
 
         concept = target_concept(recipe.target_prompts)
         if concept is None:
@@ -52,12 +52,12 @@ class ToyScorer:
         return concept
 
     def shows_target(self, images, recipe):
-        from ..toy.quality import shows_concept
+        from dt_lora.toy.quality import shows_concept
 
         return shows_concept(self.evaluator, images, self.concept(recipe))
 
     def preservation(self, images, prompts):
-        from ..toy.quality import drawn_rates
+        from dt_lora.toy.quality import drawn_rates
 
         return drawn_rates(self.evaluator, images, prompts)
 
@@ -71,7 +71,7 @@ class ClipScorer:
     name = "CLIP zero-shot"
 
     def __init__(self, folder: str | Path, recipes: Sequence[Recipe]):
-        from ..metrics import load_clip
+        from dt_lora.evaluate.metrics import load_clip
 
         self.model, self.processor = load_clip(folder)
         self.labels = [r.target_prompts[0] for r in recipes] + sorted({p for r in recipes for p in r.anchor_prompts})

@@ -6,9 +6,9 @@
     controlnet = dt_lora.toy.load_controlnet()      # a diffusers ControlNetModel on location maps (controlnet.py)
 
 Run time is this module (loaders), `world` (renders and prompts), `evaluator` (the classifier),
-`controlnet` (generating under control) and `quality` (every measurement). The model folder ships
-inside the package (`MODEL_DIR`) and was made by `python -m dt_lora.toy.build` (`build.py`, with the
-training code in `training/`; nothing at run time imports either).
+`controlnet` (generating under control) and `quality` (every measurement). The model folders ship
+inside the package (`MODEL_DIR`, `SDXL_MODEL_DIR`); a checkout's `worlds/toy/` built them
+(`python -m worlds.toy.build`), and nothing in the package imports it.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
-from .world import COLOURS, HELDOUT_TEMPLATES, SHAPES, TRAIN_TEMPLATES, prompt_for
+from dt_lora.base import EMBEDDED_WORLDS, TOY, TOY_SDXL
+from dt_lora.toy.world import COLOURS, HELDOUT_TEMPLATES, SHAPES, TRAIN_TEMPLATES, prompt_for
 
-MODEL_DIR = Path(__file__).parent / "model"
-SDXL_MODEL_DIR = Path(__file__).parent / "model_sdxl"  # the toy SDXL (`--base toy-sdxl`), same world and evaluator
+MODEL_DIR = EMBEDDED_WORLDS[TOY]
+SDXL_MODEL_DIR = EMBEDDED_WORLDS[TOY_SDXL]  # the toy SDXL (`--base toy-sdxl`), same world and evaluator
 
 # The sampler the toy world's quality numbers are measured with.
 DEFAULT_STEPS = 25
@@ -33,24 +34,9 @@ EVAL_SEED = 1_000_000
 def load(device: str = "cpu", dtype=None, model_dir: str | Path | None = None):
     """The toy StableDiffusionPipeline (or, from SDXL_MODEL_DIR, the toy StableDiffusionXLPipeline),
     loaded offline through the ordinary diffusers path."""
-    import json
+    from dt_lora.base import load_embedded
 
-    import torch
-
-    from ..base import pipeline_class_for
-
-    folder = Path(model_dir) if model_dir is not None else MODEL_DIR
-    if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"toy model not found at {folder}: reinstall dt-lora or rebuild it with "
-            f"`python -m dt_lora.toy.build --out {folder}`"
-        )
-    class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
-    pipeline_class = pipeline_class_for(class_name, f"toy model folder {folder}")
-    # shipped in float16 to stay small; computed in float32 on CPU, where float16 is slow
-    pipeline = pipeline_class.from_pretrained(folder, dtype=dtype or torch.float32)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(device)
+    return load_embedded(model_dir if model_dir is not None else MODEL_DIR, device=device, dtype=dtype)
 
 
 def load_controlnet(device: str = "cpu", dtype=None, model_dir: str | Path | None = None):
@@ -66,7 +52,7 @@ def load_controlnet(device: str = "cpu", dtype=None, model_dir: str | Path | Non
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"toy ControlNet not found at {folder}: rebuild it with "
-            f"`python -m dt_lora.toy.build --out {folder.parent} --stages controlnet`"
+            f"`python -m worlds.toy.build --out {folder.parent} --stages controlnet`"
         )
     controlnet = ControlNetModel.from_pretrained(folder, dtype=dtype or torch.float32)
     return controlnet.to(device).eval()
@@ -74,7 +60,7 @@ def load_controlnet(device: str = "cpu", dtype=None, model_dir: str | Path | Non
 
 @lru_cache(maxsize=2)
 def load_evaluator(folder: str | Path | None = None):
-    from .evaluator import Evaluator
+    from dt_lora.toy.evaluator import Evaluator
 
     return Evaluator.load(Path(folder) if folder is not None else MODEL_DIR / "evaluator")
 

@@ -3,7 +3,7 @@ the map says.
 
 Real SD ControlNets are trained copies of the UNet's encoder whose residuals are added into a frozen
 UNet, so a shield trained on the UNet must keep working under them; the toy ControlNet
-(`dt_lora.toy.load_controlnet`, trained by `dt_lora.toy.training.controlnet`) lets the toy world test
+(`dt_lora.toy.load_controlnet`, trained by `worlds.toy.training.controlnet`) lets the toy world test
 exactly that. Its condition, `world.location_map`, shows position and size only: whatever shape and
 colour a controlled generation draws must still come from the prompt, and so from the (shielded) UNet.
 `dt_lora.toy.quality.measure_control` measures how well it steers.
@@ -16,8 +16,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..generate import generate_images
-from . import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from dt_lora.base.generate import generate_images
+from dt_lora.toy import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 
 def map_pixels(maps) -> torch.Tensor:
@@ -45,7 +45,7 @@ def control_pipeline(pipeline, controlnet):
 def generate_controlled(pipeline, controlnet, prompts: Sequence[str], maps: np.ndarray, *, seed: int,
                         steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
                         conditioning_scale: float = 1.0, batch_size: int = 64) -> np.ndarray:
-    """`dt_lora.generate.generate_images` under control: image i from prompt i, map i and seed + i.
+    """`dt_lora.base.generate.generate_images` under control: image i from prompt i, map i and seed + i.
 
     `maps` are uint8 NHWC location maps, one per prompt; returns uint8 NHWC.
     """

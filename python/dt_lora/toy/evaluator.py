@@ -1,6 +1,6 @@
 """The toy world's evaluator: a small classifier that says which shape and colour an image shows.
 
-This module runs it; `dt_lora.toy.training.evaluator` trains it (on renders made to look like the
+This module runs it; `worlds.toy.training.evaluator` trains it (on renders made to look like the
 model's own generations, plus a shape class "none" for Scrambled Grid renders and noise).
 """
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import world
+from dt_lora.toy import world
 
 SHAPE_CLASSES = world.SHAPES + ("none",)
 NONE = len(world.SHAPES)
@@ -74,7 +74,7 @@ def named_concepts(prompt: str) -> tuple[str | None, str | None]:
 
 def to_pixels(images) -> torch.Tensor:
     """PIL images, uint8 NHWC arrays, or float NCHW tensors in [0, 1] → float NCHW in [-1, 1]."""
-    from ..scramble import prepare_images
+    from dt_lora.scramble import prepare_images
 
     # uint8 NHWC goes through the fused native conversion; grid 1 leaves the image as it is
     if isinstance(images, torch.Tensor):

@@ -7,13 +7,13 @@ names. They are split in two, and the split is the point:
 
 - `TUNING_FAMILIES` may be looked at while developing a method (choosing defaults, ablations);
 - `HELDOUT_FAMILIES` are for measuring only. A number tuned on is not a measurement: nothing in
-  dt-lora's defaults was chosen by looking at them (docs/method.md says which were used when).
+  dt-lora's defaults was chosen by looking at them (research/ says which were used when).
 
 A family's templates name a shape and a colour (`{shape}`, `{colour}`), or one of the two, in which
 case the prompt is about that concept alone ("a star", "something purple"). `SEVERAL_FAMILIES` also
 name a second shape (`{shape2}`): the toy model draws one shape, so a shield that tips the choice
 between two named shapes shows there, and nowhere else. Red's shield did exactly that, and the attack
-used it against the circle stacked with red (docs/method.md).
+used it against the circle stacked with red (research/).
 
     report = phrasing_report(pipeline, evaluator, ["circle", "red"], families=HELDOUT_FAMILIES)
     report.target_rates["circle"], report.worst_other()      # with the base's rates from base_report
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..generate import generate_images
-from . import DEFAULT_GUIDANCE, DEFAULT_STEPS, world
+from dt_lora.base.generate import generate_images
+from dt_lora.toy import DEFAULT_GUIDANCE, DEFAULT_STEPS, world
 
 # The seeds of this measurement: far from training (100_000+), eval (1_000_000+) and attack (2_000_000+).
 PHRASING_SEED = 3_000_000
@@ -134,7 +134,7 @@ def phrasing_report(pipeline, evaluator, targets=(), *, families: dict[str, tupl
                     guidance: float = DEFAULT_GUIDANCE, seed: int = PHRASING_SEED) -> PhrasingReport:
     """Draw every prompt of `families` `images_per_prompt` times (with `adapters` stacked) and score it."""
     if adapters:
-        from ..adapters import load_adapters, unload_adapters
+        from dt_lora.adapters import load_adapters, unload_adapters
 
         load_adapters(pipeline, adapters)
         try:
@@ -144,7 +144,7 @@ def phrasing_report(pipeline, evaluator, targets=(), *, families: dict[str, tupl
             unload_adapters(pipeline)
     prompts = [p for p in family_prompts(families) for _ in range(images_per_prompt)]
     images = generate_images(pipeline, [p.text for p in prompts], seed=seed, steps=steps, guidance=guidance)
-    from .evaluator import SHAPE_CLASSES
+    from dt_lora.toy.evaluator import SHAPE_CLASSES
 
     shape_idx, colour_idx, _ = evaluator.predict(images)
     report = PhrasingReport(prompts, [SHAPE_CLASSES[i] for i in shape_idx], [world.COLOURS[i] for i in colour_idx],

@@ -13,10 +13,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ..generate import generate_images
-from . import DEFAULT_GUIDANCE, DEFAULT_STEPS, EVAL_SEED, world
-from .controlnet import generate_controlled
-from .evaluator import Evaluation, Evaluator, named_concepts
+from dt_lora.base.generate import generate_images
+from dt_lora.toy import DEFAULT_GUIDANCE, DEFAULT_STEPS, EVAL_SEED, world
+from dt_lora.toy.controlnet import generate_controlled
+from dt_lora.toy.evaluator import Evaluation, Evaluator, named_concepts
 
 
 def target_concept(prompts: Sequence[str]) -> str | None:
@@ -72,7 +72,7 @@ class WorldQuality:
 
 def measure(pipeline, evaluator: Evaluator, *, per_combination: int = 8, renders: int = 500,
             steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE) -> WorldQuality:
-    from ..scramble import scramble_grid
+    from dt_lora.scramble import scramble_grid
 
     prompts = concept_prompts(per_combination)
     images = generate_images(pipeline, prompts, seed=EVAL_SEED, steps=steps, guidance=guidance)
@@ -121,7 +121,7 @@ def shield_reports(pipeline, evaluator: Evaluator, targets, *, adapters=(), per_
     prompts that name none of the targets, so a shielded circle does not lower "red".
     """
     if adapters:
-        from ..adapters import load_adapters, unload_adapters
+        from dt_lora.adapters import load_adapters, unload_adapters
 
         load_adapters(pipeline, adapters)
         try:
