@@ -317,15 +317,15 @@ def stage_generate(device: str, work: str, tiny: bool) -> dict:
 
 
 def stage_attack(device: str, work: str, tiny: bool) -> dict:
-    """The discrete attack's search (`attack.find_prompts`, what `dt-lora attack` runs before drawing and
-    scoring) against the trained adapter; phases split where it calls `_search_inputs`."""
-    import dt_lora.evaluate.attack as attack
+    """The discrete attack's search (`dt_lora.search.find_prompts`, what `dt-lora attack` runs before drawing and
+    scoring) against the trained adapter; phases split where it calls `search_inputs`."""
+    from dt_lora import search
     from dt_lora.base import load_pipeline
     from dt_lora.recipe import load_recipe
 
     work = Path(work)
     sizes = TINY if tiny else FULL
-    settings = attack.AttackSettings(methods=("discrete",), **sizes["attack"])
+    settings = search.AttackSettings(methods=("discrete",), **sizes["attack"])
     # the train stage's sampler steps: the attack draws its images as the recipe's data was drawn
     recipe = load_recipe(recipe_path(SD15_RECIPE), {"sampling.steps": sizes["train_flags"]["sampling-steps"]})
     meter = Meter(device)
@@ -333,11 +333,11 @@ def stage_attack(device: str, work: str, tiny: bool) -> dict:
     meter.close("attack: load", "random base, float32 (as `dt-lora attack` loads it)")
     images = (f"the base's images: {settings.concept_images} of the prompt, as many of its neighbours, "
               f"{recipe.sampling.steps} sampler steps")
-    with _phases_around(meter, attack, "_search_inputs", after=("attack: images", images)):
-        found = attack.find_prompts(pipeline, recipe, [work / f"{SD15_RECIPE}.safetensors"], settings)
+    with _phases_around(meter, search, "search_inputs", after=("attack: images", images)):
+        found = search.find_prompts(pipeline, recipe, [work / f"{SD15_RECIPE}.safetensors"], settings)
     phase = meter.close("attack: search", "")
     per_step = phase["seconds"] / (settings.prompts * settings.steps)
-    default = attack.AttackSettings()
+    default = search.AttackSettings()
     phase["note"] = (f"{settings.steps} steps ({per_step:.2f} s each), {settings.candidates} candidates, "
                      f"{settings.samples} samples; {default.prompts} prompts × {default.steps} steps like these ≈ "
                      f"{per_step * default.prompts * default.steps / 60:.0f} min")
