@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from lora_helpers import STACKED
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, each worker gets its share of the cores, for torch here and for the processes the
+    tests start (CLI runs, `accelerate launch`). The toy models' operations are small: more threads than
+    cores make every one of them wait on the others (three times slower on 2 cores)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

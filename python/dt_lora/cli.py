@@ -13,16 +13,15 @@ Exit codes (see `dt_lora.errors`): 0 done, 2 user error, 1 runtime failure,
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import math
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dt_lora._version import __version__
+from dt_lora.base.generate import MAX_SEED
 from dt_lora.errors import EXIT_INTERRUPTED, EXIT_USER, exit_code, one_line
 from dt_lora.recipes import adapter_path
 
@@ -82,9 +81,6 @@ def _guidance(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be at least 0, got {text!r}")
     return value
-
-
-MAX_SEED = 2**63 - 1  # torch's generators take 64-bit seeds; image i uses seed + i
 
 
 def _seed(text: str) -> int:
@@ -288,33 +284,22 @@ def add_generate_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from PIL import Image
-
     from dt_lora.adapters import load_adapters, read_adapters
     from dt_lora.base import load_pipeline
-    from dt_lora.base.generate import generate_images
-    from dt_lora.io import atomic_write, claim_output_files, record_output_files
+    from dt_lora.base.generate import generate_images, image_names
+    from dt_lora.images import write_pngs
+    from dt_lora.io import claim_output_files
 
-    if args.seed + args.num_images - 1 > MAX_SEED:
-        raise ValueError(f"--seed {args.seed} with {args.num_images} images runs past the largest seed, 2**63 - 1")
-    names = [args.out / f"{args.seed + i:06d}.png" for i in range(args.num_images)]
-    with claim_output_files(args.out, [path.name for path in names], args.overwrite):
-        read_adapters([p for p, _ in args.adapter], [w for _, w in args.adapter])  # before the model loads
+    names = image_names(args.seed, args.num_images)
+    paths, weights = [p for p, _ in args.adapter], [w for _, w in args.adapter]
+    with claim_output_files(args.out, names, args.overwrite):
+        read_adapters(paths, weights)  # before the model loads
         pipeline = load_pipeline(args.base, allow_pickle=args.allow_pickle)
         if args.adapter:
-            load_adapters(pipeline, [p for p, _ in args.adapter], [w for _, w in args.adapter], force=args.force)
+            load_adapters(pipeline, paths, weights, force=args.force)
         images = generate_images(pipeline, [args.prompt] * args.num_images, seed=args.seed, steps=args.steps,
                                  guidance=args.guidance, negative_prompt=args.negative_prompt, progress=True)
-        args.out.mkdir(parents=True, exist_ok=True)
-        written = []
-        try:
-            for path, image in zip(names, images):
-                with atomic_write(path) as f:
-                    Image.fromarray(image).save(f, format="PNG")
-                written.append(path.name)
-        finally:  # also on Ctrl-C: what was written is ours, so a later --overwrite may replace it
-            if written:
-                record_output_files(args.out, written, "generate")
+        write_pngs(args.out, zip(names, images), "generate")
     print(f"wrote {len(names)} image(s) to {args.out}")
     return 0
 
@@ -438,37 +423,10 @@ def _device() -> str:
     return str(distributed.state().device)
 
 
-@contextmanager
-def _output_folder(path: Path, overwrite: bool, command: str) -> Iterator[Path]:
-    """The report folder: built under a temporary name, moved into place complete and marked as
-    dt-lora's. Under `accelerate launch` only the main process writes; the others compute their
-    shares (the library writes nothing on them) and wait until the folder is in place."""
-    from dt_lora import distributed
-    from dt_lora.io import atomic_directory
-
-    if distributed.is_main():
-        with atomic_directory(path, kind="report", command=command, overwrite=overwrite) as folder:
-            yield folder
-    else:
-        yield path
-    distributed.wait()
-
-
-def _claims_report_folder(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """`run` with its report folder (`args.out`) claimed before any work and held until it ends
-    (`io.claim_output`); under `accelerate launch` by the main process, the one that writes it."""
-
-    @functools.wraps(run)
-    def claimed(args: argparse.Namespace) -> int:
-        from dt_lora import distributed
-        from dt_lora.io import claim_output
-
-        if not distributed.is_main():
-            return run(args)
-        with claim_output(args.out, args.overwrite, kind="report"):
-            return run(args)
-
-    return claimed
+def _unit_weight_adapters(args: argparse.Namespace) -> list[Path]:
+    if any(w != 1.0 for _, w in args.adapter):
+        raise ValueError(f"{args.command} measures shields at weight 1; bake or merge weighted shields first")
+    return [p for p, _ in args.adapter]
 
 
 def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
@@ -505,44 +463,38 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run_eval)
 
 
-@_claims_report_folder
 def run_eval(args: argparse.Namespace) -> int:
     from dt_lora import distributed
     from dt_lora.base import load_pipeline
-    from dt_lora.evaluate import ClipScorer, QualityRequest, ToyScorer, evaluate_shields
+    from dt_lora.evaluate import QualityRequest, choose_scorer, evaluate_shields
     from dt_lora.evaluate.metrics import read_captions
+    from dt_lora.io import claim_report_folder, report_folder
     from dt_lora.recipe import load_recipe
     from dt_lora.recipes import recipe_path
 
-    recipes = [load_recipe(recipe_path(path)) for path in args.recipe]
-    quality = None
-    if args.captions:
-        quality = QualityRequest(read_captions(args.captions), tuple(m for m in args.metrics.split(",") if m),
-                                 args.reference_images, args.inception_weights, args.clip)
-        quality.check()
-    if args.clip:
-        scorer = ClipScorer(args.clip, recipes)
-    else:
-        scorer = ToyScorer()
-        for recipe in recipes:
-            scorer.concept(recipe)  # fails early, naming the recipe, when the toy evaluator cannot score it
-    if args.adapter and any(w != 1.0 for _, w in args.adapter):
-        raise ValueError("eval measures shields at weight 1; bake or merge weighted shields first")
-    device = _device()
-    base = load_pipeline(args.base, device=device, allow_pickle=args.allow_pickle)
-    shielded = load_pipeline(args.shielded, device=device, allow_pickle=args.allow_pickle) if args.shielded else None
-    attack = None
-    if args.attack:
-        from dt_lora.search import AttackSettings, check_inputs
+    with claim_report_folder(args.out, args.overwrite):
+        recipes = [load_recipe(recipe_path(path)) for path in args.recipe]
+        quality = None
+        if args.captions:
+            quality = QualityRequest(read_captions(args.captions), tuple(m for m in args.metrics.split(",") if m),
+                                     args.reference_images, args.inception_weights, args.clip)
+            quality.check()
+        scorer = choose_scorer(recipes, args.clip)
+        adapters = _unit_weight_adapters(args)
+        device = _device()
+        base = load_pipeline(args.base, device=device, allow_pickle=args.allow_pickle)
+        shielded = load_pipeline(args.shielded, device=device, allow_pickle=args.allow_pickle) if args.shielded else None
+        attack = None
+        if args.attack:
+            from dt_lora.search import AttackSettings, check_inputs
 
-        attack = AttackSettings()
-        check_inputs(base, recipes, [p for p, _ in args.adapter], attack)  # before anything is drawn
-    with _output_folder(args.out, args.overwrite, "eval") as folder:
-        report = evaluate_shields(
-            base, recipes, folder, adapters=[p for p, _ in args.adapter], shielded_pipeline=shielded,
-            scorer=scorer, negative_prompt=args.negative_prompt, images_per_prompt=args.images_per_prompt,
-            steps=args.steps, guidance=args.guidance, seed=args.seed, quality=quality, force=args.force,
-            attack=attack)
+            attack = AttackSettings()
+            check_inputs(base, recipes, adapters, attack)  # before anything is drawn
+        with report_folder(args.out, command="eval", overwrite=args.overwrite) as folder:
+            report = evaluate_shields(
+                base, recipes, folder, adapters=adapters, shielded_pipeline=shielded, scorer=scorer,
+                negative_prompt=args.negative_prompt, images_per_prompt=args.images_per_prompt, steps=args.steps,
+                guidance=args.guidance, seed=args.seed, quality=quality, force=args.force, attack=attack)
     if not distributed.is_main():
         return 0
     print(report.table())
@@ -600,48 +552,37 @@ def add_attack_command(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run_attack)
 
 
-@_claims_report_folder
 def run_attack(args: argparse.Namespace) -> int:
     from dt_lora import distributed
     from dt_lora.base import load_pipeline
-    from dt_lora.evaluate import ClipScorer, ToyScorer
+    from dt_lora.evaluate import choose_scorer
     from dt_lora.evaluate.attack import attack_shields
+    from dt_lora.io import claim_report_folder, report_folder
     from dt_lora.recipe import load_recipe
     from dt_lora.recipes import recipe_path
-    from dt_lora.search import AttackSettings, check_inputs, default_negative_prompt
+    from dt_lora.search import AttackSettings, check_inputs, check_recipes, default_negative_prompt
 
-    settings = AttackSettings(prompts=args.prompts, free_tokens=args.free_tokens, steps=args.attack_steps,
-                              candidates=args.candidates, soft_steps=args.soft_steps, seeds=args.seeds,
-                              allow_concept_words=args.allow_concept_words, seed=args.seed,
-                              objective=args.objective, placement=args.placement,
-                              methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
-    settings.check()
-    recipes = [load_recipe(recipe_path(path)) for path in args.recipe]
-    if args.adapter and any(w != 1.0 for _, w in args.adapter):
-        raise ValueError("attack measures shields at weight 1; bake or merge weighted shields first")
-    adapters = [p for p, _ in args.adapter]
-    for recipe in recipes:
-        if not recipe.target_prompts:  # before loading any model
-            raise ValueError(f"recipe {recipe.name!r} has no target prompts (only target.image_folder); "
-                             "the attack starts from the concept's prompts: add target.prompts or templates")
-    if args.clip:
-        scorer = ClipScorer(args.clip, recipes)
-    else:
-        scorer = ToyScorer()
-        for recipe in recipes:
-            scorer.concept(recipe)
-    device = _device()
-    base = load_pipeline(args.base, device=device, allow_pickle=args.allow_pickle)
-    check_inputs(base, recipes, adapters, settings)  # a foreign adapter fails before any image is drawn
-    negative = {} if args.no_negative_prompt else {
-        r.name: args.negative_prompt or default_negative_prompt(r) for r in recipes}
-    with _output_folder(args.out, args.overwrite, "attack") as out:
-        result = attack_shields(
-            base, recipes, out, adapters=adapters,
-            shielded_pipeline=load_pipeline(args.shielded, device=device, allow_pickle=args.allow_pickle)
-            if args.shielded else None,
-            scorer=scorer, negative_prompts=negative, settings=settings, steps=args.steps, guidance=args.guidance,
-            progress=not args.quiet)
+    with claim_report_folder(args.out, args.overwrite):
+        settings = AttackSettings(prompts=args.prompts, free_tokens=args.free_tokens, steps=args.attack_steps,
+                                  candidates=args.candidates, soft_steps=args.soft_steps, seeds=args.seeds,
+                                  allow_concept_words=args.allow_concept_words, seed=args.seed,
+                                  objective=args.objective, placement=args.placement,
+                                  methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
+        settings.check()
+        recipes = [load_recipe(recipe_path(path)) for path in args.recipe]
+        adapters = _unit_weight_adapters(args)
+        check_recipes(recipes)
+        scorer = choose_scorer(recipes, args.clip)
+        device = _device()
+        base = load_pipeline(args.base, device=device, allow_pickle=args.allow_pickle)
+        check_inputs(base, recipes, adapters, settings)  # a foreign adapter fails before any image is drawn
+        shielded = load_pipeline(args.shielded, device=device, allow_pickle=args.allow_pickle) if args.shielded else None
+        negative = {} if args.no_negative_prompt else {
+            r.name: args.negative_prompt or default_negative_prompt(r) for r in recipes}
+        with report_folder(args.out, command="attack", overwrite=args.overwrite) as out:
+            result = attack_shields(base, recipes, out, adapters=adapters, shielded_pipeline=shielded, scorer=scorer,
+                                    negative_prompts=negative, settings=settings, steps=args.steps,
+                                    guidance=args.guidance, progress=not args.quiet)
     if not distributed.is_main():
         return 0
     print(result.table())
@@ -694,22 +635,9 @@ def add_recipes_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_recipes(args: argparse.Namespace) -> int:
-    from dt_lora.recipe import load_recipe
-    from dt_lora.recipes import list_recipes, recipe_path, shipped_adapter
+    from dt_lora.recipes import describe_recipes
 
-    recipes = {name: load_recipe(recipe_path(name)) for name in list_recipes()}
-    if not recipes:
-        raise FileNotFoundError("no shipped recipes found: reinstall dt-lora")
-    name_width = max(len(name) for name in recipes)
-    base_width = max(len(recipe.base) for recipe in recipes.values())
-    for name, recipe in recipes.items():
-        prompts = recipe.target_prompts
-        line = f"{name:<{name_width}}  {recipe.base:<{base_width}}  {len(prompts)} target prompts, e.g. {prompts[0]!r}"
-        shield = shipped_adapter(name)
-        line += "; shield shipped" if shield else ""
-        if args.path:
-            line += f"  {recipe_path(name)}" + (f"  {shield}" if shield else "")
-        print(line)
+    print("\n".join(describe_recipes(with_paths=args.path)))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Reading the user's image files: every place dt-lora opens one goes through here.
+"""The user's image files: every place dt-lora opens one goes through here, and every PNG it writes.
 
 `read_pixels(path)` decodes a file into 8-bit pixels in one of four layouts (grey, grey + alpha,
 RGB, RGBA), whatever Pillow mode and bit depth it was stored in, turned upright by its EXIF
@@ -34,10 +34,15 @@ Transparency is composited onto white: that is how such images (product shots, l
 are usually shown, and the usual background of training images whose own was removed. Dropping
 alpha instead would expose the RGB under fully transparent pixels, often black or junk left by the
 editor.
+
+`write_pngs(folder, pixels_by_name, command)` writes images the other way: each PNG atomically, and
+recorded in the folder's `dt_lora.json` as dt-lora's (`dt_lora.io`), so that a later `--overwrite`
+may replace them and nothing else.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +175,27 @@ def read_rgb(path: str | Path) -> np.ndarray:
     if colour.shape[-1] == 1:
         colour = np.repeat(colour, 3, axis=-1)
     return np.ascontiguousarray(colour)
+
+
+def write_pngs(folder: str | Path, pixels_by_name: Iterable[tuple[str, np.ndarray]], command: str) -> list[Path]:
+    """Write each (file name, uint8 H×W×C pixels) as a PNG in `folder`, which the caller has claimed
+    (`io.claim_output_files`). Each file is written atomically, and what was written is recorded in the
+    folder's `dt_lora.json` also when an error or Ctrl-C stops the loop, so that a later `--overwrite`
+    may replace it. Pixels may come lazily: a generator draws or scrambles the next image only when the
+    previous one is on disk. Returns the written paths."""
+    from PIL import Image
+
+    from dt_lora.io import atomic_write, record_output_files
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    try:
+        for name, pixels in pixels_by_name:
+            with atomic_write(folder / name) as f:
+                Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(f, format="PNG")
+            written.append(folder / name)
+    finally:
+        if written:
+            record_output_files(folder, [path.name for path in written], command)
+    return written

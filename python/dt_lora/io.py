@@ -468,3 +468,34 @@ def atomic_directory(path: str | os.PathLike[str], *, kind: str, command: str, o
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+# ---------------------------------------------------------------- report folders, several processes
+
+
+@contextmanager
+def claim_report_folder(path: str | os.PathLike[str], overwrite: bool) -> Iterator[None]:
+    """`claim_output` for an eval or attack report folder, held for the whole run. Under `accelerate
+    launch` only the main process claims it: it is the one that writes it (`report_folder`)."""
+    from dt_lora import distributed
+
+    if not distributed.is_main():
+        yield
+        return
+    with claim_output(path, overwrite, kind="report"):
+        yield
+
+
+@contextmanager
+def report_folder(path: str | os.PathLike[str], *, command: str, overwrite: bool) -> Iterator[Path]:
+    """The report folder to write into: built under a temporary name and moved into place complete
+    (`atomic_directory`). Under `accelerate launch` only the main process writes; the others compute their
+    shares (the library writes nothing on them) and wait until the folder is in place."""
+    from dt_lora import distributed
+
+    if distributed.is_main():
+        with atomic_directory(path, kind="report", command=command, overwrite=overwrite) as folder:
+            yield folder
+    else:
+        yield Path(path)
+    distributed.wait()

@@ -81,3 +81,25 @@ def _local_or_shipped(path: Path, shipped: Path, kind: str) -> Path:
         print(f"dt-lora: note: using the local file {path.name}, not the shipped {kind} of that name "
               "(`dt-lora recipes --path` shows where that one is)", file=sys.stderr)
     return path
+
+
+def describe_recipes(with_paths: bool = False) -> list[str]:
+    """One line per shipped recipe: name, base, its target prompts and whether its shield is shipped (and,
+    `with_paths`, where the recipe and shield files are, to copy and edit them)."""
+    from dt_lora.recipe import load_recipe
+
+    recipes = {name: load_recipe(recipe_path(name)) for name in list_recipes()}
+    if not recipes:
+        raise FileNotFoundError("no shipped recipes found: reinstall dt-lora")
+    name_width = max(len(name) for name in recipes)
+    base_width = max(len(recipe.base) for recipe in recipes.values())
+    lines = []
+    for name, recipe in recipes.items():
+        prompts = recipe.target_prompts
+        line = f"{name:<{name_width}}  {recipe.base:<{base_width}}  {len(prompts)} target prompts, e.g. {prompts[0]!r}"
+        shield = shipped_adapter(name)
+        line += "; shield shipped" if shield else ""
+        if with_paths:
+            line += f"  {recipe_path(name)}" + (f"  {shield}" if shield else "")
+        lines.append(line)
+    return lines

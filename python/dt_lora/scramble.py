@@ -352,11 +352,10 @@ def scramble_folder(
     8-bit PNGs with those channels. Each file is written atomically and
     recorded in `out_dir`'s `dt_lora.json`. Returns the written paths.
     """
-    from PIL import Image
     from tqdm import tqdm
 
-    from dt_lora.images import read_pixels
-    from dt_lora.io import atomic_write, claim_output_files, record_output_files
+    from dt_lora.images import read_pixels, write_pngs
+    from dt_lora.io import claim_output_files
 
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if not in_dir.is_dir():
@@ -367,33 +366,21 @@ def scramble_folder(
     rows, cols = _parse_grid(grid)
     _check_derangeable(rows, cols, derange)
 
-    targets: dict[Path, Path] = {}
+    targets: dict[str, Path] = {}
     for src in sources:
         target = out_dir / f"{src.stem}.png"
-        if target in targets:
-            raise ValueError(f"{targets[target].name} and {src.name} would both be written to {target.name}")
+        if target.name in targets:
+            raise ValueError(f"{targets[target.name].name} and {src.name} would both be written to {target.name}")
         if target.resolve() == src.resolve():
             raise ValueError(f"output {target} would overwrite its own input; use another OUT_DIR")
-        targets[target] = src
-    with claim_output_files(out_dir, [t.name for t in targets], overwrite):
+        targets[target.name] = src
+    with claim_output_files(out_dir, targets, overwrite):
         for src in sources:  # decoded twice (here and below) so that a damaged file stops the run before any output
             pixels = read_pixels(src)
             _tile_shape(pixels.shape[0], pixels.shape[1], rows, cols, what=f"image {src}")
-
-        out_dir.mkdir(parents=True, exist_ok=True)
-        written: list[Path] = []
-        try:
-            for index, (target, src) in enumerate(
-                tqdm(targets.items(), desc="scramble", unit="img", disable=not progress)
-            ):
-                pixels = read_pixels(src)
-                scrambled = scramble_grid(pixels, (rows, cols), seed, layout="NHWC", derange=derange, flips=flips,
-                                          offset=index)
-                image = Image.fromarray(scrambled[..., 0] if scrambled.shape[-1] == 1 else scrambled)
-                with atomic_write(target) as f:
-                    image.save(f, format="PNG")
-                written.append(target)
-        finally:  # also on Ctrl-C: what was written is ours, so a later --overwrite may replace it
-            if written:
-                record_output_files(out_dir, [t.name for t in written], "scramble")
-    return written
+        scrambled = (
+            (name, scramble_grid(read_pixels(src), (rows, cols), seed, layout="NHWC", derange=derange, flips=flips,
+                                 offset=index))
+            for index, (name, src) in enumerate(tqdm(targets.items(), desc="scramble", unit="img",
+                                                     disable=not progress)))
+        return write_pngs(out_dir, scrambled, "scramble")

@@ -96,18 +96,24 @@ class AttackSettings:
 # --- checks that run before any work -------------------------------------------------------------
 
 
-def check_inputs(base_pipeline, recipes: Sequence[Recipe], adapters: Sequence[Path],
-                 settings: AttackSettings | None = None) -> None:
-    """One-line errors for what would otherwise fail late: no prompts to attack, a foreign adapter, and
-    (with `settings`) an attacked prompt that leaves no room for the free tokens."""
-    from dt_lora.adapters import check_fits, pipeline_text_encoders, read_adapter
-
+def check_recipes(recipes: Sequence[Recipe]) -> None:
+    """The recipes can be attacked: there is one, and each has target prompts to start from. Needs no model."""
     if not recipes:
         raise ValueError("nothing to attack: give at least one recipe")
     for recipe in recipes:
         if not recipe.target_prompts:
             raise ValueError(f"recipe {recipe.name!r} has no target prompts (only target.image_folder); "
                              "the attack starts from the concept's prompts: add target.prompts or templates")
+
+
+def check_inputs(base_pipeline, recipes: Sequence[Recipe], adapters: Sequence[Path],
+                 settings: AttackSettings | None = None) -> None:
+    """One-line errors for what would otherwise fail late: no prompts to attack, a foreign adapter, and
+    (with `settings`) an attacked prompt that leaves no room for the free tokens."""
+    from dt_lora.adapters import check_fits, pipeline_text_encoders, read_adapter
+
+    check_recipes(recipes)
+    for recipe in recipes:
         if settings is not None:
             for prompt in spread(recipe.target_prompts, settings.prompts):
                 AttackPrompt(base_pipeline.tokenizer, prompt, settings.free_tokens, settings.placement)

@@ -6,6 +6,16 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+MAX_SEED = 2**63 - 1  # torch's generators take 64-bit seeds; image i uses seed + i
+
+
+def image_names(seed: int, count: int) -> list[str]:
+    """The files `count` images drawn from `seed` are saved as: each by its own seed, zero-padded, so a
+    listing sorts in drawing order and a picture can be drawn again from its name alone."""
+    if not 0 <= seed <= MAX_SEED - (count - 1):
+        raise ValueError(f"seed {seed} with {count} images runs outside 0 to 2**63 - 1, the seeds torch takes")
+    return [f"{seed + i:06d}.png" for i in range(count)]
+
 
 def generate_images(
     pipeline,

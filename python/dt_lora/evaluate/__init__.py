@@ -35,7 +35,7 @@ from dt_lora import distributed
 from dt_lora.base.generate import generate_images
 from dt_lora.evaluate.quality import QUALITY_NAMES, QualityRequest
 from dt_lora.evaluate.report import EvalReport, ReportSection, write_report
-from dt_lora.evaluate.scorers import ClipScorer, Scorer, ToyScorer
+from dt_lora.evaluate.scorers import ClipScorer, Scorer, ToyScorer, choose_scorer
 from dt_lora.recipe import Recipe
 from dt_lora.toy import EVAL_SEED
 
@@ -80,7 +80,7 @@ def evaluate_shields(
     is also attacked (`attack.attack_shields`; the negative-prompt baseline too when `negative_prompt` is
     given) and the report gets an attack section.
     """
-    from dt_lora.adapters import check_fits, load_adapters, pipeline_text_encoders, read_adapter, unload_adapters
+    from dt_lora.adapters import check_fits, pipeline_text_encoders, read_adapter
 
     # a damaged or misfitting adapter fails now, not after the base model has drawn everything
     check_fits([read_adapter(p) for p in adapters], base_pipeline.unet, force=force, sources=adapters,
@@ -91,69 +91,25 @@ def evaluate_shields(
         raise ValueError("give either adapters or a shielded (baked) pipeline, not both and not neither")
     if images_per_prompt < 2:
         raise ValueError("images_per_prompt must be at least 2 (the seed-to-seed distance needs two)")
+    if quality is not None:
+        quality.check()  # missing weights fail now, not after an hour of generating
     steps = steps or recipes[0].sampling.steps
     guidance = guidance if guidance is not None else recipes[0].sampling.guidance
     started = time.perf_counter()
 
-    groups = _prompt_groups(recipes)
-    # each distinct prompt is drawn once (recipes share anchors); image j of prompt i is at i*n + j
-    position = {p: i for i, p in enumerate(dict.fromkeys(
-        p for recipe_groups in groups.values() for group in recipe_groups.values() for p in group))}
-    prompts = [p for p in position for _ in range(images_per_prompt)]
+    layout = _Layout(_prompt_groups(recipes), images_per_prompt)
 
     def draw(texts: list[str]) -> dict[str, np.ndarray]:
-        """Condition → images of `texts`, every condition with the same seeds."""
-        def run(pipeline, negative=None):
-            return generate_images(pipeline, texts, seed=seed, steps=steps, guidance=guidance,
-                                   negative_prompt=negative, progress=progress, across_processes=True)
+        return _draw_conditions(texts, base_pipeline, adapters, shielded_pipeline, negative_prompt, force=force,
+                                seed=seed, steps=steps, guidance=guidance, progress=progress)
 
-        images = {"base": run(base_pipeline)}
-        if adapters:
-            load_adapters(base_pipeline, adapters, force=force)
-            try:
-                images["shielded"] = run(base_pipeline)
-            finally:
-                unload_adapters(base_pipeline)
-        else:
-            images["shielded"] = run(shielded_pipeline)
-        if negative_prompt:
-            images["negative prompt"] = run(base_pipeline, negative_prompt)
-        return images
-
-    if quality is not None:
-        quality.check()  # missing weights fail now, not after an hour of generating
-    drawn = draw(prompts)
-    conditions = list(drawn)
-
-    def select(name: str, group: str) -> tuple[np.ndarray, list[str]]:
-        chosen = groups[name][group]
-        index = [position[p] * images_per_prompt + j for p in chosen for j in range(images_per_prompt)]
-        return np.array(index, dtype=int), [p for p in chosen for _ in range(images_per_prompt)]
-
-    shields = {}
-    for recipe in recipes:
-        result: dict[str, dict] = {"target": {}, "paraphrases": {}, "preservation": {}}
-        for condition, images in drawn.items():
-            for group in ("target", "paraphrases"):
-                index, _ = select(recipe.name, group)
-                result[group][condition] = float(scorer.shows_target(images[index], recipe).mean()) if len(index) else None
-            index, anchor_prompts = select(recipe.name, "anchors")
-            result["preservation"][condition] = scorer.preservation(images[index], anchor_prompts) if len(index) else {}
-        shields[recipe.name] = result
-
-    anchor_index = np.unique(np.concatenate([select(r.name, "anchors")[0] for r in recipes]))
-    distance = {}
-    if len(anchor_index):
-        base_features = scorer.features(drawn["base"][anchor_index])
-        shielded_features = scorer.features(drawn["shielded"][anchor_index])
-        first, second = base_features[0::images_per_prompt], base_features[1::images_per_prompt]
-        distance = {"shielded": float(1 - (base_features * shielded_features).sum(1).mean()),
-                    "seed_to_seed": float(1 - (first * second).sum(1).mean())}
-
+    drawn = draw(layout.prompts)
+    shields = _score_shields(recipes, layout, drawn, scorer)
+    distance = _image_distance(recipes, layout, drawn, scorer)
     settings = {"seed": seed, "images_per_prompt": images_per_prompt, "steps": steps, "guidance": guidance,
                 "negative_prompt": negative_prompt, "adapters": [str(a) for a in adapters],
                 "recipes": [r.name for r in recipes], "seconds": round(time.perf_counter() - started, 1)}
-    report = EvalReport(scorer.name, conditions, shields, distance, settings)
+    report = EvalReport(scorer.name, list(drawn), shields, distance, settings)
     if quality is not None:
         report.quality = quality.measure(draw(quality.captions))
     if attack is not None:
@@ -166,11 +122,81 @@ def evaluate_shields(
         report.sections.append(ReportSection("Attack", attack_markdown(report.attack, level=3),
                                              report.attack.as_dict()))
     if distributed.is_main():
-        write_report(report, out_dir, groups, position, drawn, images_per_prompt)
+        write_report(report, out_dir, layout.groups, layout.position, drawn, images_per_prompt)
     return report
+
+
+class _Layout:
+    """Where each prompt's images sit in one drawing of every recipe's prompts: each distinct prompt is
+    drawn once (recipes share anchors), and image j of prompt i is at i * images_per_prompt + j."""
+
+    def __init__(self, groups: dict[str, dict[str, list[str]]], images_per_prompt: int):
+        self.groups, self.images_per_prompt = groups, images_per_prompt
+        self.position = {p: i for i, p in enumerate(dict.fromkeys(
+            p for recipe_groups in groups.values() for group in recipe_groups.values() for p in group))}
+        self.prompts = [p for p in self.position for _ in range(images_per_prompt)]
+
+    def select(self, name: str, group: str) -> tuple[np.ndarray, list[str]]:
+        """The indices of recipe `name`'s `group` images, and the prompt of each."""
+        chosen, n = self.groups[name][group], self.images_per_prompt
+        return (np.array([self.position[p] * n + j for p in chosen for j in range(n)], dtype=int),
+                [p for p in chosen for _ in range(n)])
+
+
+def _draw_conditions(texts: list[str], base_pipeline, adapters: Sequence[Path], shielded_pipeline,
+                     negative_prompt: str | None, *, force: bool, **sampling) -> dict[str, np.ndarray]:
+    """Condition ("base", "shielded", optionally "negative prompt") → images of `texts`, all drawn with the
+    same seeds and sampler."""
+    from dt_lora.adapters import load_adapters, unload_adapters
+
+    def run(pipeline, negative=None):
+        return generate_images(pipeline, texts, negative_prompt=negative, across_processes=True, **sampling)
+
+    images = {"base": run(base_pipeline)}
+    if adapters:
+        load_adapters(base_pipeline, adapters, force=force)
+        try:
+            images["shielded"] = run(base_pipeline)
+        finally:
+            unload_adapters(base_pipeline)
+    else:
+        images["shielded"] = run(shielded_pipeline)
+    if negative_prompt:
+        images["negative prompt"] = run(base_pipeline, negative_prompt)
+    return images
+
+
+def _score_shields(recipes: Sequence[Recipe], layout: _Layout, drawn: dict[str, np.ndarray], scorer: Scorer) -> dict:
+    """Per recipe and condition: the share of target and paraphrase images that show the target, and each
+    anchor concept's share drawn correctly."""
+    shields = {}
+    for recipe in recipes:
+        result: dict[str, dict] = {"target": {}, "paraphrases": {}, "preservation": {}}
+        for condition, images in drawn.items():
+            for group in ("target", "paraphrases"):
+                index, _ = layout.select(recipe.name, group)
+                result[group][condition] = float(scorer.shows_target(images[index], recipe).mean()) if len(index) else None
+            index, anchor_prompts = layout.select(recipe.name, "anchors")
+            result["preservation"][condition] = scorer.preservation(images[index], anchor_prompts) if len(index) else {}
+        shields[recipe.name] = result
+    return shields
+
+
+def _image_distance(recipes: Sequence[Recipe], layout: _Layout, drawn: dict[str, np.ndarray], scorer: Scorer) -> dict:
+    """1 − cosine similarity of anchor images, base against shielded (same prompt and seed) and base seed
+    against base seed; empty when no recipe has anchors."""
+    anchor_index = np.unique(np.concatenate([layout.select(r.name, "anchors")[0] for r in recipes]))
+    if not len(anchor_index):
+        return {}
+    base_features = scorer.features(drawn["base"][anchor_index])
+    shielded_features = scorer.features(drawn["shielded"][anchor_index])
+    n = layout.images_per_prompt
+    first, second = base_features[0::n], base_features[1::n]
+    return {"shielded": float(1 - (base_features * shielded_features).sum(1).mean()),
+            "seed_to_seed": float(1 - (first * second).sum(1).mean())}
 
 
 __all__ = [
     "ClipScorer", "EVAL_SEED", "EvalReport", "QUALITY_NAMES", "QualityRequest", "ReportSection", "Scorer",
-    "ToyScorer", "evaluate_shields", "write_report",
+    "ToyScorer", "choose_scorer", "evaluate_shields", "write_report",
 ]

@@ -104,3 +104,14 @@ class ClipScorer:
 
     def features(self, images):
         return self._embed(images=images)
+
+
+def choose_scorer(recipes: Sequence[Recipe], clip: str | Path | None = None) -> Scorer:
+    """CLIP zero-shot from the local folder `clip`, or else the toy evaluator, which must be able to score
+    every recipe: a recipe it cannot score fails now, naming the recipe, before any model loads."""
+    if clip is not None:
+        return ClipScorer(clip, recipes)
+    scorer = ToyScorer()
+    for recipe in recipes:
+        scorer.concept(recipe)
+    return scorer

@@ -161,7 +161,11 @@ def check_stacked_with(recipe, stacked_with: Sequence) -> None:
 def train_guard(pipeline, recipe, stacked_with: Sequence = (), log=print) -> dict[str, AdapterFile]:
     """The guard of `recipe`'s shield on `pipeline`'s text encoders, with `recipe.guard`'s settings: the
     adapter file's text-encoder parts, by component name ("text_encoder", SDXL's "text_encoder_2").
-    `stacked_with`: the recipes of the shields it may be stacked with."""
+    `stacked_with`: the recipes of the shields it may be stacked with.
+
+    One function, read top to bottom as diffusers' training scripts are: the set-up, then the rounds of
+    steps and text attacks. Its random draws come in one order from one seed, which a split into helpers
+    would have to thread through."""
     from peft import LoraConfig, get_peft_model
 
     from dt_lora.adapters import pipeline_text_encoders

@@ -356,27 +356,60 @@ def _fix_lora_a(unet, directions: torch.Tensor, pooled: torch.Tensor | None = No
 def _train(recipe: Recipe, out: Path, checkpoint: Checkpoint, resume: ResumeState | None, accelerator,
            pipeline, data: ConceptData | None, fingerprint: str, progress: bool, stop_after: int | None,
            started: float, guard: TrainedGuard | None = None) -> TrainResult:
-    from peft.tuners.lora import LoraLayer
     from peft.utils import get_peft_model_state_dict
-    from tqdm.auto import tqdm
+
+    unet, optimizer, ctx = _prepare(recipe, checkpoint, resume, accelerator, pipeline, data, progress)
+    start_step = resume.step if resume else 0
+
+    def save_checkpoint(step: int, loss: float) -> None:
+        if accelerator.is_main_process:
+            checkpoint.write(step, get_peft_model_state_dict(ctx.base_unet, adapter_name=ADAPTER_NAME),
+                             optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, loss)
+
+    end = recipe.train.steps if stop_after is None else min(recipe.train.steps, start_step + stop_after)
+    try:
+        completed, loss_value = _run_steps(ctx, unet, optimizer, accelerator, pipeline, checkpoint, save_checkpoint,
+                                           start_step, end, resume.loss if resume else math.nan, progress)
+        if completed < recipe.train.steps:  # stopped early on purpose: leave a checkpoint to resume from
+            save_checkpoint(completed, loss_value)
+            accelerator.wait_for_everyone()
+            return TrainResult(None, completed, time.perf_counter() - started, loss_value, start_step)
+
+        seconds = time.perf_counter() - started
+        if accelerator.is_main_process:
+            adapter = AdapterFile.from_training(
+                get_peft_model_state_dict(ctx.base_unet, adapter_name=ADAPTER_NAME), recipe=recipe,
+                base=describe(recipe.base), base_fingerprint=fingerprint, version=__version__, seconds=seconds,
+                processes=accelerator.num_processes, family=family(pipeline),
+                text_encoders=guard.parts if guard else None, guard_seconds=guard.seconds if guard else 0.0)
+            _write_trained(adapter, out, checkpoint, lambda: save_checkpoint(recipe.train.steps, loss_value))
+        accelerator.wait_for_everyone()  # every process returns once the adapter is on disk
+        return TrainResult(out, recipe.train.steps, seconds, loss_value, start_step)
+    except TrainingDiverged as error:
+        if accelerator.is_main_process:
+            checkpoint.remove()
+        raise _diverged(error, recipe, checkpoint) from None
+
+
+def _prepare(recipe: Recipe, checkpoint: Checkpoint, resume: ResumeState | None, accelerator, pipeline,
+             data: ConceptData | None, progress: bool):
+    """(unet, optimizer) as accelerate prepared them, resumed where `resume` says, and the step context."""
+    from peft.tuners.lora import LoraLayer
 
     unet = pipeline.unet
     if recipe.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    lora_parameters = {name: p for name, p in unet.named_parameters() if p.requires_grad}
+    lora_parameters = [p for p in unet.parameters() if p.requires_grad]
     if accelerator.mixed_precision in ("fp16", "bf16"):
         # frozen base weights in half precision, trainable LoRA weights in float32 (as diffusers' scripts)
         unet.to(torch.float16 if accelerator.mixed_precision == "fp16" else torch.bfloat16)
-        for p in lora_parameters.values():
+        for p in lora_parameters:
             p.data = p.data.float()
-    optimizer = make_optimizer(recipe.train.optimizer, list(lora_parameters.values()), recipe.train.learning_rate)
-
-    start_step = 0
+    optimizer = make_optimizer(recipe.train.optimizer, lora_parameters, recipe.train.learning_rate)
     if resume is not None:
         checkpoint.restore(resume, unet, optimizer)
-        start_step = resume.step
         if accelerator.is_main_process and progress:
-            print(f"[dt-lora] resuming {recipe.name} from step {start_step} ({checkpoint.folder})")
+            print(f"[dt-lora] resuming {recipe.name} from step {resume.step} ({checkpoint.folder})")
     if accelerator.num_processes > 1 and accelerator.is_main_process:
         # data-parallel: every process draws its own batch and the gradients are averaged
         print(f"[dt-lora] {accelerator.num_processes} processes × batch {recipe.train.batch_size} = effective "
@@ -391,85 +424,76 @@ def _train(recipe: Recipe, out: Path, checkpoint: Checkpoint, resume: ResumeStat
         data=data, scheduler=pipeline.scheduler, alphas_cumprod=pipeline.scheduler.alphas_cumprod.to(accelerator.device),
         num_timesteps=pipeline.scheduler.config.num_train_timesteps, device=accelerator.device,
         autocast=accelerator.autocast)
+    return unet, optimizer, ctx
 
-    def save_checkpoint(step: int, loss: float) -> None:
-        if accelerator.is_main_process:
-            checkpoint.write(step, get_peft_model_state_dict(base_unet, adapter_name=ADAPTER_NAME),
-                             optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, loss)
 
+def _run_steps(ctx: StepContext, unet, optimizer, accelerator, pipeline, checkpoint: Checkpoint,
+               save_checkpoint: Callable[[int, float], None], start_step: int, end: int, loss_value: float,
+               progress: bool) -> tuple[int, float]:
+    """Train steps start_step..end-1, checkpointing and sampling as the recipe says; returns (steps whose
+    update is applied, last loss). Ctrl-C leaves a checkpoint of the applied steps; a divergence raises."""
+    from tqdm.auto import tqdm
+
+    recipe = ctx.recipe
+    lora_parameters = {name: p for name, p in ctx.base_unet.named_parameters() if p.requires_grad}
     unet.train()
-    loss_value, smoothed = resume.loss if resume else math.nan, None
-    completed = start_step  # steps whose update is applied: what a checkpoint records
-    end = recipe.train.steps if stop_after is None else min(recipe.train.steps, start_step + stop_after)
+    smoothed, completed = None, start_step
     bar = tqdm(range(start_step, end), initial=start_step, total=recipe.train.steps,
                desc=f"train {recipe.name}", disable=not (progress and accelerator.is_main_process))
     try:
-        try:
-            for step in bar:
-                generator = step_generator(recipe, step, accelerator.process_index)
-                lr = _lr_at(step, recipe)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+        for step in bar:
+            generator = step_generator(recipe, step, accelerator.process_index)
+            lr = _lr_at(step, recipe)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-                loss_value = accumulate_gradients(ctx, accelerator, generator)
-                if not math.isfinite(loss_value) or (smoothed is not None and loss_value > 100 * max(smoothed, 1e-3)):
-                    raise TrainingDiverged(f"loss became {loss_value:.4g} at step {step} (lr {lr:.3g})")
-                smoothed = loss_value if smoothed is None else 0.9 * smoothed + 0.1 * loss_value
-                with update_uninterrupted():
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    completed = step + 1
-                # The loss alone misses a blow-up: the UNet's normalisation layers scale a huge LoRA output
-                # back down, so weights of 5e28 still give a finite loss for a step or more, and a checkpoint
-                # written then would keep them. Checked after every update, not only at checkpoints, so a run
-                # stops at the update that blew up instead of training on garbage until the next checkpoint;
-                # it costs one device sync over the LoRA weights, little beside the step's own (loss.item()).
-                blown = unusable_tensor(lora_parameters, WEIGHT_LIMIT)
-                if blown:
-                    raise TrainingDiverged(f"the update of step {step} (lr {lr:.3g}) blew up the LoRA weights: {blown}")
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-                if completed % recipe.train.checkpoint_every == 0 and completed < recipe.train.steps:
-                    save_checkpoint(completed, loss_value)
-                if recipe.train.sample_every and completed % recipe.train.sample_every == 0 and accelerator.is_main_process:
-                    unet.eval()
-                    _write_samples(pipeline, recipe, checkpoint.folder / "samples" / f"step-{completed:06d}.png")
-                    unet.train()
-        except KeyboardInterrupt:
-            save_checkpoint(completed, loss_value)
-            raise
-        finally:
-            bar.close()
-
-        if completed < recipe.train.steps:  # stopped early on purpose: leave a checkpoint to resume from
-            save_checkpoint(completed, loss_value)
-            accelerator.wait_for_everyone()
-            return TrainResult(None, completed, time.perf_counter() - started, loss_value, start_step)
-
-        lora_state = get_peft_model_state_dict(base_unet, adapter_name=ADAPTER_NAME)
-        seconds = time.perf_counter() - started
-        if accelerator.is_main_process:
-            adapter = AdapterFile.from_training(
-                lora_state, recipe=recipe, base=describe(recipe.base), base_fingerprint=fingerprint,
-                version=__version__, seconds=seconds, processes=accelerator.num_processes, family=family(pipeline),
-                text_encoders=guard.parts if guard else None, guard_seconds=guard.seconds if guard else 0.0)
-            blown = unusable_tensor({prefix + k: v for prefix, part in adapter.parts() for k, v in part.weights.items()},
-                                    WEIGHT_LIMIT)
+            loss_value = accumulate_gradients(ctx, accelerator, generator)
+            if not math.isfinite(loss_value) or (smoothed is not None and loss_value > 100 * max(smoothed, 1e-3)):
+                raise TrainingDiverged(f"loss became {loss_value:.4g} at step {step} (lr {lr:.3g})")
+            smoothed = loss_value if smoothed is None else 0.9 * smoothed + 0.1 * loss_value
+            with update_uninterrupted():
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                completed = step + 1
+            # The loss alone misses a blow-up: the UNet's normalisation layers scale a huge LoRA output
+            # back down, so weights of 5e28 still give a finite loss for a step or more, and a checkpoint
+            # written then would keep them. Checked after every update, not only at checkpoints, so a run
+            # stops at the update that blew up instead of training on garbage until the next checkpoint;
+            # it costs one device sync over the LoRA weights, little beside the step's own (loss.item()).
+            blown = unusable_tensor(lora_parameters, WEIGHT_LIMIT)
             if blown:
-                raise TrainingDiverged(f"{out}: not written, {blown}")
-            try:
-                write_adapter(out, adapter)
-            except BaseException as error:  # a full disk, a folder made read-only, Ctrl-C: keep the work
-                kept = _keep_trained(checkpoint, lambda: save_checkpoint(recipe.train.steps, loss_value))
-                if isinstance(error, OSError):
-                    raise _not_written(error, out, kept) from None
-                raise  # Ctrl-C: the same command resumes at the last step; anything else is a bug
-            checkpoint.remove()
-        accelerator.wait_for_everyone()  # every process returns once the adapter is on disk
-        return TrainResult(out, recipe.train.steps, seconds, loss_value, start_step)
-    except TrainingDiverged as error:
-        if accelerator.is_main_process:
-            checkpoint.remove()
-        raise _diverged(error, recipe, checkpoint) from None
+                raise TrainingDiverged(f"the update of step {step} (lr {lr:.3g}) blew up the LoRA weights: {blown}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            if completed % recipe.train.checkpoint_every == 0 and completed < recipe.train.steps:
+                save_checkpoint(completed, loss_value)
+            if recipe.train.sample_every and completed % recipe.train.sample_every == 0 and accelerator.is_main_process:
+                unet.eval()
+                _write_samples(pipeline, recipe, checkpoint.folder / "samples" / f"step-{completed:06d}.png")
+                unet.train()
+    except KeyboardInterrupt:
+        save_checkpoint(completed, loss_value)
+        raise
+    finally:
+        bar.close()
+    return completed, loss_value
+
+
+def _write_trained(adapter: AdapterFile, out: Path, checkpoint: Checkpoint,
+                   save_final_checkpoint: Callable[[], None]) -> None:
+    """Write the finished adapter to `out` and remove the run's checkpoint. When the write fails, the
+    trained weights are kept as a last-step checkpoint, so the same command writes them without training."""
+    blown = unusable_tensor({prefix + k: v for prefix, part in adapter.parts() for k, v in part.weights.items()},
+                            WEIGHT_LIMIT)
+    if blown:
+        raise TrainingDiverged(f"{out}: not written, {blown}")
+    try:
+        write_adapter(out, adapter)
+    except BaseException as error:  # a full disk, a folder made read-only, Ctrl-C: keep the work
+        kept = _keep_trained(checkpoint, save_final_checkpoint)
+        if isinstance(error, OSError):
+            raise _not_written(error, out, kept) from None
+        raise  # Ctrl-C: the same command resumes at the last step; anything else is a bug
+    checkpoint.remove()
 
 
 def _diverged(error: TrainingDiverged, recipe: Recipe, checkpoint: Checkpoint) -> TrainingDiverged:
