@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_helpers import STACKED
+from helpers.lora import STACKED
 
 
 def pytest_configure(config):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.reference import image_tiles
 from PIL import Image
-from reference import image_tiles
 
 import dt_lora
 from dt_lora.cli import main

@@ -29,7 +29,7 @@ LAYERS = ["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
 
 @pytest.fixture(scope="module")
 def adapter(toy_pipeline, tmp_path_factory) -> Path:
-    from lora_helpers import random_adapter
+    from helpers.lora import random_adapter
 
     from dt_lora.adapters import write_adapter
     from dt_lora.base import unet_fingerprint

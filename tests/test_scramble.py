@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.reference import image_tiles, reference_scramble
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from reference import image_tiles, reference_scramble
 
 from dt_lora import GridPlan, _native, grid_plan, prepare_images, scramble_grid
 from dt_lora.errors import UserError

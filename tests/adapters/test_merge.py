@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lora_helpers import random_adapter, unet_output
+from helpers.lora import random_adapter, unet_output
 
 from dt_lora.adapters import AdapterError, load_adapters, read_adapter, unload_adapters, write_adapter
 from dt_lora.adapters.merge import merge_adapters

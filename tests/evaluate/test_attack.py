@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_helpers import random_adapter
+from helpers.lora import random_adapter
 
 from dt_lora.adapters import write_adapter
 from dt_lora.cli import main
@@ -26,7 +26,7 @@ from dt_lora.search import (
     without_words,
 )
 
-ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+ADAPTERS = Path(__file__).resolve().parents[2] / "adapters"
 CIRCLE = ADAPTERS / "toy-circle.toml"
 TINY = ["--prompts", "1", "--attack-steps", "1", "--candidates", "2", "--soft-steps", "1", "--seeds", "1"]
 
@@ -68,7 +68,7 @@ def test_an_adapter_for_another_base_is_refused_before_any_work(toy_pipeline, tm
     assert "--force" not in err  # the attack has none to suggest
     assert not (tmp_path / "out").exists()
 
-    sdxl_shield = Path(__file__).parent / "data" / "sdxl-shields" / "toy-circle.safetensors"  # another family
+    sdxl_shield = Path(__file__).parents[1] / "data" / "sdxl-shields" / "toy-circle.safetensors"  # another family
     code = main(["attack", "--recipe", "toy-circle", "--adapter", str(sdxl_shield), "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and err.endswith("toy-circle.safetensors: toy-circle is an SDXL shield and this base is SD 1.x; "

@@ -12,7 +12,7 @@ Seeds of the measurement (1,000,000+ and 3,000,000+) are never used in training.
 from __future__ import annotations
 
 import pytest
-from lora_helpers import SHIELDED, STACKED
+from helpers.lora import SHIELDED, STACKED
 
 from dt_lora import toy
 from dt_lora.toy import phrasings

@@ -13,7 +13,7 @@ from dt_lora.adapters import AdapterFile
 SHIELDED = ("circle", "red")  # one shape, one colour: measured alone and as a pair
 STACKED = ("circle", "red", "square", "blue")  # the keys of the `toy_shields` fixture: stacked all four
 # the demo's two shields trained on the toy SDXL (`python -m worlds.toy.shields --base toy-sdxl --out …`)
-SDXL_SHIELDS = Path(__file__).resolve().parent / "data" / "sdxl-shields"
+SDXL_SHIELDS = Path(__file__).resolve().parents[1] / "data" / "sdxl-shields"  # tests/data
 
 
 def demo_folder(out: Path, shields) -> Path:

@@ -14,7 +14,7 @@ from dt_lora.recipe import RecipeError, load_recipe
 from dt_lora.shield.locality import concept_words, generic_prompts, text_local_directions
 from dt_lora.shield.train import train_adapter
 
-ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+ADAPTERS = Path(__file__).resolve().parents[2] / "adapters"
 
 
 def test_directions_find_what_only_the_target_uses():

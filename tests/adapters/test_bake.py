@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from lora_helpers import random_adapter, unet_output
+from helpers.lora import random_adapter, unet_output
 from safetensors.torch import load_file
 
 from dt_lora.adapters import AdapterError, load_adapters, unload_adapters, write_adapter
@@ -107,7 +107,7 @@ def test_a_failed_write_leaves_nothing_behind(shields, tmp_path, monkeypatch):
 @pytest.fixture(scope="module", params=["toy", "sd15-layout"])
 def model(request, tmp_path_factory):
     """(base argument, pipeline, two adapters on its UNet) for the toy and the SD-1.5-shaped model."""
-    import sd15_tiny
+    from helpers import sd15_tiny
 
     folder = tmp_path_factory.mktemp(request.param)
     if request.param == "toy":

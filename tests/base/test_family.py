@@ -1,6 +1,6 @@
 """SDXL and SD 2.x bases: loading, prompt conditioning, training targets, adapters, and family errors.
 
-The pipelines are family_tiny.py's: the real block layouts at toy width, random weights.
+The pipelines are helpers/family_tiny.py's: the real block layouts at toy width, random weights.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from family_tiny import build_sd2, build_sdxl
-from lora_helpers import SDXL_SHIELDS, demo_folder
+from helpers.family_tiny import build_sd2, build_sdxl
+from helpers.lora import SDXL_SHIELDS, demo_folder
 
 from dt_lora.adapters import AdapterError, load_adapters, read_adapter, unload_adapters
 from dt_lora.base import family as fam
@@ -20,7 +20,7 @@ from dt_lora.errors import UserError
 from dt_lora.recipe import load_recipe
 from dt_lora.shield.train import train_adapter
 
-ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+ADAPTERS = Path(__file__).resolve().parents[2] / "adapters"
 TINY = {"target.images": "4", "anchors.images": "4", "train.steps": "3", "train.batch_size": "2",
         "sampling.steps": "2", "lora.rank": "2", "lora.alpha": "2"}
 
@@ -184,7 +184,7 @@ def test_sd2_shield_exports_for_kohya_and_bakes(sd2, sd2_shield, tmp_path):
 
 
 def test_a_shield_of_another_family_is_refused_naming_both(sdxl, sdxl_shield, tmp_path):
-    from sd15_tiny import build
+    from helpers.sd15_tiny import build
 
     from dt_lora.adapters import write_adapter
 

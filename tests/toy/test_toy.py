@@ -219,7 +219,7 @@ def test_git_and_the_wheel_see_every_package_file():
     from pathlib import Path
 
     # this checkout's package folder (an installed copy may sit in another git repository, pyenv's say)
-    package = Path(__file__).resolve().parents[1] / "python" / "dt_lora"
+    package = Path(__file__).resolve().parents[2] / "python" / "dt_lora"
     if shutil.which("git") is None or subprocess.run(["git", "rev-parse"], cwd=package, capture_output=True).returncode:
         pytest.skip("not a git checkout")
     sources = [str(path) for path in package.rglob("*") if path.suffix in (".py", ".json")

@@ -20,7 +20,7 @@ from dt_lora.shield import train as train_module
 from dt_lora.shield.checkpoint import CHECKPOINT, Checkpoint, CheckpointError, TrainingDiverged, run_identity
 from dt_lora.shield.train import GUARD_FILE, train_adapter
 
-ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+ADAPTERS = Path(__file__).resolve().parents[2] / "adapters"
 TINY = {"target.images": "8", "anchors.images": "8", "train.steps": "3", "train.batch_size": "4",
         "train.checkpoint_every": "1", "sampling.steps": "4", "lora.rank": "4", "lora.alpha": "2",
         "train.optimizer": "adamw"}

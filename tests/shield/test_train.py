@@ -1,6 +1,6 @@
 """`dt-lora train` mechanics on the toy world: cache, resume, divergence, adapter format, CLI.
 
-Runs are tiny (a few images, a few steps); the shielding quality lives in test_shielding.py.
+Runs are tiny (a few images, a few steps); the shielding quality lives in end_to_end/test_shielding.py.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dt_lora.shield.checkpoint import CHECKPOINT, Checkpoint, CheckpointError, T
 from dt_lora.shield.losses import adapter_strength, update_uninterrupted
 from dt_lora.shield.train import train_adapter
 
-ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+ADAPTERS = Path(__file__).resolve().parents[2] / "adapters"
 TINY = {"target.images": "8", "anchors.images": "8", "train.steps": "6", "train.batch_size": "4",
         "train.checkpoint_every": "2", "sampling.steps": "4", "lora.rank": "4", "lora.alpha": "2"}
 
@@ -155,7 +155,7 @@ def test_target_latents_are_scrambled_in_the_chosen_space(pipeline, tmp_path):
 
 
 def test_divergence_stops_with_a_clear_error_and_keeps_no_checkpoint(pipeline, tmp_path):
-    """More in test_train_recovery.py: what is checked, and that the command the message gives trains."""
+    """More in test_checkpoint.py: what is checked, and that the command the message gives trains."""
     recipe = tiny_recipe(**{"train.learning_rate": "1e4", "train.optimizer": "adamw", "train.steps": "40",
                             "train.checkpoint_every": "1"})
     with pytest.raises(TrainingDiverged, match=r"^training diverged: .* step \d+ .*--train-learning-rate 1000 "):

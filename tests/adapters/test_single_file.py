@@ -11,10 +11,9 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-import family_tiny
 import pytest
-import sd15_tiny
 import torch
+from helpers import family_tiny, sd15_tiny
 
 from dt_lora import toy
 from dt_lora.adapters.single_file import (
@@ -27,7 +26,7 @@ from dt_lora.adapters.single_file import (
 )
 from dt_lora.base.family import family
 
-CONFIGS = Path(__file__).parents[1] / "python/dt_lora/configs"
+CONFIGS = Path(__file__).parents[2] / "python/dt_lora/configs"
 SD15_UNET_CONFIG = CONFIGS / "sd15_unet.json"
 DRAW_STEPS = 2  # sampler steps of the pictures the loaded single files draw
 
@@ -407,7 +406,7 @@ def test_sd2_last_open_clip_layer_is_an_identity_block(sd2):
 # back by the loader users use: diffusers' from_single_file, given the toy folder as its config (offline).
 # `--adapter toy-circle` names the shipped SD 1.x shield, which bake refuses on the SDXL base; for the toy
 # SDXL it is the same recipe trained there (tests/data/sdxl-shields, checked by test_shipped_shields).
-BAKED_SHIELDS = {"toy": "toy-circle", "toy-sdxl": str(Path(__file__).parent / "data/sdxl-shields/toy-circle.safetensors")}
+BAKED_SHIELDS = {"toy": "toy-circle", "toy-sdxl": str(Path(__file__).parents[1] / "data/sdxl-shields/toy-circle.safetensors")}
 
 # diffusers 0.42.1 builds the toy SDXL's text_encoder_2 from the file's CLIP-L tower (single_file.py's
 # docstring); strict, so that a diffusers which picks the tower by component fails it and the warning

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lora_helpers import SDXL_SHIELDS
+from helpers.lora import SDXL_SHIELDS
 
 from dt_lora.adapters import AdapterFile, read_adapter
 from dt_lora.recipe import load_recipe

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from lora_helpers import random_adapter, unet_output
+from helpers.lora import random_adapter, unet_output
 from safetensors.torch import save_file
 
 from dt_lora.adapters import (

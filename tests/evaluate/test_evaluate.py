@@ -7,7 +7,7 @@ import re
 import shutil
 
 import pytest
-from lora_helpers import demo_folder
+from helpers.lora import demo_folder
 
 from dt_lora.cli import main
 from dt_lora.recipes import recipe_path
