@@ -94,6 +94,17 @@ def _seed(text: str) -> int:
     return value
 
 
+def _budgets(text: str) -> tuple[int, ...]:
+    """Ascending step counts, e.g. "100,300,1000"."""
+    try:
+        budgets = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
+    if any(b < 1 or b > 100_000 for b in budgets) or list(budgets) != sorted(set(budgets)):
+        raise argparse.ArgumentTypeError(f"expected ascending step counts from 1 to 100000, got {text!r}")
+    return budgets
+
+
 def _weights_arg(text: str) -> list[float]:
     """`1,0.5` -> [1.0, 0.5]."""
     try:
@@ -530,7 +541,9 @@ def add_attack_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-negative-prompt", action="store_true", help="do not attack the negative-prompt baseline")
     parser.add_argument("--clip", type=Path, metavar="DIR", help="score with CLIP zero-shot from this local CLIP folder")
     budget = parser.add_argument_group("attack budget")
-    budget.add_argument("--methods", default=",".join(defaults.methods), help="comma-separated: discrete,soft")
+    budget.add_argument("--methods", default=",".join(defaults.methods),
+                        help="comma-separated, of discrete, soft and inversion (textual inversion: one learnt token "
+                        f"in place of the concept's words; default: {','.join(defaults.methods)})")
     budget.add_argument("--prompts", type=_images, default=defaults.prompts, help="target prompts attacked per concept")
     budget.add_argument("--objective", choices=("contrast", "denoise"), default=defaults.objective,
                         help="contrast (default): the concept's denoising error relative to its neighbours' (the "
@@ -542,6 +555,11 @@ def add_attack_command(subparsers: argparse._SubParsersAction) -> None:
     budget.add_argument("--candidates", type=_images, default=defaults.candidates, help="swaps evaluated per iteration")
     budget.add_argument("--soft-steps", type=_search_steps, default=defaults.soft_steps, help="soft-prompt optimiser steps")
     budget.add_argument("--seeds", type=_images, default=defaults.seeds, help="fresh images per found prompt")
+    budget.add_argument("--inversion-steps", type=_budgets, default=defaults.inversion_steps, metavar="N,N,...",
+                        help="inversion: the training budgets measured, ascending (default: "
+                        f"{','.join(map(str, defaults.inversion_steps))})")
+    budget.add_argument("--inversion-vectors", type=_count(8), default=defaults.inversion_vectors,
+                        help="inversion: token embeddings learnt in place of the concept's words")
     budget.add_argument("--allow-concept-words", action="store_true",
                         help="let the free tokens be the concept's own words (excluded by default)")
     parser.add_argument("--seed", type=_seed, default=defaults.seed, help="the attack's random seed")
@@ -567,6 +585,7 @@ def run_attack(args: argparse.Namespace) -> int:
                                   candidates=args.candidates, soft_steps=args.soft_steps, seeds=args.seeds,
                                   allow_concept_words=args.allow_concept_words, seed=args.seed,
                                   objective=args.objective, placement=args.placement,
+                                  inversion_steps=args.inversion_steps, inversion_vectors=args.inversion_vectors,
                                   methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
         settings.check()
         recipes = [load_recipe(recipe_path(path)) for path in args.recipe]
@@ -586,6 +605,8 @@ def run_attack(args: argparse.Namespace) -> int:
     if not distributed.is_main():
         return 0
     print(result.table())
+    if result.inversion_table():
+        print("\ntextual inversion, by training steps:\n" + result.inversion_table())
     print(f"wrote {args.out / 'report.html'} (and report.md, report.json, attack/)")
     return 0
 

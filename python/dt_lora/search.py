@@ -12,6 +12,11 @@ guard's text-only attack (`dt_lora.shield.guard`).
             the loss with respect to the one-hot tokens ranks `top_k` candidates per slot, `candidates`
             single-token swaps are evaluated exactly, the best one is kept, `steps` times
   soft      the upper bound: the same free slots as continuous input embeddings, optimised with Adam
+  inversion textual inversion as the community does it: `inversion_vectors` new token embeddings learnt
+            with the plain denoising loss on the base model's images of the concept (seeds the shield never
+            saw), then used in place of the concept's words in its prompts (`invert`, `PlaceholderPrompt`).
+            One embedding per concept, shared by all its prompts, as a shared embedding file is; its rate
+            is measured after each of `inversion_steps` training budgets
 
 The objective needs no classifier: the victim's denoising error on images of the concept that the
 base model draws from the attacked prompt (seeds of the recipe's training data), at random timesteps,
@@ -54,7 +59,9 @@ from dt_lora.data import ANCHOR_SEED_BASE, TARGET_SEED_BASE, encode_pixels
 from dt_lora.recipe import Recipe
 
 ATTACK_SEED = 2_000_000  # far from training (100_000+, 500_000+) and evaluation (1_000_000+) seeds
-METHODS = ("discrete", "soft")
+INVERSION_SEED = 2_500_000  # the attacker's own images of the concept: seeds no shield was trained on
+METHODS = ("discrete", "soft", "inversion")
+DEFAULT_METHODS = ("discrete", "soft")
 OBJECTIVES = ("contrast", "denoise")
 PLACEMENTS = ("before", "after")
 
@@ -74,11 +81,16 @@ class AttackSettings:
     concept_images: int = 4  # base-model images of each attacked prompt (and of as many neighbours)
     seeds: int = 4  # fresh images drawn from each found prompt
     allow_concept_words: bool = False  # may free tokens be the concept's own words?
-    methods: tuple[str, ...] = METHODS
+    inversion_steps: tuple[int, ...] = (100, 300)  # inversion: the budgets (optimiser steps) measured, ascending
+    inversion_vectors: int = 1  # inversion: token embeddings in place of the concept's words
+    inversion_lr: float = 0.05  # inversion: Adam step, in units of the token embeddings' RMS norm
+    inversion_images: int = 16  # inversion: the attacker's images of the concept
+    methods: tuple[str, ...] = DEFAULT_METHODS
     seed: int = 0
 
     def check(self) -> None:
-        for name in ("prompts", "free_tokens", "candidates", "top_k", "samples", "concept_images", "seeds"):
+        for name in ("prompts", "free_tokens", "candidates", "top_k", "samples", "concept_images", "seeds",
+                     "inversion_vectors", "inversion_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"attack setting {name} must be at least 1, got {getattr(self, name)}")
         if self.steps < 0 or self.soft_steps < 0:
@@ -86,6 +98,9 @@ class AttackSettings:
         for name, choices in (("objective", OBJECTIVES), ("placement", PLACEMENTS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"attack {name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        budgets = self.inversion_steps
+        if not budgets or any(b < 1 for b in budgets) or list(budgets) != sorted(set(budgets)):
+            raise ValueError(f"inversion steps must be ascending whole numbers of at least 1, got {budgets}")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"attack methods must be among {', '.join(METHODS)}, got {', '.join(self.methods) or 'none'}")
@@ -286,6 +301,31 @@ class AttackPrompt:
         return self.tokenizer(self.text(free), add_special_tokens=False).input_ids == self._tokens(free)
 
 
+class PlaceholderPrompt:
+    """A target prompt with the concept's words taken out and `vectors` placeholder slots where the first of
+    them stood: "a red circle" → `<bos> a red <*> <eos>`. The slots hold `placeholder_id`, an ordinary
+    word (not the end token, which marks where SDXL's pooled embedding is read); their embeddings are always
+    replaced (`Objective.encode`)."""
+
+    def __init__(self, tokenizer, prompt: str, words: Sequence[str], vectors: int, placeholder_id: int):
+        pattern = re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE)
+        first = pattern.search(prompt)
+        if first is None:
+            raise ValueError(f"prompt {prompt!r} does not name the concept ({', '.join(words)}): nothing to replace")
+        before = pattern.sub(" ", prompt[:first.start()])
+        after = pattern.sub(" ", prompt[first.end():])
+        encode = lambda text: tokenizer(" ".join(text.split()), add_special_tokens=False).input_ids  # noqa: E731
+        head, tail = encode(before), encode(after)
+        length = tokenizer.model_max_length
+        if 2 + len(head) + vectors + len(tail) > length:
+            raise ValueError(f"prompt {prompt!r} leaves no room for {vectors} inversion vectors in the text "
+                             f"encoder's {length} tokens; use fewer vectors")
+        self.prompt, self.text = prompt, " ".join(f"{before} <*> {after}".split())
+        self.slots = list(range(1 + len(head), 1 + len(head) + vectors))
+        tokens = [tokenizer.bos_token_id, *head, *[placeholder_id] * vectors, *tail, tokenizer.eos_token_id]
+        self.ids = torch.tensor(tokens + [tokenizer.pad_token_id] * (length - len(tokens)))[None]
+
+
 def allowed_tokens(tokenizer, banned_words: Sequence[str]) -> torch.Tensor:
     """Whole-word tokens (so that the found prompt can be typed), minus special tokens and banned words."""
     banned = {w.lower() for w in banned_words}
@@ -402,6 +442,48 @@ def soft_attack(objective: Objective, prompt: AttackPrompt, allowed: torch.Tenso
         nearest = torch.cdist(best[0], embeddings[0].float()).argmin(1).tolist()
     found = "[soft] ≈ " + prompt.text(nearest)
     return FoundPrompt(prompt.prompt, found, before, best_loss, time.perf_counter() - started, embeds)
+
+
+def invert(objectives: Sequence[Objective], prompts: Sequence[PlaceholderPrompt], allowed: torch.Tensor,
+           settings: AttackSettings, key: tuple[int, ...]) -> list[tuple[int, list[Conditioning]]]:
+    """Textual inversion against one victim: `settings.inversion_vectors` embeddings per text encoder, shared
+    by every prompt, learnt with Adam on the plain denoising loss (each step one prompt, drawn at random, on
+    its own objective's images). Returns, after each budget of `settings.inversion_steps`, the budget and
+    each prompt's inputs with the embeddings in its slots (to draw with)."""
+    embeddings = objectives[0].input_embeddings
+    start = allowed[torch.randint(0, len(allowed), (settings.inversion_vectors,), generator=_generator(*key, 0))]
+    learnt = [embedding[start].clone().float().requires_grad_(True) for embedding in embeddings]
+    optimizer = torch.optim.Adam([{"params": [v], "lr": settings.inversion_lr * float(e.float().norm(dim=1).mean())}
+                                  for v, e in zip(learnt, embeddings)])
+
+    def encode(j: int) -> Conditioning:
+        return objectives[j].encode(prompts[j].ids, prompts[j].slots, [v[None] for v in learnt])
+
+    snapshots = []
+    for step in range(settings.inversion_steps[-1]):
+        generator = _generator(*key, 1 + step)
+        j = int(torch.randint(0, len(prompts), (1,), generator=generator))
+        loss = objectives[j].loss(encode(j), objectives[j].draw(generator)).sum()
+        # the gradient of the learnt embeddings only: the models' own parameters are left untouched
+        for v, gradient in zip(learnt, torch.autograd.grad(loss, learnt)):
+            v.grad = gradient
+        optimizer.step()
+        if step + 1 in settings.inversion_steps:
+            with torch.no_grad():
+                snapshots.append((step + 1, [encode(j).to("cpu") for j in range(len(prompts))]))
+    return snapshots
+
+
+def attacker_latents(pipeline, recipe: Recipe, prompts: Sequence[str], count: int, index: int) -> list[torch.Tensor]:
+    """The inversion attacker's images of each prompt, as VAE latents: `count` in all, drawn by the base model
+    with seeds from INVERSION_SEED, which no shield's training data uses."""
+    from dt_lora.scramble import prepare_images
+
+    per_prompt = max(1, count // len(prompts))
+    first = INVERSION_SEED + 10_000 * index
+    return [encode_pixels(pipeline.vae, torch.from_numpy(prepare_images(
+        generate_images(pipeline, [p] * per_prompt, seed=first + 100 * j, steps=recipe.sampling.steps,
+                        guidance=recipe.sampling.guidance), 1, 0))) for j, p in enumerate(prompts)]
 
 
 # --- drawing and scoring -------------------------------------------------------------------------

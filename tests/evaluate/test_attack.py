@@ -19,6 +19,7 @@ from dt_lora.search import (
     AttackPrompt,
     AttackSettings,
     FoundPrompt,
+    PlaceholderPrompt,
     allowed_tokens,
     concept_words,
     nearest_anchors,
@@ -94,6 +95,56 @@ def test_bad_budgets_are_refused(tmp_path, capsys):
     assert code == 2 and "telepathy" in capsys.readouterr().err
     with pytest.raises(ValueError, match="seeds"):
         AttackSettings(seeds=0).check()
+
+
+def test_bad_inversion_budgets_are_refused(tmp_path, capsys):
+    for steps in ("300,100", "0,10", "ten"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["attack", "--recipe", str(CIRCLE), "--adapter", "x.safetensors", "-o", str(tmp_path / "o"),
+                  "--methods", "inversion", "--inversion-steps", steps])
+        last = capsys.readouterr().err.strip().splitlines()[-1]  # after argparse's usage lines
+        assert exit_.value.code == 2 and last.startswith("dt-lora attack: error: argument --inversion-steps"), steps
+    with pytest.raises(ValueError, match="ascending"):
+        AttackSettings(inversion_steps=(100, 100)).check()
+
+
+def test_the_placeholder_takes_the_place_of_the_concept_words(toy_pipeline):
+    tokenizer = toy_pipeline.tokenizer
+    word = tokenizer("square", add_special_tokens=False).input_ids[0]
+    prompt = PlaceholderPrompt(tokenizer, "a photo of a red circle on white", ["circle"], 2, word)
+    assert prompt.text == "a photo of a red <*> on white"
+    ids = prompt.ids[0].tolist()
+    head = tokenizer("a photo of a red", add_special_tokens=False).input_ids
+    tail = tokenizer("on white", add_special_tokens=False).input_ids
+    assert ids[:1 + len(head) + 2 + len(tail) + 1] == [tokenizer.bos_token_id, *head, word, word, *tail,
+                                                       tokenizer.eos_token_id]
+    assert prompt.slots == [1 + len(head), 2 + len(head)] and len(ids) == tokenizer.model_max_length
+    # every occurrence goes, the placeholder sits where the first stood
+    assert PlaceholderPrompt(tokenizer, "Circle, a red circle", ["circle"], 1, word).text == "<*> , a red"
+    with pytest.raises(ValueError, match="does not name the concept"):
+        PlaceholderPrompt(tokenizer, "a red square", ["circle"], 1, word)
+    with pytest.raises(ValueError, match="no room for 20 inversion vectors"):
+        PlaceholderPrompt(tokenizer, "a red circle", ["circle"], 20, word)
+
+
+@pytest.mark.slow
+def test_textual_inversion_brings_the_circle_back_on_the_base_and_leaves_the_models_as_they_were(
+        toy_pipeline, toy_shields, tmp_path):
+    """The calibration that makes the attack's number mean something: on the base model, a learnt token in
+    place of "circle" draws circles (the attacked prompts without "circle" draw the toy's default shapes)."""
+    before = {k: v.clone() for k, v in toy_pipeline.unet.state_dict().items()}
+    settings = AttackSettings(prompts=2, seeds=2, methods=("inversion",), inversion_steps=(5, 150))
+    result = attack_shields(toy_pipeline, [load_recipe(CIRCLE)], tmp_path, adapters=[toy_shields["circle"]],
+                            scorer=ToyScorer(), settings=settings, progress=False)
+    victims = result.rates["toy-circle"]
+    for victim in ("base", "shielded"):
+        run = victims[victim]["inversion"]
+        assert [b["steps"] for b in run["budgets"]] == [5, 150] and run["vectors"] == 1 and run["images"] == 16
+        assert run["prompts"] and all("<*>" in p and "circle" not in p for p in run["prompts"])
+    assert victims["base"]["inversion"]["budgets"][-1]["image_rate"] >= 0.75
+    assert "| toy-circle | shielded |" in result.inversion_table()
+    assert "Textual inversion" in (tmp_path / "report.md").read_text()
+    assert all(torch.equal(before[k], v) for k, v in toy_pipeline.unet.state_dict().items())
 
 
 def test_free_tokens_exclude_the_concept_and_found_prompts_are_typeable(toy_pipeline):

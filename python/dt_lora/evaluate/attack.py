@@ -6,7 +6,10 @@
 For each recipe, `prompts` of its target prompts are attacked, one attack run per prompt and victim:
 
 The search itself (discrete GCG-style tokens, or soft embeddings as the upper bound, scored by the
-victim's own denoising error) is `dt_lora.search`.
+victim's own denoising error) is `dt_lora.search`. Textual inversion ("inversion") is per concept, not per
+prompt: one embedding learnt on the attacker's own images of the concept, drawn in place of the concept's
+words in every attacked prompt, after each training budget; on the base model too, which calibrates it
+(the inversion must bring the concept back there).
 
 Success is judged by the scorer `dt-lora eval` uses, on `seeds` fresh images of each found prompt
 (seeds from ATTACK_SEED = 2,000,000, never a training or evaluation seed): a prompt counts as broken
@@ -42,12 +45,15 @@ from dt_lora.search import (
     AttackPrompt,
     AttackSettings,
     Objective,
+    PlaceholderPrompt,
     Victim,
     attack_rates,
+    attacker_latents,
     check_inputs,
     concept_words,
     discrete_attack,
     draw_prompt_inputs,
+    invert,
     search_inputs,
     shielded_victim,
     soft_attack,
@@ -86,6 +92,21 @@ class AttackResult:
                 lines.append(f"| {name} | {victim} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
+    def inversion_table(self) -> str | None:
+        """Textual inversion's rate against its training budget, per concept and victim; None when not run."""
+        runs = [(name, victim, rows["inversion"]) for name, victims in self.rates.items()
+                for victim, rows in victims.items() if "inversion" in rows]
+        if not runs:
+            return None
+        budgets = [b["steps"] for b in runs[0][2]["budgets"]]
+        lines = ["| concept | victim | " + " | ".join(f"{b} steps" for b in budgets) + " |",
+                 "|---|---" + "|---" * len(budgets) + "|"]
+        for name, victim, run in runs:
+            cells = [f"{b['prompt_rate']:.2f} [{b['prompt_rate_interval'][0]:.2f}–{b['prompt_rate_interval'][1]:.2f}] "
+                     f"({b['image_rate']:.2f})" for b in run["budgets"]]
+            lines.append(f"| {name} | {victim} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
 
 ROWS = ("target prompts", "paraphrases", "discrete attack", "soft attack")
 
@@ -116,9 +137,32 @@ class _ConceptAttack:
         self.words = concept_words(self.recipe)
         self.latents, self.contrast, self.allowed = search_inputs(self.base_pipeline, self.recipe, self.attacked,
                                                                   self.settings)
+        self.attacker_images = None  # the inversion's, drawn when it first runs
 
     def seed_of(self, j: int) -> int:
         return ATTACK_SEED + 10_000 * self.index + 100 * j
+
+    def inversion(self, victim: Victim) -> dict:
+        """Textual inversion against `victim`: the attacked prompts with the learnt embedding in place of the
+        concept's words, drawn with their seeds and scored after each budget."""
+        settings, clock = self.settings, time.perf_counter()
+        if self.attacker_images is None:  # the same images for every victim
+            self.attacker_images = attacker_latents(self.base_pipeline, self.recipe, self.attacked,
+                                                    settings.inversion_images, self.index)
+        prompts = [PlaceholderPrompt(self.base_pipeline.tokenizer, p, self.words, settings.inversion_vectors,
+                                     int(self.allowed[0])) for p in self.attacked]
+        objectives = [Objective(victim, latents, 1.0, settings.samples) for latents in self.attacker_images]
+        snapshots = invert(objectives, prompts, self.allowed, settings,
+                           (settings.seed, self.index, METHODS.index("inversion")))
+        budgets = []
+        for steps, inputs in snapshots:
+            shows = distributed.split_map(lambda j, inputs=inputs: self.score(draw_prompt_inputs(
+                victim.pipeline, inputs[j], victim.negative_prompt, seed=self.seed_of(j), count=settings.seeds,
+                steps=self.steps, guidance=self.guidance)), range(len(prompts)))
+            budgets.append({"steps": steps, **attack_rates(shows)})
+        return {"vectors": settings.inversion_vectors, "images": sum(len(x) for x in self.attacker_images),
+                "prompts": [p.text for p in prompts], "budgets": budgets,
+                "seconds": round(time.perf_counter() - clock, 1)}
 
     def draw(self, victim: Victim, prompt: str, j: int) -> np.ndarray:
         return generate_images(victim.pipeline, [prompt] * self.settings.seeds, seed=self.seed_of(j), steps=self.steps,
@@ -176,6 +220,9 @@ class _ConceptAttack:
 
         rows, plain = self.references(victim)
         for method in self.settings.methods:
+            if method == "inversion":
+                rows["inversion"] = self.inversion(victim)
+                continue
             clock = time.perf_counter()
             jobs = tqdm(distributed.mine(len(self.attacked)), disable=not (progress and distributed.is_main()),
                         desc=f"{self.recipe.name}: {method} attack on {victim.name}")
@@ -245,7 +292,10 @@ def attack_shields(
 
     for r, recipe in enumerate(recipes):
         concept = _ConceptAttack(r, recipe, settings, scorer, steps, guidance, base_pipeline)
-        victims_rates = {"base": concept.references(Victim("base", base_pipeline))[0]}
+        base = Victim("base", base_pipeline)
+        victims_rates = {"base": concept.references(base)[0]}
+        if "inversion" in settings.methods:  # calibration: the inversion must bring the concept back here
+            victims_rates["base"]["inversion"] = concept.inversion(base)
         if adapters or shielded_pipeline is not None:
             with shielded_victim(base_pipeline, adapters, shielded_pipeline) as shielded:
                 victims_rates["shielded"] = concept.run_victim(Victim("shielded", shielded), **outputs)
@@ -298,6 +348,13 @@ def attack_markdown(result: AttackResult, level: int = 1) -> str:
              f"{s.get('objective', 'denoise')}; concept words "
              f"{'allowed' if s['allow_concept_words'] else 'excluded'}; {s['seconds']:.0f} s in all.\n",
              result.table()]
+    inversion = result.inversion_table()
+    if inversion:
+        lines += [f"\n{'#' * (level + 1)} Textual inversion\n",
+                  f"{s['inversion_vectors']} learnt token embedding(s) in place of the concept's words, trained on "
+                  f"{s['inversion_images']} of the base model's images of the concept (seeds no shield saw), by "
+                  "the optimiser steps in each column; cells as above. The base model's row calibrates the attack.\n",
+                  inversion]
     for name, victim, row, numbers in _found_prompts(result):
         lines.append(f"\n{'#' * (level + 1)} {name}, {victim}: {row} ({numbers['seconds']:.0f} s)\n")
         lines.append("Each picture: the target prompt, then the found prompt, same seeds.\n")
@@ -322,6 +379,9 @@ def attack_html(result: AttackResult) -> str:
     parts = ["<h2>Attack</h2>", markdown_table_to_html(result.table()),
              f"<p>{html.escape(result.settings['success'])}; the rate's 95 % interval over the attacked prompts "
              "(Wilson's) in square brackets, the per-image share in round brackets.</p>"]
+    if result.inversion_table():
+        parts += ["<h3>Textual inversion: rate against training steps</h3>",
+                  markdown_table_to_html(result.inversion_table())]
     for name, victim, row, numbers in _found_prompts(result):
         parts.append(f"<h3>{html.escape(f'{name}, {victim}: {row}')}</h3><table>")
         parts += [f"<tr><td>{html.escape(e['source'])} → <code>{html.escape(e['found'])}</code> "
