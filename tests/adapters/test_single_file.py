@@ -408,16 +408,6 @@ def test_sd2_last_open_clip_layer_is_an_identity_block(sd2):
 # SDXL it is the same recipe trained there (tests/data/sdxl-shields, checked by test_shipped_shields).
 BAKED_SHIELDS = {"toy": "toy-circle", "toy-sdxl": str(Path(__file__).parents[1] / "data/sdxl-shields/toy-circle.safetensors")}
 
-# diffusers 0.42.1 builds the toy SDXL's text_encoder_2 from the file's CLIP-L tower (single_file.py's
-# docstring); strict, so that a diffusers which picks the tower by component fails it and the warning
-# (`from_single_file_caveat`) can go.
-DIFFUSERS_PICKS_SDXL_TEXT_TOWER_BY_WIDTH = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="diffusers.loaders.single_file_utils.create_diffusers_clip_model_from_ldm: `is_clip_sdxl_model(checkpoint) "
-           "and checkpoint[...clip_sdxl].shape[-1] == position_embedding_dim` sends text_encoder_2 of the toy SDXL "
-           "(both towers 64 wide) to convert_ldm_clip_checkpoint")
-
-
 def bake_single_file(base: str, folder: Path) -> SimpleNamespace:
     """Run `dt-lora bake --base BASE --adapter … --format single-file` into `folder`; with the pipeline it
     baked (the same shield fused into the same base, in float16) and what the command wrote to stderr."""
@@ -474,37 +464,23 @@ SDXL_FLOAT16_VAE = "ignore:`upcast_vae` is deprecated:FutureWarning"  # diffuser
 
 
 @pytest.mark.filterwarnings(SDXL_FLOAT16_VAE)
-@pytest.mark.parametrize("base", ["toy", pytest.param("toy-sdxl", marks=DIFFUSERS_PICKS_SDXL_TEXT_TOWER_BY_WIDTH)])
+@pytest.mark.parametrize("base", ["toy", "toy-sdxl"])
 def test_a_baked_single_file_loads_whole_through_from_single_file_and_draws(baked, base):
     assert_loads_whole_and_draws(baked(base), base)
 
 
-@pytest.mark.filterwarnings(SDXL_FLOAT16_VAE)
-def test_the_baked_toy_sdxl_file_loads_whole_when_diffusers_picks_each_text_tower_by_component(baked, monkeypatch):
-    """The file is right and diffusers' tower choice is all that fails: from_single_file, with only that choice
-    made by the component (text_encoder reads embedders.0, text_encoder_2 embedders.1), loads every tensor.
-    The toy's projection is square, so here only the values catch a projection written untransposed."""
-    import diffusers.loaders.single_file as diffusers_single_file
+def test_only_an_sdxl_with_equally_wide_text_towers_gets_the_from_single_file_warning(baked, sdxl):
+    """diffusers' from_single_file (0.42.1) picks SDXL's text tower by width (single_file.py's docstring): SDXL's
+    towers (768, 1280), the toy SDXL's (64, 96) and the tiny test SDXL's (32, 48) are told apart; equal widths
+    are not, and the file's writer says so."""
+    import copy
 
-    choose_by_width = diffusers_single_file.create_diffusers_clip_model_from_ldm
-    other_tower = {"text_encoder": "conditioner.embedders.1.", "text_encoder_2": "conditioner.embedders.0."}
-
-    def choose_by_component(cls, checkpoint, subfolder="", **kwargs):
-        other_prefix = other_tower.get(subfolder)  # subfolder: the component being loaded
-        if other_prefix:
-            checkpoint = {k: v for k, v in checkpoint.items() if not k.startswith(other_prefix)}
-        return choose_by_width(cls, checkpoint, subfolder=subfolder, **kwargs)
-
-    monkeypatch.setattr(diffusers_single_file, "create_diffusers_clip_model_from_ldm", choose_by_component)
-    assert_loads_whole_and_draws(baked("toy-sdxl"), "toy-sdxl, tower by component")
-
-
-def test_baking_an_sdxl_with_equally_wide_text_towers_warns_that_diffusers_misreads_the_file(baked, sdxl):
     from dt_lora.adapters.single_file import from_single_file_caveat
 
-    caveat = from_single_file_caveat(baked("toy-sdxl").pipeline)
-    assert caveat and "both 64 wide" in caveat and "text_encoder_2" in caveat
-    assert f"[dt-lora] warning: {caveat}\n" in baked("toy-sdxl").stderr
-    assert "[dt-lora] warning" not in baked("toy").stderr
-    assert from_single_file_caveat(sdxl) is None  # 32 and 48 wide, as SDXL's are unequal: diffusers reads it right
-    assert from_single_file_caveat(baked("toy").pipeline) is None
+    assert "[dt-lora] warning" not in baked("toy-sdxl").stderr + baked("toy").stderr
+    assert from_single_file_caveat(baked("toy-sdxl").pipeline) is None
+    assert from_single_file_caveat(sdxl) is None and from_single_file_caveat(baked("toy").pipeline) is None
+    equal = copy.copy(sdxl)
+    equal.text_encoder_2 = sdxl.text_encoder  # both 32 wide
+    caveat = from_single_file_caveat(equal)
+    assert caveat and "both 32 wide" in caveat and "text_encoder_2" in caveat

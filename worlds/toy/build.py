@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--denoiser-steps", type=int, default=6000)
     parser.add_argument("--evaluator-steps", type=int, default=2500)
     parser.add_argument("--controlnet-steps", type=int, default=1200)
-    parser.add_argument("--sdxl-steps", type=int, default=6000)
+    parser.add_argument("--sdxl-steps", type=int, default=3000)
     parser.add_argument("--sdxl-out", type=Path, default=None,
                         help="the toy SDXL's pipeline folder (default: model_sdxl beside --out)")
     args = parser.parse_args(argv)

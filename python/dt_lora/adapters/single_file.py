@@ -60,8 +60,8 @@ their [C, C] weights are written as [C, C, 1, 1].
 Every tensor of the three components must map: a key no table covers (an attached LoRA's `lora_A`
 or `base_layer`, a block type SD 1.x does not have) raises ValueError naming it, never drops it.
 
-An SDXL file whose two text towers are equally wide (the toy SDXL: both 64) is right, but diffusers'
-`from_single_file` (0.42.1) loads its `text_encoder_2` wrongly. `create_diffusers_clip_model_from_ldm`
+An SDXL file whose two text towers are equally wide is right, but diffusers' `from_single_file`
+(0.42.1) loads its `text_encoder_2` wrongly. `create_diffusers_clip_model_from_ldm`
 (diffusers/loaders/single_file_utils.py) builds each text encoder from the whole file and picks the
 tower by width, not by the component it is loading:
 
@@ -70,10 +70,11 @@ tower by width, not by the component it is loading:
         diffusers_format_checkpoint = convert_ldm_clip_checkpoint(checkpoint)  # the CLIP-L tower
 
 With CLIP-L as wide as `text_encoder_2`, `text_encoder_2` gets CLIP-L's weights, and its
-`text_projection` (CLIP-L has none) stays on the meta device. SDXL's real towers (768 and 1280 wide)
-never meet that condition. The file cannot steer it and keep the original layout: the condition reads
-only whether `conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight` is
-there (A1111 and ComfyUI need it) and its width (the model's). So `write_single_file` warns instead
+`text_projection` (CLIP-L has none) stays on the meta device. SDXL's towers (768 and 1280 wide) and the
+toy SDXL's (64 and 96, built unequal for this reason) never meet that condition. The file cannot steer
+it and keep the original layout: the condition reads only whether
+`conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight` is there (A1111
+and ComfyUI need it) and its width (the model's). So for such a model `write_single_file` warns
 (`from_single_file_caveat`).
 """
 

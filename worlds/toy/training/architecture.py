@@ -23,13 +23,13 @@ SCHEDULER_CONFIG = {
 }
 
 
-def text_encoder_config(vocab_size: int, bos_token_id: int, eos_token_id: int):
+def text_encoder_config(vocab_size: int, bos_token_id: int, eos_token_id: int, hidden_size: int = TEXT_HIDDEN_SIZE):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=TEXT_HIDDEN_SIZE,
-        intermediate_size=4 * TEXT_HIDDEN_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
         num_hidden_layers=3,
         num_attention_heads=4,
         max_position_embeddings=TOKENIZER_MAX_LENGTH,
@@ -77,15 +77,18 @@ def make_unet():
 # Two text encoders whose penultimate hidden states are concatenated (CLIP-L-like, and an OpenCLIP-G-like
 # one with a projection for the pooled embedding), a UNet whose first level has no attention, linear
 # transformer projections, and the "text_time" added embedding of the pooled prompt and six size ids.
-# Two layers a block, as SDXL has (kohya's SGM names count on it).
+# Two layers a block, as SDXL has (kohya's SGM names count on it). The second encoder is wider than the
+# first, as OpenCLIP-G (1280) is wider than CLIP-L (768): diffusers' `from_single_file` tells the two
+# towers of an SDXL checkpoint apart by width, so equal widths would load the first into both.
 SDXL_TIME_EMBED = 16
 SDXL_POOLED = 64
+SDXL_TEXT_2_HIDDEN_SIZE = 96
 
 
 def sdxl_text_encoder_configs(vocab_size: int, bos_token_id: int, eos_token_id: int, pad_token_id_2: int):
     """(CLIP-L-like config, OpenCLIP-G-like config): the first pads with its end token, the second with "!"."""
     first = text_encoder_config(vocab_size, bos_token_id, eos_token_id)
-    second = text_encoder_config(vocab_size, bos_token_id, eos_token_id)
+    second = text_encoder_config(vocab_size, bos_token_id, eos_token_id, hidden_size=SDXL_TEXT_2_HIDDEN_SIZE)
     second.hidden_act, second.projection_dim, second.pad_token_id = "gelu", SDXL_POOLED, pad_token_id_2
     return first, second
 
@@ -102,7 +105,7 @@ def make_sdxl_unet():
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=1,
-        cross_attention_dim=2 * TEXT_HIDDEN_SIZE,
+        cross_attention_dim=TEXT_HIDDEN_SIZE + SDXL_TEXT_2_HIDDEN_SIZE,
         attention_head_dim=8,
         norm_num_groups=16,
         use_linear_projection=True,
