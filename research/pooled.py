@@ -15,7 +15,7 @@ prompt of the shield's recipe, and the same prompt with the concept's word repla
              and ComfyUI's CLIPTextEncodeSDXL (text_l empty, text_g the concept) feed the UNet
     prompt_1 the reverse: the concept's prompt to the first encoder (CLIP-L) only
     empty    the empty prompt's states and pooled embedding: how often the model draws the concept
-             unasked (toy SDXL: red 0.21, circle 0.16); a rate at this level in another column is no leak
+             unasked; a rate at this level in another column is no leak
 
 each drawn on the base model and with the shield (4 seeds a prompt from 1,000,000, DDIM 25 steps,
 guidance 5), and scored by the toy evaluator: the share of images showing the concept. If the base
