@@ -54,9 +54,10 @@ GIB = 2**30
 RESULT_TAG = "DT_LORA_BENCH_RESULT "  # the worker's one JSON line on stdout starts with this
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
-# latents (channels, height, width) and text embeddings (tokens, width) per model
+# latents (channels, height, width) and text embeddings (tokens, width) per model; SDXL's width is its two
+# encoders' together (768 + 1280; the toy SDXL's 64 + 96)
 SHAPES = {"toy": ((4, 8, 8), (16, 64)), "sd15": ((4, 64, 64), (77, 768)), "sdxl": ((4, 128, 128), (77, 2048)),
-          "toy-sdxl": ((4, 8, 8), (16, 128))}
+          "toy-sdxl": ((4, 8, 8), (16, 160))}
 # SDXL's added conditioning: the pooled embedding's width and the image side in the size ids. Text inputs
 # are random tensors in every row, as cached text-encoder outputs: no text encoder is loaded.
 ADDED = {"sdxl": (1280, 1024), "toy-sdxl": (64, 32)}
