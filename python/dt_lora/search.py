@@ -314,8 +314,7 @@ class PlaceholderPrompt:
             raise ValueError(f"prompt {prompt!r} does not name the concept ({', '.join(words)}): nothing to replace")
         before = pattern.sub(" ", prompt[:first.start()])
         after = pattern.sub(" ", prompt[first.end():])
-        encode = lambda text: tokenizer(" ".join(text.split()), add_special_tokens=False).input_ids  # noqa: E731
-        head, tail = encode(before), encode(after)
+        head, tail = (tokenizer(" ".join(text.split()), add_special_tokens=False).input_ids for text in (before, after))
         length = tokenizer.model_max_length
         if 2 + len(head) + vectors + len(tail) > length:
             raise ValueError(f"prompt {prompt!r} leaves no room for {vectors} inversion vectors in the text "
