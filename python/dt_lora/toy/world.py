@@ -60,7 +60,7 @@ def prompt_for(shape: str, colour: str, template: str) -> str:
     return template.format(shape=shape, colour=colour)
 
 
-def _polygon_mask(xs: np.ndarray, ys: np.ndarray, vertices: np.ndarray) -> np.ndarray:
+def polygon_mask(xs: np.ndarray, ys: np.ndarray, vertices: np.ndarray) -> np.ndarray:
     """Even-odd point-in-polygon test for every sample point at once."""
     inside = np.zeros(xs.shape, dtype=bool)
     x0, y0 = vertices[-1]
@@ -73,7 +73,7 @@ def _polygon_mask(xs: np.ndarray, ys: np.ndarray, vertices: np.ndarray) -> np.nd
     return inside
 
 
-def _regular(n: int, radius: float, phase: float) -> np.ndarray:
+def regular_polygon(n: int, radius: float, phase: float) -> np.ndarray:
     angles = phase + np.arange(n) * 2 * np.pi / n
     return np.stack([radius * np.cos(angles), radius * np.sin(angles)], axis=1)
 
@@ -87,18 +87,18 @@ def _shape_mask(shape: str, xs: np.ndarray, ys: np.ndarray, radius: float) -> np
         return (np.abs(xs) <= half) & (np.abs(ys) <= half)
     if shape == "triangle":
         # apex up: vertices at -90°, 30°, 150° in image coordinates
-        return _polygon_mask(xs, ys, _regular(3, radius * 1.05, -np.pi / 2))
+        return polygon_mask(xs, ys, regular_polygon(3, radius * 1.05, -np.pi / 2))
     if shape == "cross":
         arm = 0.32 * radius
         return ((np.abs(xs) <= arm) & (np.abs(ys) <= radius)) | (
             (np.abs(ys) <= arm) & (np.abs(xs) <= radius)
         )
     if shape == "star":
-        outer = _regular(5, radius * 1.1, -np.pi / 2)
-        inner = _regular(5, radius * 0.45, -np.pi / 2 + np.pi / 5)
+        outer = regular_polygon(5, radius * 1.1, -np.pi / 2)
+        inner = regular_polygon(5, radius * 0.45, -np.pi / 2 + np.pi / 5)
         vertices = np.empty((10, 2))
         vertices[0::2], vertices[1::2] = outer, inner
-        return _polygon_mask(xs, ys, vertices)
+        return polygon_mask(xs, ys, vertices)
     raise ValueError(f"unknown shape {shape!r}; the toy world has {', '.join(SHAPES)}")
 
 

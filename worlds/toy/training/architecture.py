@@ -39,7 +39,7 @@ def text_encoder_config(vocab_size: int, bos_token_id: int, eos_token_id: int, h
     )
 
 
-def make_vae():
+def make_vae(sample_size: int = 32, latent_channels: int = 4):
     from diffusers import AutoencoderKL
 
     # 32×32×3 pixels → 8×8×4 latents: three blocks, two downsamples (vae_scale_factor 4).
@@ -50,9 +50,9 @@ def make_vae():
         up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=(32, 64, 64),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=16,
-        sample_size=32,
+        sample_size=sample_size,
     )
 
 

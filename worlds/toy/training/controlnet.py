@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from dt_lora.toy import world
 from dt_lora.toy.controlnet import map_pixels
 from worlds.toy.training import architecture
-from worlds.toy.training.model import encode_dataset, training_batch, warmup_cosine
+from worlds.toy.training.model import training_batch
+from worlds.training import encode_dataset, warmup_cosine
 
 # ControlNetConditioningEmbedding halves the size once per entry after the first: 32×32 maps → 8×8,
 # the toy VAE's factor of 4 (SD's (16, 32, 96, 256) divides by 8, for 512 → 64).

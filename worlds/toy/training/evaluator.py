@@ -16,78 +16,13 @@ import torch.nn.functional as F
 
 from dt_lora.toy import world
 from dt_lora.toy.evaluator import NONE, Evaluator, ShapeColourNet, to_pixels
+from worlds.training import fit_classifier, no_object_images, scrambled, vae_roundtrip
 
 IGNORE = -100  # colour label of images that have none (noise)
 
 
-def _augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Blur, noise, colour jitter and a slight affine deformation, each at a random strength."""
-    n = pixels.shape[0]
-
-    def rand(*shape):
-        return torch.rand(*shape, generator=generator)
-
-    angle = (rand(n) - 0.5) * 0.3
-    scale = 1 + (rand(n) - 0.5) * 0.15
-    shear = (rand(n) - 0.5) * 0.15
-    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
-    theta = torch.stack([
-        torch.stack([cos, -sin + shear, (rand(n) - 0.5) * 0.1], 1),
-        torch.stack([sin, cos, (rand(n) - 0.5) * 0.1], 1),
-    ], 1)
-    grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
-    out = F.grid_sample(pixels, grid, padding_mode="border", align_corners=False)
-
-    sigma = rand(n) * 1.2
-    kernel_x = torch.arange(-2, 3).float()
-    kernels = torch.exp(-(kernel_x[None] ** 2) / (2 * sigma[:, None].clamp_min(1e-3) ** 2))
-    kernels = kernels / kernels.sum(1, keepdim=True)
-    blur = torch.einsum("ni,nj->nij", kernels, kernels)[:, None]
-    blurred = F.conv2d(F.pad(out, (2, 2, 2, 2), mode="replicate").reshape(1, -1, 36, 36),
-                       blur.repeat_interleave(3, 0), groups=3 * n).reshape_as(out)
-
-    gain = 1 + (rand(n, 3, 1, 1) - 0.5) * 0.2
-    bias = (rand(n, 1, 1, 1) - 0.5) * 0.2
-    noise = torch.randn(out.shape, generator=generator) * rand(n, 1, 1, 1) * 0.12
-    return (blurred * gain + bias + noise).clamp(-1, 1)
-
-
-def _vae_roundtrip(vae, pixels: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([vae.decode(vae.encode(c).latent_dist.sample()).sample for c in pixels.split(256)]).clamp(-1, 1)
-
-
-def _scrambled(images: np.ndarray, seed: int) -> np.ndarray:
-    from dt_lora.scramble import scramble_grid
-
-    # grid 4 is what DT trains with; 2 and 8 keep the class from keying on one tile size
-    parts = np.array_split(images, 4)
-    grids = (4, 4, 2, 8)
-    return np.concatenate([
-        scramble_grid(part, grid, seed + k, layout="NHWC", flips=bool(k % 2), offset=0)
-        for k, (part, grid) in enumerate(zip(parts, grids))
-    ])
-
-
-def _no_shape_images(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Plain backgrounds, noise and smooth blobs of colour: images that show no shape at all."""
-    out = np.empty((n, world.IMAGE_SIZE, world.IMAGE_SIZE, 3), dtype=np.uint8)
-    for i in range(n):
-        kind = i % 3
-        if kind == 0:
-            image = np.full((world.IMAGE_SIZE, world.IMAGE_SIZE, 3), rng.uniform(0.05, 0.7)) + rng.normal(0, 0.03, (world.IMAGE_SIZE, world.IMAGE_SIZE, 3))
-        elif kind == 1:
-            image = rng.uniform(0, 1, (world.IMAGE_SIZE, world.IMAGE_SIZE, 3))
-        else:
-            coarse = rng.uniform(0, 1, (4, 4, 3))
-            image = np.kron(coarse, np.ones((8, 8, 1)))
-        out[i] = np.clip(image * 255, 0, 255).astype(np.uint8)
-    return out
-
-
 def train_evaluator(out: Path, *, steps: int, seed: int, batch_size: int = 128) -> Evaluator:
     from diffusers import AutoencoderKL
-    from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -98,32 +33,26 @@ def train_evaluator(out: Path, *, steps: int, seed: int, batch_size: int = 128) 
     shape_of = np.array([world.SHAPES.index(s.shape) for s in scenes])
     colour_of = np.array([world.COLOURS.index(s.colour) for s in scenes])
     clean_px = to_pixels(clean)
-    roundtrip_px = _vae_roundtrip(vae, clean_px[:6000])
+    roundtrip_px = vae_roundtrip(vae, clean_px[:6000])
 
     scrambled_src, scrambled_scenes = world.sample(6000, seed + 2)
-    scrambled_px = to_pixels(_scrambled(scrambled_src, seed + 3))
-    scrambled_px = torch.cat([scrambled_px[:3000], _vae_roundtrip(vae, scrambled_px[3000:])])
+    scrambled_px = to_pixels(scrambled(scrambled_src, seed + 3))
+    scrambled_px = torch.cat([scrambled_px[:3000], vae_roundtrip(vae, scrambled_px[3000:])])
     scrambled_colour = np.array([world.COLOURS.index(s.colour) for s in scrambled_scenes])
-    blank_px = to_pixels(_no_shape_images(2000, rng))
+    blank_px = to_pixels(no_object_images(2000, rng, world.IMAGE_SIZE))
 
     pixels = torch.cat([clean_px, roundtrip_px, scrambled_px, blank_px])
     shape_y = torch.from_numpy(np.concatenate([shape_of, shape_of[:6000], np.full(8000, NONE)]))
     colour_y = torch.from_numpy(np.concatenate([colour_of, colour_of[:6000], scrambled_colour, np.full(2000, IGNORE)]))
 
-    net = ShapeColourNet()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    progress = tqdm(range(steps), desc="evaluator")
-    for _ in progress:
-        index = torch.from_numpy(rng.integers(0, len(pixels), batch_size))
-        shape_logits, colour_logits = net(_augment(pixels[index], generator))
-        loss = F.cross_entropy(shape_logits, shape_y[index]) + F.cross_entropy(
+    def loss_of(outputs, index):
+        shape_logits, colour_logits = outputs
+        return F.cross_entropy(shape_logits, shape_y[index]) + F.cross_entropy(
             colour_logits, colour_y[index], ignore_index=IGNORE)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        progress.set_postfix(loss=f"{loss.item():.3f}")
+
+    net = ShapeColourNet()
+    fit_classifier(net, pixels, loss_of, steps=steps, batch_size=batch_size, rng=rng, generator=generator,
+                   desc="evaluator")
 
     evaluator = Evaluator(net)
     evaluator.save(out / "evaluator")

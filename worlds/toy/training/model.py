@@ -1,13 +1,11 @@
 """Build-time training of the toy pipeline itself: tokenizer, VAE, denoiser (text encoder + UNet).
 
-`encode_dataset`, `training_batch` and `warmup_cosine` are shared with the ControlNet's training
-(`controlnet.py`), which trains on the same latents and prompts.
+`training_batch` is shared with the ControlNet's and the toy SDXL's training, which train on the same
+latents and prompts.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +14,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dt_lora.toy import world
-from dt_lora.toy.evaluator import to_pixels
 from worlds.toy.training import architecture
+from worlds.training import encode_dataset, train_world_vae, warmup_cosine, write_clip_bpe
 
-EXTRA_WORDS = "the with and on in background grey gray dark light big small one shape of".split()
+EXTRA_WORDS = ["the", "with", "and", "on", "in", "background", "grey", "gray", "dark", "light", "big", "small", "one", "shape", "of"]
 
 
 def _words() -> list[str]:
@@ -36,86 +34,13 @@ def _words() -> list[str]:
 
 
 def build_tokenizer(out: Path) -> None:
-    """A CLIP-format BPE (vocab.json + merges.txt) whose merges make each toy word one token.
-
-    The layout follows CLIP's: 256 byte symbols, the same with the end-of-word mark, the merges in
-    rank order, then the two special tokens, so `CLIPTokenizer` (slow or fast) loads it unchanged.
-    """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
-
-    byte_symbols = sorted(ByteLevel.alphabet(), key=ord)
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.normalizer = normalizers.Lowercase()
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=100_000, initial_alphabet=byte_symbols, end_of_word_suffix="</w>", show_progress=False
-    )
-    bpe.train_from_iterator([" ".join(_words())], trainer)
-    merges = json.loads(bpe.to_str())["model"]["merges"]
-
-    vocab: dict[str, int] = {}
-    for symbol in byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m) for m in merges]:
-        vocab.setdefault(symbol, len(vocab))
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    tokenizer = CLIPTokenizer.from_pretrained(out, model_max_length=architecture.TOKENIZER_MAX_LENGTH)
-    tokenizer.save_pretrained(out)
-    for word in _words():
-        pieces = tokenizer.tokenize(word)
-        if pieces != [word + "</w>"]:
-            raise RuntimeError(f"tokenizer splits toy word {word!r} into {pieces}")
+    """A CLIP-format BPE whose merges make each toy word one token."""
+    write_clip_bpe(out, [" ".join(_words())], vocab_size=100_000,
+                   model_max_length=architecture.TOKENIZER_MAX_LENGTH, whole_words=_words())
 
 
 def train_vae(out: Path, *, steps: int, batch_size: int, seed: int) -> None:
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    vae = architecture.make_vae()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.05)
-    progress = tqdm(range(steps), desc="vae")
-    for _ in progress:
-        scenes = [world.random_scene(rng) for _ in range(batch_size)]
-        x = to_pixels(np.stack([world.render(s, rng) for s in scenes]))
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        # L1 keeps edges sharp; a tiny KL keeps the latent scale bounded without blurring.
-        loss = F.l1_loss(recon, x) + 0.5 * F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        progress.set_postfix(loss=f"{loss.item():.4f}")
-
-    # SD convention: latents are multiplied by scaling_factor so that they have unit variance.
-    with torch.no_grad():
-        images, _ = world.sample(2048, seed + 1)
-        latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in to_pixels(images).split(256)])
-    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-    vae.save_pretrained(out / "vae")
-
-
-def encode_dataset(vae, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    means, stds = [], []
-    with torch.no_grad():
-        for chunk in to_pixels(images).split(512):
-            dist = vae.encode(chunk).latent_dist
-            means.append(dist.mean)
-            stds.append(dist.std)
-    return torch.cat(means), torch.cat(stds)
-
-
-def warmup_cosine(optimizer, *, warmup: int, steps: int):
-    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `steps`."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)),
-    )
+    train_world_vae(out, architecture.make_vae(), world, steps=steps, batch_size=batch_size, seed=seed)
 
 
 def training_batch(rng: np.random.Generator, latent_mean, latent_std, scale: float, scenes, tokenizer,

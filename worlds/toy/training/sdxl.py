@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from dt_lora.base.family import encode_ids, ids_for_encoders, unconditional_prompt
 from dt_lora.toy import world
 from worlds.toy.training import architecture
-from worlds.toy.training.model import encode_dataset, training_batch, warmup_cosine
+from worlds.toy.training.model import training_batch
+from worlds.training import encode_dataset, warmup_cosine
 
 
 def _pipeline(sd_dir: Path, text_encoder, text_encoder_2, unet):
