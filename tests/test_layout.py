@@ -24,7 +24,7 @@ STAGES = [
     ("recipe", ("dt_lora.recipe", "dt_lora.recipes")),
     ("data", ("dt_lora.data",)),
     ("adapter files", ("dt_lora.adapters",)),
-    ("worlds", ("dt_lora.toy",)),
+    ("worlds", ("dt_lora.toy", "dt_lora.canvas")),
     ("prompt search", ("dt_lora.search",)),
     ("shield training", ("dt_lora.shield",)),
     ("evaluation and red team", ("dt_lora.evaluate",)),

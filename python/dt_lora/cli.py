@@ -652,12 +652,26 @@ def add_recipes_command(subparsers: argparse._SubParsersAction) -> None:
         "trains one; `--path` prints where its files are, to copy and edit them.",
     )
     parser.add_argument("--path", action="store_true", help="also print each recipe's file")
+    parser.add_argument("--canvas-library", type=Path, default=None, metavar="FOLDER",
+                        help="instead, write the canvas world's recipes into FOLDER: one per character and per "
+                        "artist's style (`--concepts` picks some), each trainable with `dt-lora train FILE`")
+    parser.add_argument("--concepts", default=None, metavar="A,B,...",
+                        help="with --canvas-library: only these characters (Nimian) and styles (striped)")
     parser.set_defaults(run=run_recipes)
 
 
 def run_recipes(args: argparse.Namespace) -> int:
     from dt_lora.recipes import describe_recipes
 
+    if args.concepts is not None and args.canvas_library is None:
+        raise ValueError("--concepts picks concepts for --canvas-library; give the folder too")
+    if args.canvas_library is not None:
+        from dt_lora.canvas.recipes import write_library
+
+        concepts = [c.strip() for c in args.concepts.split(",")] if args.concepts else None
+        paths = write_library(args.canvas_library, concepts)  # an unknown or repeated concept: ValueError
+        print(f"wrote {len(paths)} recipes to {args.canvas_library}")
+        return 0
     print("\n".join(describe_recipes(with_paths=args.path)))
     return 0
 

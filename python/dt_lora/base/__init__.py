@@ -1,5 +1,5 @@
-"""Base models: `toy` (the embedded toy world; `toy-sdxl` its SDXL twin), a local diffusers folder, or a
-Hugging Face Hub id.
+"""Base models: `toy` (the embedded toy world; `toy-sdxl` its SDXL twin), `canvas` (the embedded world of
+characters and styles), a local diffusers folder, or a Hugging Face Hub id.
 
 Every command that takes `--base` loads it here, through the ordinary diffusers `from_pretrained` of the
 pipeline class that `model_index.json` names: `StableDiffusionPipeline` (SD 1.x and 2.x) or
@@ -20,6 +20,7 @@ from dt_lora.errors import UnsafeWeights, UserError
 
 TOY = "toy"
 TOY_SDXL = "toy-sdxl"  # the toy world's SDXL-architecture pipeline
+CANVAS = "canvas"  # 100 named characters, artists' styles and look-alikes (dt_lora.canvas)
 ALLOW_PICKLE_ENV = "DT_LORA_ALLOW_PICKLE"
 ALLOW_PICKLE_FLAG = "--allow-pickle"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -68,7 +69,7 @@ def _refuse_pickle_only_components(folder: Path, index: dict) -> None:
 def describe(base: str | os.PathLike) -> str:
     """A stable identifier for metadata: 'toy', a resolved local path, or the Hub id."""
     base = str(base)
-    if base in (TOY, TOY_SDXL):
+    if base in EMBEDDED_WORLDS:
         return base
     path = Path(base).expanduser()
     return str(path.resolve()) if path.exists() else base
@@ -99,10 +100,14 @@ def _pipeline_kwargs(pipeline_class) -> dict:
     return {"safety_checker": None} if pipeline_class.__name__ == "StableDiffusionPipeline" else {}
 
 
-# The worlds that ship inside the package (dt_lora.toy): their pipeline folders, by --base name. Named
-# by path, not imported: the worlds' own code sits above this module.
+# The worlds that ship inside the package (dt_lora.toy, dt_lora.canvas): their pipeline folders, by --base
+# name. Named by path, not imported: the worlds' own code sits above this module.
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
-EMBEDDED_WORLDS = {TOY: _PACKAGE_DIR / "toy" / "model", TOY_SDXL: _PACKAGE_DIR / "toy" / "model_sdxl"}
+EMBEDDED_WORLDS = {
+    TOY: _PACKAGE_DIR / "toy" / "model",
+    TOY_SDXL: _PACKAGE_DIR / "toy" / "model_sdxl",
+    CANVAS: _PACKAGE_DIR / "canvas" / "model",
+}
 
 
 def load_embedded(folder: str | os.PathLike, *, device: str = "cpu", dtype=None):
@@ -112,8 +117,9 @@ def load_embedded(folder: str | os.PathLike, *, device: str = "cpu", dtype=None)
 
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
+        world = folder.parent.name  # toy or canvas: the package folder that holds the model
         raise BaseModelNotFound(f"embedded model not found at {folder}: reinstall dt-lora, or rebuild it "
-                                f"from a checkout with `python -m worlds.toy.build --out {folder}`")
+                                f"from a checkout with `python -m worlds.{world}.build --out {folder}`")
     pipeline_class = pipeline_class_for(_model_index(folder).get("_class_name"), f"embedded model folder {folder}")
     pipeline = pipeline_class.from_pretrained(folder, dtype=dtype or torch.float32)
     pipeline.set_progress_bar_config(disable=True)

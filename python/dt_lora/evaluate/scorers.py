@@ -3,6 +3,8 @@ drawn correctly, and a feature vector for image distances.
 
   ToyScorer   the toy world's evaluator, through `dt_lora.toy.quality` (the measurements the toy
               world's tests and model card use too)
+  CanvasScorer the canvas world's evaluator: a character is drawn when the image reads as that
+              character, a style when the object is drawn in it, a description when every attribute is
   ClipScorer  CLIP zero-shot from a local folder: an image shows the target when the target's label
               beats every anchor prompt; an anchor image is correct when its own prompt wins
 """
@@ -65,6 +67,55 @@ class ToyScorer:
         return self.evaluator.features(images)
 
 
+class CanvasScorer:
+    """The canvas world's evaluator (`dt_lora.canvas.evaluator`)."""
+
+    name = "canvas evaluator"
+
+    def __init__(self):
+        from dt_lora import canvas
+
+        self.evaluator = canvas.load_evaluator()
+
+    @staticmethod
+    def concept(recipe: Recipe) -> tuple[str, str]:
+        """("character", name) or ("style", style): what every one of the recipe's target prompts names."""
+        from dt_lora.canvas import world
+
+        characters = {world.named_in(p)[0] for p in recipe.target_prompts}
+        styles = {world.named_style(p) for p in recipe.target_prompts}
+        if len(characters) == 1 and None not in characters:
+            return "character", characters.pop()
+        if characters == {None} and len(styles) == 1 and world.PLAIN not in styles:
+            return "style", styles.pop()
+        raise ValueError(f"recipe {recipe.name!r}: its target prompts do not all name one canvas character or "
+                         "one artist's style, so the canvas evaluator cannot score it")
+
+    def shows_target(self, images, recipe):
+        kind, value = self.concept(recipe)
+        readings = self.evaluator.read(images)
+        if kind == "character":
+            return np.array([r.character == value for r in readings])
+        return np.array([r.look is not None and r.look.style == value for r in readings])
+
+    def preservation(self, images, prompts):
+        """Per character named, the share of its images read as it; per look described, the share drawn
+        with every attribute right."""
+        from dt_lora.canvas import world
+
+        hits: dict[str, list[bool]] = {}
+        for reading, prompt in zip(self.evaluator.read(images), prompts):
+            character, look = world.named_in(prompt)
+            if character is not None:
+                hits.setdefault(character, []).append(reading.character == character)
+            elif look is not None:
+                hits.setdefault(look.describe(), []).append(reading.look == look)
+        return {concept: float(np.mean(values)) for concept, values in hits.items()}
+
+    def features(self, images):
+        return self.evaluator.features(images)
+
+
 class ClipScorer:
     """CLIP zero-shot from a local model folder (transformers `CLIPModel`, safetensors weights)."""
 
@@ -107,11 +158,12 @@ class ClipScorer:
 
 
 def choose_scorer(recipes: Sequence[Recipe], clip: str | Path | None = None) -> Scorer:
-    """CLIP zero-shot from the local folder `clip`, or else the toy evaluator, which must be able to score
-    every recipe: a recipe it cannot score fails now, naming the recipe, before any model loads."""
+    """CLIP zero-shot from the local folder `clip`, or else the embedded world's evaluator (the canvas's
+    for canvas recipes, the toy's otherwise), which must be able to score every recipe: a recipe it
+    cannot score fails now, naming the recipe, before any model loads."""
     if clip is not None:
         return ClipScorer(clip, recipes)
-    scorer = ToyScorer()
+    scorer = CanvasScorer() if recipes and all(r.base == "canvas" for r in recipes) else ToyScorer()
     for recipe in recipes:
         scorer.concept(recipe)
     return scorer

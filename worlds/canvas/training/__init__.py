@@ -1,0 +1,1 @@
+"""Build-time training of the canvas world: tokenizer, VAE, denoiser, evaluator and card."""
