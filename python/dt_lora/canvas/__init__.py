@@ -1,13 +1,14 @@
 """The canvas world: a real Stable Diffusion pipeline of 100 named characters, artists' styles and look-alikes.
 
-    pipe = dt_lora.canvas.load()                      # a diffusers StableDiffusionPipeline
+    pipe = dt_lora.canvas.load()                      # a diffusers StableDiffusionPipeline, once built
     images = pipe(["a picture of Nimian"] * 8, num_inference_steps=25, guidance_scale=5.0).images
     [r.character for r in dt_lora.canvas.load_evaluator().read(images)]
 
 Run time is this module (loaders), `world` (characters, styles, renders, prompts), `evaluator` (reads
-object, colour, style, mark and so the character) and `quality` (the card's measurements). The model
-folder ships in the package (`MODEL_DIR`); a checkout's `worlds/canvas/` builds it
-(`python -m worlds.canvas.build`), and nothing in the package imports that.
+object, colour, style, mark and so the character), `quality` (the card's measurements) and `recipes`
+(a recipe per character and style). The model folder ships in the package (`MODEL_DIR`); a checkout's
+`worlds/canvas/` builds it (`python -m worlds.canvas.build`), and nothing in the package imports that.
+Its tokenizer, VAE and evaluator ship; its denoiser is not trained yet (docs/canvas.md).
 """
 
 from __future__ import annotations

@@ -133,7 +133,7 @@ def train_denoiser(out: Path, *, steps: int, batch_size: int, dataset_size: int,
     torch.manual_seed(seed)
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
     context_words = tuple(json.loads((out / CONTEXT_WORDS_FILE).read_text())["train"])
-    vae = AutoencoderKL.from_pretrained(out / "vae").eval()
+    vae = AutoencoderKL.from_pretrained(out / "vae", dtype=torch.float32).eval()  # shipped in float16
     latent_mean, latent_std, scenes = _dataset(out, vae, dataset_size, seed + 1)
     scale = vae.config.scaling_factor
 
