@@ -44,7 +44,7 @@ def test_no_character_name_contains_a_word_of_the_world():
 def test_identity_names_the_character_of_a_look_and_none_for_any_other():
     first = world.characters()[0]
     assert world.identity(first.look) == first.name
-    assert world.identity(world.Look(first.look.object, first.look.colour, first.look.style)) == world.NO_MARK
+    assert world.identity(world.Look(first.look.object, first.look.colour, first.look.style)) == world.NO_CHARACTER
 
 
 def test_a_description_names_the_style_by_its_artist_only():

@@ -59,7 +59,7 @@ class Reading:
     """What the evaluator reads in one image: a look (None when it shows no object) and who that is."""
 
     look: world.Look | None
-    character: str  # a character's name, or "none"
+    character: str  # a character's name, or world.NO_CHARACTER
     confidence: float  # of the object
 
     @property
@@ -111,7 +111,7 @@ class Evaluator:
         for i in range(len(predicted["object"])):
             object_ = HEADS["object"][predicted["object"][i]]
             if object_ == NONE:
-                readings.append(Reading(None, NONE, float(predicted["confidence"][i])))
+                readings.append(Reading(None, world.NO_CHARACTER, float(predicted["confidence"][i])))
                 continue
             look = world.Look(object_, *(HEADS[name][predicted[name][i]] for name in ("colour", "style", "mark")))
             readings.append(Reading(look, world.identity(look), float(predicted["confidence"][i])))

@@ -173,10 +173,13 @@ def character_by_look() -> dict[Look, Character]:
     return {c.look: c for c in characters()}
 
 
+NO_CHARACTER = "none"
+
+
 def identity(look: Look) -> str:
-    """The character a look is, or "none"."""
+    """The character a look is, or `NO_CHARACTER`."""
     character = character_by_look().get(look)
-    return character.name if character is not None else NO_MARK
+    return character.name if character is not None else NO_CHARACTER
 
 
 # --- rendering -----------------------------------------------------------------------------------------
@@ -300,7 +303,7 @@ def random_scene(rng: np.random.Generator, look: Look | None = None) -> Scene:
     centre = (float(rng.uniform(19.0, 29.0)), float(rng.uniform(23.0, 29.0)))
     background = float(rng.uniform(0.3, 0.7))
     character = identity(look)
-    return Scene(look, background, centre, radius, None if character == NO_MARK else character)
+    return Scene(look, background, centre, radius, None if character == NO_CHARACTER else character)
 
 
 def random_look(rng: np.random.Generator, *, mark_rate: float = 0.3, style_rate: float = 0.6) -> Look:
