@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from dt_lora.canvas import world
+from dt_lora.canvas.quality import attribute_accuracy
 from dt_lora.toy.evaluator import to_pixels
 
 SEED = 4_000_000
@@ -27,13 +28,6 @@ def round_trip(vae, images: np.ndarray) -> np.ndarray:
         pixels = torch.cat([vae.decode(vae.encode(c).latent_dist.mean).sample.clamp(-1, 1)
                             for c in to_pixels(images).split(64)])
     return ((pixels + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-
-
-def readable(evaluator, images: np.ndarray, scenes) -> dict[str, float]:
-    readings = evaluator.read(images)
-    return {a: float(np.mean([r.look is not None and getattr(r.look, a) == getattr(s.look, a)
-                              for r, s in zip(readings, scenes)]))
-            for a in ("object", "colour", "style", "mark")}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,16 +42,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     images, scenes = world.sample(args.images, SEED, character_rate=0.5)
+    looks = [s.look for s in scenes]
     evaluator = Evaluator.load(args.evaluator) if args.evaluator else None
     if evaluator is not None:
-        print("renders:", readable(evaluator, images, scenes))
+        print("renders:", attribute_accuracy(evaluator.read(images), looks))
     for folder in args.vae:
         vae = AutoencoderKL.from_pretrained(folder).eval()
         decoded = round_trip(vae, images)
         error = float(np.abs(decoded.astype(int) - images).mean())
         print(f"{folder}: {vae.config.latent_channels} latent channels, mean abs error {error:.2f} / 255")
         if evaluator is not None:
-            print("  round trips:", readable(evaluator, decoded, scenes))
+            print("  round trips:", attribute_accuracy(evaluator.read(decoded), looks))
 
 
 if __name__ == "__main__":

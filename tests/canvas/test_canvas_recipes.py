@@ -13,7 +13,7 @@ from dt_lora.recipe import load_recipe
 def test_the_library_has_a_recipe_per_character_and_style_and_each_loads(tmp_path):
     paths = recipes.write_library(tmp_path)
     assert len(paths) == len(world.characters()) + len(world.STYLES)
-    assert not list(tmp_path.glob("*.partial"))
+    assert sorted(tmp_path.iterdir()) == sorted(paths)  # no temporary file left beside them
     for path in paths[::9]:
         recipe = load_recipe(path)
         assert recipe.base == "canvas" and recipe.resolution == world.IMAGE_SIZE

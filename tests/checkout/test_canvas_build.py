@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from dt_lora import canvas
 from dt_lora.canvas import world
-from dt_lora.canvas.quality import EVAL_SEED
+from dt_lora.canvas.quality import EVAL_SEED, attribute_accuracy
 from worlds.canvas.training import architecture
 from worlds.canvas.training import model as canvas_model
 from worlds.training import write_clip_bpe
@@ -56,10 +56,10 @@ def test_an_interrupted_denoiser_resumes_at_its_checkpoint_and_ends_where_an_unb
 def test_what_the_shipped_vae_decodes_still_reads_as_what_was_drawn():
     from diffusers import AutoencoderKL
 
-    from research.canvas_vae import readable, round_trip
+    from research.canvas_vae import round_trip
 
     evaluator = canvas.load_evaluator()
     vae = AutoencoderKL.from_pretrained(canvas.MODEL_DIR / "vae", dtype=torch.float32).eval()
     images, scenes = world.sample(128, EVAL_SEED + 8, character_rate=0.5)
-    scores = readable(evaluator, round_trip(vae, images), scenes)
+    scores = attribute_accuracy(evaluator.read(round_trip(vae, images)), [s.look for s in scenes])
     assert all(score >= 0.95 for score in scores.values()), scores

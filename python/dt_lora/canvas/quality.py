@@ -7,15 +7,17 @@ the evaluator itself on renders drawn with seeds the evaluator never trained on.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from dt_lora.base.generate import generate_images
 from dt_lora.canvas import world
-from dt_lora.canvas.evaluator import NONE, Evaluator
+from dt_lora.canvas.evaluator import NONE, Evaluator, Reading
 
 EVAL_SEED = 1_000_000
+ATTRIBUTES = ("object", "colour", "style", "mark")
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 5.0
 
@@ -74,15 +76,20 @@ def measure(pipeline, evaluator: Evaluator, *, per_character: int = 8, per_pair:
     for name in dict.fromkeys(names):
         quality.characters[name] = _share(r.character == name for r, n in zip(readings, names) if n == name)
     drawn = readings[len(prompts):]
-    for attribute in ("object", "colour", "style", "mark"):
-        quality.attributes[attribute] = _share(
-            r.look is not None and getattr(r.look, attribute) == getattr(look, attribute) for r, look in zip(drawn, looks))
+    quality.attributes = attribute_accuracy(drawn, looks)
     for object_ in world.OBJECTS:
         for style in (world.PLAIN,) + world.STYLES:
             quality.style_on_object[object_, style] = _share(
                 r.look is not None and r.look.object == object_ and r.look.style == style
                 for r, look in zip(drawn, looks) if (look.object, look.style) == (object_, style))
     return quality
+
+
+def attribute_accuracy(readings: Sequence[Reading], looks: Sequence[world.Look]) -> dict[str, float]:
+    """Per attribute, the share of readings that read it as the look it belongs with has it."""
+    return {attribute: _share(r.look is not None and getattr(r.look, attribute) == getattr(look, attribute)
+                              for r, look in zip(readings, looks))
+            for attribute in ATTRIBUTES}
 
 
 def read_renders(evaluator: Evaluator, count: int = 2000, seed: int = EVAL_SEED) -> dict[str, float]:
@@ -92,9 +99,7 @@ def read_renders(evaluator: Evaluator, count: int = 2000, seed: int = EVAL_SEED)
 
     images, scenes = world.sample(count, seed, character_rate=0.3)
     readings = evaluator.read(images)
-    scores = {attribute: _share(r.look is not None and getattr(r.look, attribute) == getattr(s.look, attribute)
-                                for r, s in zip(readings, scenes))
-              for attribute in ("object", "colour", "style", "mark")}
+    scores = attribute_accuracy(readings, [s.look for s in scenes])
     scores["character"] = _share(r.character == s.character for r, s in zip(readings, scenes) if s.character)
     soup = evaluator.read(scramble_grid(images, 4, seed, layout="NHWC"))
     scores["scrambled none"] = _share(r.object == NONE for r in soup)

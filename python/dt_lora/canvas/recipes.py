@@ -11,10 +11,11 @@ held-out character templates: `dt-lora eval` measures them, training never sees 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from dt_lora.base import CANVAS
 from dt_lora.canvas import world
+from dt_lora.io import atomic_write
 
 OTHER_CHARACTERS = 12  # characters outside the group among a character's anchors
 TARGET_IMAGES = 128
@@ -28,14 +29,13 @@ def recipe_name(concept: str) -> str:
     return f"canvas-{concept.lower()}"
 
 
-def _table(name: str, target_templates, subject: str, paraphrases, anchors: list[str]) -> dict:
+def _table(name: str, target_templates, subject: str, paraphrases: list[str], anchors: list[str]) -> dict:
     return {
         "name": name,
-        "base": "canvas",
+        "base": CANVAS,
         "resolution": world.IMAGE_SIZE,
         "target": {"templates": list(target_templates), "vars": {"subject": [subject]},
-                   "paraphrases": [t.format(name=subject, look=subject) for t in paraphrases],
-                   "images": TARGET_IMAGES},
+                   "paraphrases": paraphrases, "images": TARGET_IMAGES},
         "anchors": {"prompts": list(dict.fromkeys(anchors)), "images": ANCHOR_IMAGES},
     }
 
@@ -57,7 +57,8 @@ def character_recipe(name: str) -> dict:
     anchors += [world.character_prompt(c.name, world.CHARACTER_TEMPLATES[1]) for c in others]
     anchors += [world.description_prompt(x) for x in near_looks + [c.look for c in neighbours]]
     templates = [t.replace("{name}", "{subject}") for t in world.CHARACTER_TEMPLATES]
-    return _table(recipe_name(name), templates, name, world.CHARACTER_HELDOUT_TEMPLATES, anchors)
+    paraphrases = [world.character_prompt(name, t) for t in world.CHARACTER_HELDOUT_TEMPLATES]
+    return _table(recipe_name(name), templates, name, paraphrases, anchors)
 
 
 def style_recipe(style: str) -> dict:
@@ -68,15 +69,14 @@ def style_recipe(style: str) -> dict:
     objects = world.OBJECTS[::2]
     templates = [f"a {{colour}} {o} in the style of {{subject}}" for o in objects[:3]]
     templates += ["a picture in the style of {subject}", "a drawing of a {colour} " + objects[3] + " in the style of {subject}"]
-    table = _table(recipe_name(style), templates, artist, (), [])
-    table["target"]["vars"]["colour"] = list(world.COLOURS[::2])
-    table["target"]["paraphrases"] = [f"{world.Look(o, c).describe()} painted by {artist}"
-                                      for o, c in zip(world.OBJECTS[1::3], world.COLOURS[1::2])]
+    paraphrases = [f"{world.Look(o, c).describe()} painted by {artist}"
+                   for o, c in zip(world.OBJECTS[1::3], world.COLOURS[1::2])]
     other_styles = [s for s in world.STYLES if s != style]
     anchors = [world.description_prompt(world.Look(o, world.COLOURS[k % 8], s))
                for k, (o, s) in enumerate(zip(world.OBJECTS * 2, other_styles * 3))]
     anchors += [world.description_prompt(world.Look(o, world.COLOURS[(k + 3) % 8])) for k, o in enumerate(world.OBJECTS)]
-    table["anchors"]["prompts"] = list(dict.fromkeys(anchors))
+    table = _table(recipe_name(style), templates, artist, paraphrases, anchors)
+    table["target"]["vars"]["colour"] = list(world.COLOURS[::2])
     return table
 
 
@@ -127,8 +127,7 @@ def write_library(folder: str | Path, concepts: list[str] | None = None) -> list
     paths = []
     for name, table in tables.items():
         path = folder / f"{name}.toml"
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(f"# Made by dt_lora.canvas.recipes from the canvas world.\n{to_toml(table)}")
-        os.replace(partial, path)
+        with atomic_write(path, "w") as f:
+            f.write(f"# Made by dt_lora.canvas.recipes from the canvas world.\n{to_toml(table)}")
         paths.append(path)
     return paths

@@ -5,17 +5,20 @@ drawn correctly, and a feature vector for image distances.
               world's tests and model card use too)
   CanvasScorer the canvas world's evaluator: a character is drawn when the image reads as that
               character, a style when the object is drawn in it, a description when every attribute is
+              right
   ClipScorer  CLIP zero-shot from a local folder: an image shows the target when the target's label
               beats every anchor prompt; an anchor image is correct when its own prompt wins
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
+from dt_lora.base import CANVAS
 from dt_lora.recipe import Recipe
 
 
@@ -163,7 +166,7 @@ def choose_scorer(recipes: Sequence[Recipe], clip: str | Path | None = None) -> 
     cannot score fails now, naming the recipe, before any model loads."""
     if clip is not None:
         return ClipScorer(clip, recipes)
-    scorer = CanvasScorer() if recipes and all(r.base == "canvas" for r in recipes) else ToyScorer()
+    scorer = CanvasScorer() if recipes and all(r.base == CANVAS for r in recipes) else ToyScorer()
     for recipe in recipes:
         scorer.concept(recipe)
     return scorer

@@ -10,7 +10,6 @@ at any checkpoint is finished, and a build can be taken further later by asking 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dt_lora.canvas import world
+from dt_lora.io import atomic_write
+from dt_lora.tensorfiles import write_safetensors
 from worlds.canvas.training import architecture
 from worlds.training import encode_dataset, train_world_vae, write_clip_bpe
 
@@ -66,19 +67,16 @@ def train_vae(out: Path, *, steps: int, batch_size: int, seed: int) -> None:
 
 def _dataset(out: Path, vae, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[world.Scene]]:
     """The training set's latents (posterior mean and std) and scenes, encoded once and kept in out/build."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     folder = out / "build"
     latents_file, scenes_file = folder / f"dataset-{size}-{seed}.safetensors", folder / f"dataset-{size}-{seed}.json"
     if not (latents_file.is_file() and scenes_file.is_file()):
         images, scenes = world.sample(size, seed, character_rate=0.4)
         mean, std = encode_dataset(vae, images)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(latents_file) + ".tmp")
-        os.replace(str(latents_file) + ".tmp", latents_file)
-        records = [{"look": s.look.__dict__, "character": s.character} for s in scenes]
-        scenes_file.with_suffix(".tmp").write_text(json.dumps(records))
-        os.replace(scenes_file.with_suffix(".tmp"), scenes_file)
+        write_safetensors(latents_file, {"mean": mean, "std": std})
+        with atomic_write(scenes_file, "w") as f:
+            json.dump([{"look": s.look.__dict__, "character": s.character} for s in scenes], f)
     tensors = load_file(latents_file)
     scenes = [world.Scene(world.Look(**r["look"]), 0.0, (0.0, 0.0), 0.0, r["character"])
               for r in json.loads(scenes_file.read_text())]
