@@ -657,6 +657,7 @@ def add_recipes_command(subparsers: argparse._SubParsersAction) -> None:
                         "artist's style (`--concepts` picks some), each trainable with `dt-lora train FILE`")
     parser.add_argument("--concepts", default=None, metavar="A,B,...",
                         help="with --canvas-library: only these characters (Nimian) and styles (striped)")
+    _add_overwrite_argument(parser)
     parser.set_defaults(run=run_recipes)
 
 
@@ -669,7 +670,8 @@ def run_recipes(args: argparse.Namespace) -> int:
         from dt_lora.canvas.recipes import write_library
 
         concepts = [c.strip() for c in args.concepts.split(",")] if args.concepts else None
-        paths = write_library(args.canvas_library, concepts)  # an unknown or repeated concept: ValueError
+        # an unknown or repeated concept: ValueError; a file in the way: OutputInTheWay
+        paths = write_library(args.canvas_library, concepts, overwrite=args.overwrite)
         print(f"wrote {len(paths)} recipes to {args.canvas_library}")
         return 0
     print("\n".join(describe_recipes(with_paths=args.path)))

@@ -13,7 +13,8 @@ from dt_lora.recipe import load_recipe
 def test_the_library_has_a_recipe_per_character_and_style_and_each_loads(tmp_path):
     paths = recipes.write_library(tmp_path)
     assert len(paths) == len(world.characters()) + len(world.STYLES)
-    assert sorted(tmp_path.iterdir()) == sorted(paths)  # no temporary file left beside them
+    # beside them only the list of what dt-lora wrote, no temporary file
+    assert sorted(tmp_path.iterdir()) == sorted(paths + [tmp_path / "dt_lora.json"])
     for path in paths[::9]:
         recipe = load_recipe(path)
         assert recipe.base == "canvas" and recipe.resolution == world.IMAGE_SIZE
@@ -57,7 +58,8 @@ def test_a_library_with_an_unknown_or_repeated_concept_is_refused_before_anythin
 
 def test_the_command_writes_the_concepts_asked_for(tmp_path, capsys):
     assert cli.main(["recipes", "--canvas-library", str(tmp_path), "--concepts", "Nimian,striped"]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["canvas-nimian.toml", "canvas-style-orla-venn.toml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["canvas-nimian.toml", "canvas-style-orla-venn.toml",
+                                                          "dt_lora.json"]
 
 
 class _ReadsAs:
@@ -98,3 +100,20 @@ def test_canvas_recipes_are_scored_by_the_canvas_evaluator_and_refused_when_they
     mixed.write_text('name = "mixed"\nbase = "canvas"\n[target]\nprompts = ["Nimian", "Rufano"]\n[anchors]\nprompts = ["a red circle"]\n')
     with pytest.raises(ValueError, match="do not all name one canvas character"):
         CanvasScorer.concept(load_recipe(mixed))
+
+
+def test_a_recipe_the_user_wrote_is_never_replaced_and_the_librarys_own_only_with_overwrite(tmp_path, capsys):
+    args = ["recipes", "--canvas-library", str(tmp_path), "--concepts", "Nimian"]
+    mine = tmp_path / "canvas-nimian.toml"
+    mine.write_text("# my edits\n")
+    assert cli.main(args + ["--overwrite"]) == 2
+    assert "was not written by dt-lora" in capsys.readouterr().err
+    assert mine.read_text() == "# my edits\n"
+
+    mine.unlink()
+    assert cli.main(args) == 0
+    assert cli.main(args) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    mine.write_text(mine.read_text() + "# changed by the library's next run\n")
+    assert cli.main(args + ["--overwrite"]) == 0
+    assert "changed by" not in mine.read_text() and load_recipe(mine).name == "canvas-nimian"

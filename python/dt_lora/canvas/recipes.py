@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dt_lora.base import CANVAS
 from dt_lora.canvas import world
-from dt_lora.io import atomic_write
+from dt_lora.io import atomic_write, claim_output_files, record_output_files
 
 OTHER_CHARACTERS = 12  # characters outside the group among a character's anchors
 TARGET_IMAGES = 128
@@ -119,15 +119,19 @@ def library(concepts: list[str] | None = None) -> dict[str, dict]:
     return {recipe_name(c): style_recipe(c) if c in world.ARTISTS else character_recipe(c) for c in concepts}
 
 
-def write_library(folder: str | Path, concepts: list[str] | None = None) -> list[Path]:
-    """Write each recipe of `library(concepts)` to folder/NAME.toml (atomically); returns the paths."""
+def write_library(folder: str | Path, concepts: list[str] | None = None, *, overwrite: bool = False) -> list[Path]:
+    """Write each recipe of `library(concepts)` to folder/NAME.toml (atomically); returns the paths.
+
+    A file of that name is replaced only with `overwrite`, and only if dt-lora wrote it there (the
+    folder's `dt_lora.json` lists it): a recipe the user edited is never lost.
+    """
     tables = library(concepts)  # refuses a bad list before the folder is made
+    names = [f"{name}.toml" for name in tables]
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, table in tables.items():
-        path = folder / f"{name}.toml"
-        with atomic_write(path, "w") as f:
-            f.write(f"# Made by dt_lora.canvas.recipes from the canvas world.\n{to_toml(table)}")
-        paths.append(path)
-    return paths
+    with claim_output_files(folder, names, overwrite):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, table in zip(names, tables.values()):
+            with atomic_write(folder / name, "w") as f:
+                f.write(f"# Made by dt_lora.canvas.recipes from the canvas world.\n{to_toml(table)}")
+        record_output_files(folder, names, "recipes --canvas-library")
+    return [folder / name for name in names]
