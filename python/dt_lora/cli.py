@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dt_lora._version import __version__
 from dt_lora.base.generate import MAX_SEED
-from dt_lora.errors import EXIT_INTERRUPTED, EXIT_USER, exit_code, one_line
+from dt_lora.errors import EXIT_INTERRUPTED, EXIT_USER, UserError, exit_code, one_line
 from dt_lora.recipes import adapter_path
 
 EXIT_USAGE = EXIT_USER  # same code argparse uses for bad arguments
@@ -231,9 +231,17 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
             "the processes and trains data-parallel (effective batch N × train.batch_size)."
         ),
     )
-    parser.add_argument("recipe", type=Path, nargs="?", metavar="RECIPE",
-                        help="concept recipe (.toml), or a shipped recipe's name (`dt-lora recipes`)")
-    parser.add_argument("-o", "--out", type=Path, help="adapter file (default: <recipe folder>/<name>.safetensors)")
+    concepts = parser.add_mutually_exclusive_group()
+    concepts.add_argument("recipe", type=Path, nargs="?", metavar="RECIPE",
+                          help="concept recipe (.toml), or a shipped recipe's name (`dt-lora recipes`)")
+    concepts.add_argument("--library", type=Path, metavar="FOLDER",
+                          help="train every recipe (*.toml) in FOLDER, the base loaded once, one line per concept; "
+                          "then merge them exactly into <out>/merged.safetensors (e.g. `dt-lora recipes "
+                          "--canvas-library FOLDER`). The recipe flags below apply to each")
+    parser.add_argument("-o", "--out", type=Path, help="adapter file (default: <recipe folder>/<name>.safetensors); "
+                        "with --library, the adapters' folder (default: FOLDER)")
+    parser.add_argument("--bake", type=Path, metavar="MODEL_DIR",
+                        help="with --library: also bake every shield into the base's weights, a diffusers folder")
     parser.add_argument("--cache-dir", type=Path, default=Path(".dt-lora-cache"),
                         help="where generated data and latents are cached (default: .dt-lora-cache)")
     _add_overwrite_argument(parser)
@@ -253,6 +261,10 @@ def run_train(args: argparse.Namespace) -> int:
     from dt_lora.shield.train import TrainingDiverged, train_adapter
 
     overrides = {k[len("set:"):]: v for k, v in vars(args).items() if k.startswith("set:") and v is not None}
+    if args.library is not None:
+        return _run_train_library(args, overrides)
+    if args.bake is not None:
+        raise UserError("--bake goes with --library; bake one adapter with `dt-lora bake`")
     recipe = load_recipe(recipe_path(args.recipe) if args.recipe else None, overrides)
     out = args.out or (args.recipe.parent if args.recipe else Path(".")) / f"{recipe.name}.safetensors"
     try:
@@ -267,6 +279,29 @@ def run_train(args: argparse.Namespace) -> int:
     if distributed.is_main():  # the one process that wrote it
         print(f"wrote {result.adapter} ({result.steps} steps, {result.seconds:.0f} s"
               + (f", resumed from step {result.resumed_from}" if result.resumed_from else "") + ")")
+    return 0
+
+
+def _run_train_library(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from dt_lora import distributed
+    from dt_lora.recipe import load_recipe
+    from dt_lora.shield.library import train_library
+
+    if not args.library.is_dir():
+        raise UserError(f"{args.library}: no such folder of recipes")
+    paths = sorted(args.library.glob("*.toml"))
+    if not paths:
+        raise UserError(f"{args.library}: no recipes (*.toml) in this folder")
+    recipes = [load_recipe(path, overrides) for path in paths]
+    try:
+        result = train_library(recipes, args.out or args.library, cache_dir=args.cache_dir, bake_to=args.bake,
+                               overwrite=args.overwrite, log=(lambda line: None) if args.quiet else None)
+    except KeyboardInterrupt:
+        print("dt-lora train: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    if distributed.is_main():
+        print(f"library: {len(result.trained)} trained, {len(result.kept)} kept, {result.seconds:.0f} s; "
+              f"merged {result.merged}" + (f", baked {result.baked}" if result.baked else ""))
     return 0
 
 

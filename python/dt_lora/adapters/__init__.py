@@ -73,7 +73,7 @@ class AdapterFile:
     def from_training(cls, weights: dict[str, torch.Tensor], *, recipe, base: str, base_fingerprint: str,
                       version: str, seconds: float, processes: int = 1, family: str = "sd1",
                       text_encoders: dict[str, AdapterFile] | None = None,
-                      guard_seconds: float = 0.0) -> "AdapterFile":
+                      guard_seconds: float = 0.0, recipe_fingerprint: str | None = None) -> "AdapterFile":
         from peft import LoraConfig
 
         config = LoraConfig(r=recipe.lora.rank, lora_alpha=recipe.lora.alpha,
@@ -98,6 +98,7 @@ class AdapterFile:
             "sampling": {"steps": recipe.sampling.steps, "guidance": recipe.sampling.guidance},
             **({"guard": {**vars(recipe.guard), "training_seconds": round(guard_seconds, 1)}}
                if text_encoders else {}),
+            "recipe_fingerprint": recipe_fingerprint or recipe.fingerprint(),  # the recipe as the user wrote it
             "base": base,
             "family": family,
             "base_fingerprint": base_fingerprint,

@@ -31,6 +31,10 @@ CONTEXT_WORDS = 6  # at most, so that a toy prompt (≤ 6 words) and its context
 # locality (toy world, research/): an option, not the default.
 TARGET_RESPONSE_FLOOR = 6.0
 LOWEST_TARGET_STRENGTH = 0.1  # a guard for concepts that answer very strongly: B would have to be huge
+LONE_WORD_PROMPTS = 64  # random prompts per key word, to hear whether the shield answers it alone
+# A key word whose prompts without the concept's other words answer the shield at this share of what the
+# concept's own prompts do is a concept of its own to the shield: those prompts will change too.
+LONE_WORD_WARNING = 0.5
 
 
 def concept_words(target_prompts: list[str], anchor_prompts: list[str]) -> set[str]:
@@ -104,6 +108,47 @@ def weakest_target_strength(directions: torch.Tensor, target_embeds: torch.Tenso
     x = target_embeds.reshape(-1, target_embeds.shape[-1]).double()
     rms = (x @ directions.double().T).pow(2).mean().sqrt().item()
     return min(1.0, max(LOWEST_TARGET_STRENGTH, TARGET_RESPONSE_FLOOR / rms))
+
+
+def _peak_response(embeds: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """Each prompt's strongest answer to `directions`: the norm of (N, L, D) @ directionsᵀ at its loudest token."""
+    return (embeds.float() @ directions.float().T).norm(dim=-1).amax(dim=1)
+
+
+def lone_word_responses(pipeline, recipe, directions: torch.Tensor, target_embeds: torch.Tensor) -> dict[str, float]:
+    """The shield's key words (`concept_words`) and, for each when there are several, how strongly prompts
+    that use it and none of the others answer `directions`, as a share of the target's prompts' answer.
+
+    A shield of "a blue square" whose anchors name no other blue thing keys on "blue" as much as on
+    "square": it then changes every blue thing. Its key words are the user's to see before training."""
+    from dt_lora.base.family import encode_prompts
+
+    words = sorted(concept_words(recipe.target_prompts, recipe.anchor_prompts))
+    if len(words) < 2:
+        return dict.fromkeys(words, 1.0)  # the one word is the concept
+    target = _peak_response(target_embeds, directions).mean().item()
+    contexts = generic_prompts(pipeline.tokenizer, set(words), count=LONE_WORD_PROMPTS, seed=CONTEXT_SEED)
+    rng = random.Random(CONTEXT_SEED)
+    shares = {}
+    for word in words:
+        prompts = []
+        for context in contexts:
+            tokens = context.split()
+            tokens.insert(rng.randint(0, len(tokens)), word)
+            prompts.append(" ".join(tokens))
+        shares[word] = _peak_response(encode_prompts(pipeline, prompts).embeds, directions).mean().item() / target
+    return shares
+
+
+def describe_key_words(recipe, shares: dict[str, float]) -> tuple[str, list[str]]:
+    """The line that says what `recipe`'s shield keys on, and a warning for each word it answers alone."""
+    line = (f"{recipe.name}: the shield keys on {', '.join(repr(w) for w in shares) or 'no word of its own'} "
+            "(the target's words that no anchor uses)")
+    warnings = [f"{recipe.name}: prompts with {word!r} and none of the concept's other words answer the shield at "
+                f"{share:.2f} × the concept's own prompts, so the shield will change them too; add anchors that "
+                f"use {word!r} without the concept" for word, share in shares.items()
+                if len(shares) > 1 and share >= LONE_WORD_WARNING]
+    return line, warnings
 
 
 def _direction_prompts(pipeline, recipe) -> tuple[list[str], list[str]]:

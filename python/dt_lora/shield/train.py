@@ -55,7 +55,9 @@ from dt_lora.shield.checkpoint import (
     unusable_tensor,
 )
 from dt_lora.shield.locality import (
+    describe_key_words,
     encode_direction_prompts,
+    lone_word_responses,
     pooled_directions,
     prompts_in_context,
     shield_directions,
@@ -180,6 +182,8 @@ def _train_adapter(recipe: Recipe, out: Path, work: Path, cache_dir, pipeline, p
                    stop_after: int | None) -> TrainResult:
     from accelerate import Accelerator
 
+    recipe_fingerprint = recipe.fingerprint()  # the recipe as written: training resolves some of its settings
+
     device = distributed.state().device
     if recipe.train.mixed_precision == "fp16" and device.type != "cuda":
         # float16 autocast is CUDA's: elsewhere the UNet would be cast to float16 and its float32 inputs refused
@@ -202,11 +206,12 @@ def _train_adapter(recipe: Recipe, out: Path, work: Path, cache_dir, pipeline, p
 
         def train_round(round_recipe: Recipe, round_out: Path, round_work: Path) -> TrainResult:
             return _train_single(round_recipe, round_out, round_work, accelerator, pipeline, cache_dir, progress,
-                                 None, guard)
+                                 None, guard, recipe_fingerprint)
 
         result = train_adversarial(recipe, out, work, pipeline=pipeline, train_round=train_round, progress=progress)
     else:
-        result = _train_single(recipe, out, work, accelerator, pipeline, cache_dir, progress, stop_after, guard)
+        result = _train_single(recipe, out, work, accelerator, pipeline, cache_dir, progress, stop_after, guard,
+                               recipe_fingerprint)
     if result.adapter is not None and distributed.is_main():  # the adapter holds the guard now
         (work / GUARD_FILE).unlink(missing_ok=True)
         remove_if_empty(work)
@@ -260,7 +265,7 @@ def _guard(recipe: Recipe, stacked_with: list[Recipe], pipeline, work: Path, pro
 
 
 def _train_single(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, cache_dir, progress: bool,
-                  stop_after: int | None, guard: TrainedGuard | None = None) -> TrainResult:
+                  stop_after: int | None, guard: TrainedGuard | None, recipe_fingerprint: str) -> TrainResult:
     """One training run of `recipe` on `pipeline`: data, adapter, steps, file."""
     from peft import LoraConfig
 
@@ -286,6 +291,12 @@ def _train_single(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, 
     if recipe.lora.text_local:
         encoded = encode_direction_prompts(pipeline, recipe)
         directions = shield_directions(pipeline, recipe, encoded)
+        if accelerator.is_main_process:
+            line, warnings = describe_key_words(recipe, lone_word_responses(pipeline, recipe, directions,
+                                                                             encoded[0].embeds))
+            print(f"[dt-lora] {line}", file=sys.stderr, flush=True)
+            for warning in warnings:
+                print(f"[dt-lora] warning: {warning}", file=sys.stderr, flush=True)
         if POOLED_TARGET in recipe.lora.targets and family(pipeline) == SDXL:
             pooled = pooled_directions(pipeline, recipe, unet.add_embedding.linear_1.in_features, encoded)
     if recipe.train.target_scale_min is None:  # "auto": per concept, from its directions (recipe.py)
@@ -312,7 +323,7 @@ def _train_single(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, 
     base_dtype = unet.dtype
     try:
         return _train(recipe, out, checkpoint, resume, accelerator, pipeline, data, fingerprint, progress,
-                      stop_after, started, guard)
+                      stop_after, started, guard, recipe_fingerprint)
     finally:
         # leave the caller's pipeline as it was: no adapter, original dtype, eval mode
         unet.delete_adapters(ADAPTER_NAME)
@@ -355,7 +366,7 @@ def _fix_lora_a(unet, directions: torch.Tensor, pooled: torch.Tensor | None = No
 
 def _train(recipe: Recipe, out: Path, checkpoint: Checkpoint, resume: ResumeState | None, accelerator,
            pipeline, data: ConceptData | None, fingerprint: str, progress: bool, stop_after: int | None,
-           started: float, guard: TrainedGuard | None = None) -> TrainResult:
+           started: float, guard: TrainedGuard | None, recipe_fingerprint: str) -> TrainResult:
     from peft.utils import get_peft_model_state_dict
 
     unet, optimizer, ctx = _prepare(recipe, checkpoint, resume, accelerator, pipeline, data, progress)
@@ -381,7 +392,8 @@ def _train(recipe: Recipe, out: Path, checkpoint: Checkpoint, resume: ResumeStat
                 get_peft_model_state_dict(ctx.base_unet, adapter_name=ADAPTER_NAME), recipe=recipe,
                 base=describe(recipe.base), base_fingerprint=fingerprint, version=__version__, seconds=seconds,
                 processes=accelerator.num_processes, family=family(pipeline),
-                text_encoders=guard.parts if guard else None, guard_seconds=guard.seconds if guard else 0.0)
+                text_encoders=guard.parts if guard else None, guard_seconds=guard.seconds if guard else 0.0,
+                recipe_fingerprint=recipe_fingerprint)
             _write_trained(adapter, out, checkpoint, lambda: save_checkpoint(recipe.train.steps, loss_value))
         accelerator.wait_for_everyone()  # every process returns once the adapter is on disk
         return TrainResult(out, recipe.train.steps, seconds, loss_value, start_step)
