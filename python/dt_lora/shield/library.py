@@ -122,15 +122,22 @@ def train_library(
         pipeline = load_pipeline(recipes[0].base, device=str(distributed.state().device))
         fingerprint = unet_fingerprint(pipeline.unet)
         done = [_finished(path, recipe, fingerprint) for path, recipe in zip(adapters, recipes)]
+        refusal = None
         if distributed.is_main():  # every refusal before the first concept trains
-            for path, finished in zip(adapters, done):
-                if not finished:
-                    check_output(path, overwrite, kind="adapter")
-            check_output(merged_path, True, kind="adapter")  # the library's own file: a dt-lora adapter
-            if bake_to is not None and not (all(done) and _baked_concepts(bake_to) == _stacked_concepts(adapters)):
-                check_output(bake_to, overwrite, kind="model")
-            out.mkdir(parents=True, exist_ok=True)
-            check_writable(merged_path)
+            try:
+                for path, finished in zip(adapters, done):
+                    if not finished:
+                        check_output(path, overwrite, kind="adapter")
+                check_output(merged_path, True, kind="adapter")  # the library's own file: a dt-lora adapter
+                if bake_to is not None and not (all(done) and _baked_concepts(bake_to) == _stacked_concepts(adapters)):
+                    check_output(bake_to, overwrite, kind="model")
+                out.mkdir(parents=True, exist_ok=True)
+                check_writable(merged_path)
+            except (UserError, OSError) as error:
+                refusal = error
+        # every process learns of a refusal, so that none goes on to train alone (train._claimed does the same)
+        if any(distributed.gather([(distributed.state().process_index, refusal is not None)])):
+            raise refusal or UserError(f"{out}: refused by the main process (its message says why)")
 
         result = LibraryResult(adapters, merged_path, bake_to)
         counter_width = len(str(len(recipes)))

@@ -16,6 +16,7 @@ first direction; research/).
 from __future__ import annotations
 
 import random
+import re
 
 import torch
 
@@ -39,8 +40,12 @@ LONE_WORD_WARNING = 0.5
 
 def concept_words(target_prompts: list[str], anchor_prompts: list[str]) -> set[str]:
     """Words of the target's prompts that no anchor uses: what makes a prompt the concept's."""
-    anchor_words = {w for prompt in anchor_prompts for w in prompt.lower().split()}
-    return {w for prompt in target_prompts for w in prompt.lower().split()} - anchor_words
+    anchor_words = {w for prompt in anchor_prompts for w in _words(prompt)}
+    return {w for prompt in target_prompts for w in _words(prompt)} - anchor_words
+
+
+def _words(prompt: str) -> list[str]:
+    return re.findall(r"[\w']+", prompt.lower())
 
 
 def vocabulary_words(tokenizer, exclude: set[str]) -> list[str]:
@@ -115,22 +120,26 @@ def _peak_response(embeds: torch.Tensor, directions: torch.Tensor) -> torch.Tens
     return (embeds.float() @ directions.float().T).norm(dim=-1).amax(dim=1)
 
 
-def lone_word_responses(pipeline, recipe, directions: torch.Tensor, target_embeds: torch.Tensor) -> dict[str, float]:
-    """The shield's key words (`concept_words`) and, for each when there are several, how strongly prompts
-    that use it and none of the others answer `directions`, as a share of the target's prompts' answer.
+def lone_word_responses(pipeline, recipe, directions: torch.Tensor,
+                        target_embeds: torch.Tensor) -> dict[str, float | None]:
+    """The shield's key words (`concept_words`) and, for each ordinary word among them when there are
+    several, how strongly prompts that use it and none of the others answer `directions`, as a share of
+    the target's prompts' answer. Ordinary: a whole word of the tokenizer's vocabulary, which BPE keeps
+    for frequent words ("van" of "Van Gogh"); a rare name it cuts into pieces is nobody else's and gets None.
 
     A shield of "a blue square" whose anchors name no other blue thing keys on "blue" as much as on
-    "square": it then changes every blue thing. Its key words are the user's to see before training."""
+    "square", and then changes every blue thing: its key words are the user's to see before training."""
     from dt_lora.base.family import encode_prompts
 
     words = sorted(concept_words(recipe.target_prompts, recipe.anchor_prompts))
-    if len(words) < 2:
-        return dict.fromkeys(words, 1.0)  # the one word is the concept
+    ordinary = set(vocabulary_words(pipeline.tokenizer, set())) if len(words) > 1 else set()
+    shares: dict[str, float | None] = dict.fromkeys(words)
+    if not ordinary & set(words):
+        return shares
     target = _peak_response(target_embeds, directions).mean().item()
     contexts = generic_prompts(pipeline.tokenizer, set(words), count=LONE_WORD_PROMPTS, seed=CONTEXT_SEED)
     rng = random.Random(CONTEXT_SEED)
-    shares = {}
-    for word in words:
+    for word in sorted(ordinary & set(words)):
         prompts = []
         for context in contexts:
             tokens = context.split()
@@ -140,14 +149,14 @@ def lone_word_responses(pipeline, recipe, directions: torch.Tensor, target_embed
     return shares
 
 
-def describe_key_words(recipe, shares: dict[str, float]) -> tuple[str, list[str]]:
-    """The line that says what `recipe`'s shield keys on, and a warning for each word it answers alone."""
+def describe_key_words(recipe, shares: dict[str, float | None]) -> tuple[str, list[str]]:
+    """The line that says what `recipe`'s shield keys on, and a warning for each ordinary word it answers alone."""
     line = (f"{recipe.name}: the shield keys on {', '.join(repr(w) for w in shares) or 'no word of its own'} "
             "(the target's words that no anchor uses)")
     warnings = [f"{recipe.name}: prompts with {word!r} and none of the concept's other words answer the shield at "
                 f"{share:.2f} × the concept's own prompts, so the shield will change them too; add anchors that "
                 f"use {word!r} without the concept" for word, share in shares.items()
-                if len(shares) > 1 and share >= LONE_WORD_WARNING]
+                if share is not None and share >= LONE_WORD_WARNING]
     return line, warnings
 
 
