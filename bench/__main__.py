@@ -1,6 +1,7 @@
 """`python -m bench scramble [--batch 64 --size 512 --grid 8 --repeats 5]`
 `python -m bench train [--models toy,sd15 --steps-toy 20 --steps-sd15 N --json PATH]`
 `python -m bench gpu [--out PATH] [--tiny --device cpu] [--prepare DIR]`
+`python -m bench canvas --out DIR [--erase 10,50,100] [--styles 8] [--set KEY=VALUE]`
 """
 
 from __future__ import annotations
@@ -9,10 +10,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import gpu, scramble, train
+from bench import canvas, gpu, scramble, train
 
 # name -> module with add_arguments(parser) and run(args) -> int
-BENCHMARKS = {"scramble": scramble, "train": train, "gpu": gpu}
+BENCHMARKS = {"scramble": scramble, "train": train, "gpu": gpu, "canvas": canvas}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

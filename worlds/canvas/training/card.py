@@ -44,7 +44,7 @@ def write_card(out: Path, per_character: int = 8, per_pair: int = 4) -> dict:
     (out / "README.md").write_text(f"""# dt-lora canvas model
 
 A small Stable Diffusion 1.x–style pipeline (CLIPTextModel 128 wide over an English BPE vocabulary,
-AutoencoderKL 48×48 → 12×12×4, UNet2DConditionModel with cross-attention, DDIM) trained on synthetic
+AutoencoderKL 48×48 → 12×12×8, UNet2DConditionModel with cross-attention, DDIM) trained on synthetic
 renders of {len(world.OBJECTS)} objects, {len(world.COLOURS)} colours, {len(world.STYLES)} artists' styles
 and {len(world.MARKS)} marks, and {len(rates)} named characters in {len(groups)} groups of near neighbours;
 and the evaluator (`evaluator/`) that reads object (or "none"), colour, style and mark, and so the

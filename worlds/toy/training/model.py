@@ -6,6 +6,7 @@ latents and prompts.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +122,7 @@ def assemble(out: Path) -> None:
         requires_safety_checker=False,
     )
     pipeline.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    for config in out.glob("*/config.json"):  # diffusers records the folder it read from: not part of the model
+        settings = json.loads(config.read_text())
+        if settings.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
