@@ -52,19 +52,22 @@ def _overrides(pairs: list[str]) -> dict[str, str]:
     return overrides
 
 
-def _load_merged(pipeline, adapters: list[Path], folder: Path) -> None:
-    """Load the exact merge of `adapters` (what the stack computes) into `pipeline` as one adapter."""
-    from dt_lora.adapters import load_adapters, write_adapter
+def _measured_with(pipeline, adapters: list[Path], folder: Path, measure):
+    """`measure()` with the exact merge of `adapters` (what the stack computes) loaded into `pipeline`."""
+    from dt_lora.adapters import load_adapters, unload_adapters, write_adapter
     from dt_lora.adapters.merge import merge_adapters
 
     path = folder / f"merged-{len(adapters)}.safetensors"
     write_adapter(path, merge_adapters(adapters).adapter)
     load_adapters(pipeline, [path])
+    try:
+        return measure()
+    finally:
+        unload_adapters(pipeline)
 
 
 def run(args: argparse.Namespace) -> int:
     from dt_lora import canvas
-    from dt_lora.adapters import unload_adapters
     from dt_lora.canvas import world
     from dt_lora.canvas.recipes import recipe_name, write_library
     from dt_lora.evaluate import erasure
@@ -96,20 +99,14 @@ def run(args: argparse.Namespace) -> int:
     merges.mkdir(exist_ok=True)
     for count in args.erase:
         erased = characters[:count]
-        _load_merged(pipeline, [adapter[c] for c in erased], merges)
-        shielded = erasure.measure_characters(pipeline, evaluator, **sizes)
-        unload_adapters(pipeline)
+        shielded = _measured_with(pipeline, [adapter[c] for c in erased], merges,
+                                  lambda: erasure.measure_characters(pipeline, evaluator, **sizes))
         report["characters"].append(erasure.character_erasure(shielded, base_characters, erased))
-    for style in styles:
-        _load_merged(pipeline, [adapter[style]], merges)
-        report["styles"][style] = erasure.style_erasure(erasure.measure_styles(pipeline, evaluator, per_pair=args.per_pair),
-                                                        base_styles, [style])
-        unload_adapters(pipeline)
-    if len(styles) > 1:
-        _load_merged(pipeline, [adapter[s] for s in styles], merges)
-        report["styles"]["all"] = erasure.style_erasure(erasure.measure_styles(pipeline, evaluator, per_pair=args.per_pair),
-                                                        base_styles, styles)
-        unload_adapters(pipeline)
+    style_sets = {style: [style] for style in styles} | ({"all": styles} if len(styles) > 1 else {})
+    for label, erased in style_sets.items():
+        shielded = _measured_with(pipeline, [adapter[s] for s in erased], merges,
+                                  lambda: erasure.measure_styles(pipeline, evaluator, per_pair=args.per_pair))
+        report["styles"][label] = erasure.style_erasure(shielded, base_styles, erased)
 
     (out / "canvas-bench.json").write_text(json.dumps(report, indent=2))
     print(table(report))

@@ -31,7 +31,14 @@ import numpy as np
 from dt_lora.base.generate import generate_images
 from dt_lora.canvas import world
 from dt_lora.canvas.evaluator import Evaluator
-from dt_lora.canvas.quality import ATTRIBUTES, DEFAULT_GUIDANCE, DEFAULT_STEPS, attribute_accuracy, description_looks
+from dt_lora.canvas.quality import (
+    ATTRIBUTES,
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    attribute_accuracy,
+    character_prompts,
+    description_looks,
+)
 from dt_lora.search import rate_interval
 
 BENCH_SEED = 2_000_000  # never used by the build, the recipes' training, or the model card (1,000,000)
@@ -65,9 +72,7 @@ def measure_characters(pipeline, evaluator: Evaluator, *, per_character: int = 4
                        seed: int = BENCH_SEED, steps: int = DEFAULT_STEPS,
                        guidance: float = DEFAULT_GUIDANCE) -> CharacterReadings:
     """Draw every character by name and every (object, style) by description, held-out phrasings only."""
-    templates = world.CHARACTER_HELDOUT_TEMPLATES
-    names = [c.name for c in world.characters() for _ in range(per_character)]
-    prompts = [world.character_prompt(name, templates[k % len(templates)]) for k, name in enumerate(names)]
+    prompts, names = character_prompts(per_character, world.CHARACTER_HELDOUT_TEMPLATES)
     looks = description_looks(per_pair)
     described = [world.description_prompt(look, world.DESCRIPTION_HELDOUT_TEMPLATES[k % 2])
                  for k, look in enumerate(looks)]
@@ -88,23 +93,20 @@ def character_erasure(shielded: CharacterReadings, base: CharacterReadings, eras
     groups = {c.group for c in world.characters() if c.name in erased}
     neighbours = {c.name for c in world.characters() if c.group in groups} - erased
 
-    def pooled(names) -> list[bool]:
-        return [h for name in sorted(names) for h in shielded.hits[name]]
-
-    def base_pooled(names) -> list[bool]:
-        return [h for name in sorted(names) for h in base.hits[name]]
+    def pooled(readings: CharacterReadings, names) -> dict:
+        return rate([h for name in sorted(names) for h in readings.hits[name]])
 
     kept = set(base.hits) - erased
-    acc_e, acc_p = rate(pooled(erased)), rate(pooled(kept))
+    acc_e, acc_p = pooled(shielded, erased), pooled(shielded, kept)
     result = {
         "erased": len(erased),
         "acc_e": acc_e,
         "acc_p": acc_p,
-        "acc_p_neighbours": rate(pooled(neighbours)),
-        "acc_p_others": rate(pooled(kept - neighbours)),
-        "base_acc_e": rate(base_pooled(erased)),
-        "base_acc_p": rate(base_pooled(kept)),
-        "base_acc_p_neighbours": rate(base_pooled(neighbours)),
+        "acc_p_neighbours": pooled(shielded, neighbours),
+        "acc_p_others": pooled(shielded, kept - neighbours),
+        "base_acc_e": pooled(base, erased),
+        "base_acc_p": pooled(base, kept),
+        "base_acc_p_neighbours": pooled(base, neighbours),
         "descriptions": {a: shielded.descriptions[a] for a in ATTRIBUTES},
         "base_descriptions": {a: base.descriptions[a] for a in ATTRIBUTES},
         "per_character": {name: float(np.mean(hits)) for name, hits in shielded.hits.items()},
