@@ -1,5 +1,6 @@
 """Several processes under `accelerate launch`: the data is split by shard and equals a one-process run,
-the adapter is written once, and eval and attack split their drawing and report what one process does.
+the adapter is written once, eval and attack split their drawing and report what one process does, and
+a library shares its concepts out, each trained by one process as a single process would.
 
 Two CPU processes form one gloo group with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu`
 (`--cpu --num_processes 2` starts a single process; see distributed.py).
@@ -40,13 +41,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def dt_lora(args: list[str], processes: int, module: tuple[str, ...] = ("-m", "dt_lora")) -> subprocess.CompletedProcess:
+def dt_lora(args: list[str], processes: int, module: tuple[str, ...] = ("-m", "dt_lora"),
+            check: bool = True) -> subprocess.CompletedProcess:
     """`dt-lora ARGS` (or another `module`) as `accelerate launch` starts it with `processes` CPU processes
-    (or plainly, for 1)."""
+    (or plainly, for 1); with `check`, it must succeed."""
     command = [*distributed.launcher(processes, port=_free_port()), *module, *args]
     env = {**os.environ, **ONE_THREAD, "ACCELERATE_USE_CPU": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0 or not check, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
@@ -156,6 +158,59 @@ def test_eval_and_attack_split_their_drawing_and_report_what_one_process_does(tw
     assert evals[1]["image_distance"] == pytest.approx(evals[2]["image_distance"], rel=1e-5)
     assert without_seconds(attacks[1]["concepts"]) == without_seconds(attacks[2]["concepts"])
     assert attacks[1]["pictures"] == attacks[2]["pictures"]
+
+
+LIBRARY = ("toy-circle", "toy-red", "toy-square")
+TINY = ["--target-images", "8", "--anchors-images", "8", "--train-steps", "4", "--train-batch-size", "4",
+        "--sampling-steps", "4", "--lora-rank", "2", "--lora-alpha", "2"]
+
+
+def library(folder: Path, red_images: str | None = None) -> Path:
+    """A folder of three toy recipes; `red_images` makes toy-red read its images from that folder."""
+    folder.mkdir()
+    for name in LIBRARY:
+        text = (RECIPE.parent / f"{name}.toml").read_text()
+        if red_images is not None and name == "toy-red":
+            text = text.replace("[target]\n", f'[target]\nimage_folder = "{red_images}"\n')
+        (folder / f"{name}.toml").write_text(text)
+    return folder
+
+
+def train_library(recipes: Path, out: Path, processes: int, check: bool = True) -> subprocess.CompletedProcess:
+    return dt_lora(["train", "--library", str(recipes), "-o", str(out), "--cache-dir", str(out / "cache"), *TINY],
+                   processes, check=check)
+
+
+def test_a_library_shares_its_concepts_out_and_each_adapter_is_what_one_process_trains(tmp_path):
+    recipes = library(tmp_path / "recipes")
+    train_library(recipes, tmp_path / "one", processes=1)
+    run = train_library(recipes, tmp_path / "two", processes=2)  # its own cache: each process makes its data
+
+    # concept i to process i mod 2, which trains it from its data to its adapter alone
+    assert dict(re.findall(r"\] (toy-\w+): 4 steps .*\(process (\d)/2\)", run.stdout)) == {
+        "toy-circle": "1", "toy-red": "2", "toy-square": "1"}
+    for name in [*LIBRARY, "merged"]:
+        one, two = read_adapter(tmp_path / "one" / f"{name}.safetensors"), read_adapter(
+            tmp_path / "two" / f"{name}.safetensors")
+        assert [c["train"]["processes"] for c in two.concepts] == [1] * len(two.concepts)
+        assert one.weights.keys() == two.weights.keys()
+        for key in one.weights:
+            assert torch.equal(one.weights[key], two.weights[key]), f"{name}: {key} differs"
+
+
+def test_a_concept_failing_on_one_process_stops_them_all_and_keeps_the_others_work(tmp_path):
+    missing = tmp_path / "no-such-images"
+    recipes = library(tmp_path / "recipes", red_images=str(missing))
+    run = train_library(recipes, tmp_path / "out", processes=2, check=False)  # toy-red, process 2's, fails
+
+    assert run.returncode != 0
+    # process 1 says why in one line too: the launcher may stop process 2 before it prints its own
+    assert f"dt-lora train: error: toy-red: target.image_folder {missing} is not a folder (on process 2 of 2" \
+        in run.stderr
+    assert "dt_lora/" not in run.stderr  # no traceback from dt-lora (the launcher prints its own)
+    assert (tmp_path / "out" / "toy-circle.safetensors").is_file()  # finished before the other's error reached it
+    assert (tmp_path / "out" / "toy-square.safetensors").is_file()
+    assert not (tmp_path / "out" / "merged.safetensors").exists()
 
 
 if __name__ == "__main__":  # launched by test_an_interrupted_two_process_run_resumes_to_the_same_adapter

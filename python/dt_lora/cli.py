@@ -228,7 +228,8 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
             "Re-running the same command resumes an interrupted run. Every recipe key can be set "
             "with a flag --<section>-<key> (lists comma-separated). Several GPUs: `accelerate launch "
             "--multi_gpu --num_processes N -m dt_lora train ...` splits the data generation between "
-            "the processes and trains data-parallel (effective batch N × train.batch_size)."
+            "the processes and trains data-parallel (effective batch N × train.batch_size); with "
+            "--library, the processes share the concepts out, one concept per process."
         ),
     )
     concepts = parser.add_mutually_exclusive_group()

@@ -8,6 +8,9 @@ Item i of a split goes to process i mod N and its result depends only on i (an i
 index), so N processes produce what one does. `gather` puts the shares back in item order on every
 process; outputs are written by the main process only.
 
+Inside `alone()` a process works as if it were the only one: a library of shields trains each concept
+on one process that way, so that the processes share the concepts out and none waits for another.
+
 On CPU, several processes form one group only when `ACCELERATE_USE_CPU=1` is set (`accelerate launch
 --cpu --num_processes 2` starts a single process; accelerate's multi-CPU launch otherwise needs MPI):
 
@@ -16,7 +19,8 @@ On CPU, several processes form one group only when `ACCELERATE_USE_CPU=1` is set
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -36,12 +40,43 @@ def launcher(processes: int, port: int | None = None) -> list[str]:
     return command + (["--main_process_port", str(port)] if port is not None else [])
 
 
+_alone = False
+
+
+class _Alone:
+    """What `state()` says inside `alone()`: this process on its own device, the only one."""
+
+    num_processes = 1
+    process_index = 0
+    is_main_process = True
+
+    def __init__(self, device) -> None:
+        self.device = device
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
 def state():
-    """accelerate's `PartialState`, made as `Accelerator` makes it (so both agree on CPU runs)."""
+    """accelerate's `PartialState`, made as `Accelerator` makes it (so both agree on CPU runs); inside
+    `alone()`, a single process's state on the same device."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    real = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    return _Alone(real.device) if _alone else real
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """Inside, every function here answers as in a plain single process: this process splits nothing,
+    gathers only its own results and waits for no one. Its work must not depend on the others'."""
+    global _alone
+    previous, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = previous
 
 
 def processes() -> int:

@@ -5,7 +5,9 @@
 Each concept is trained by `train.train_adapter` into `<out>/<name>.safetensors`, one after the other on
 the same pipeline, so the base loads once. The library ends with `<out>/merged.safetensors`, the exact
 merge (it computes what the stack computes), and, with `bake_to`, a baked model folder. Under
-`accelerate launch` every concept trains data-parallel on all the processes, as `train_adapter` does.
+`accelerate launch` the processes share the concepts out: each trains its concepts alone, on its own
+device (`distributed.alone`), and a concept's adapter is the one a single process would train. (One
+concept trains data-parallel on all the processes with `dt-lora train RECIPE`.)
 
 A re-run of the same library resumes: a concept whose adapter is there, trained from the same recipe on
 the same base, is kept; an interrupted concept resumes at its checkpoint step (train.py); the merged
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,8 +106,9 @@ def train_library(
     from dt_lora.io import check_output, check_writable, output_lock
     from dt_lora.shield.train import optimizer_class, train_adapter
 
-    if log is None:
-        log = print if distributed.is_main() else (lambda line: None)
+    main = distributed.is_main()
+    if log is None:  # each process reports the concepts it trains; the main process everything else
+        log = print
     started = time.perf_counter()
     check_library(recipes)
     for recipe in recipes:
@@ -118,13 +122,15 @@ def train_library(
     adapters = [out / f"{recipe.name}.safetensors" for recipe in recipes]
     merged_path = out / f"{MERGED_NAME}.safetensors"
 
-    with output_lock(merged_path):  # one run of a library at a time
+    with ExitStack() as held:
         pipeline = load_pipeline(recipes[0].base, device=str(distributed.state().device))
         fingerprint = unet_fingerprint(pipeline.unet)
         done = [_finished(path, recipe, fingerprint) for path, recipe in zip(adapters, recipes)]
         refusal = None
-        if distributed.is_main():  # every refusal before the first concept trains
+        if main:  # every refusal before the first concept trains
             try:
+                # one run of a library at a time; locks are per machine, so the main process holds it
+                held.enter_context(output_lock(merged_path))
                 for path, finished in zip(adapters, done):
                     if not finished:
                         check_output(path, overwrite, kind="adapter")
@@ -140,22 +146,40 @@ def train_library(
             raise refusal or UserError(f"{out}: refused by the main process (its message says why)")
 
         result = LibraryResult(adapters, merged_path, bake_to)
+        result.kept = [recipe.name for recipe, finished in zip(recipes, done) if finished]
         counter_width = len(str(len(recipes)))
-        for number, (recipe, path, finished) in enumerate(zip(recipes, adapters, done), start=1):
-            counter = f"[{number:>{counter_width}}/{len(recipes)}] {recipe.name}"
-            if finished:
-                result.kept.append(recipe.name)
-                log(f"{counter}: kept {path}, trained from this recipe before")
-                continue
-            trained = train_adapter(recipe, path, cache_dir=cache_dir, pipeline=pipeline, progress=progress,
-                                    overwrite=overwrite)
-            result.trained.append(recipe.name)
-            resumed = f", resumed at step {trained.resumed_from}" if trained.resumed_from else ""
-            log(f"{counter}: {trained.steps} steps in {trained.seconds:.0f} s{resumed}, "
-                f"final loss {trained.final_loss:.4f}")
+        counters = [f"[{number:>{counter_width}}/{len(recipes)}] {recipe.name}"
+                    for number, recipe in enumerate(recipes, start=1)]
+        if main:
+            for counter, path, finished in zip(counters, adapters, done):
+                if finished:
+                    log(f"{counter}: kept {path}, trained from this recipe before")
+        to_train = [i for i, finished in enumerate(done) if not finished]
+        result.trained = [recipes[i].name for i in to_train]
+        process = distributed.state()
+        failure, failed_concept = None, None
+        with distributed.alone():  # each concept on one process: no process waits for another mid-concept
+            for i in to_train[process.process_index::process.num_processes]:
+                try:
+                    trained = train_adapter(recipes[i], adapters[i], cache_dir=cache_dir, pipeline=pipeline,
+                                            progress=progress and main, overwrite=overwrite)
+                except Exception as error:  # the others must learn of it, or they would wait for this process
+                    failure, failed_concept = error, recipes[i].name
+                    break
+                resumed = f", resumed at step {trained.resumed_from}" if trained.resumed_from else ""
+                by = (f" (process {process.process_index + 1}/{process.num_processes})"
+                      if process.num_processes > 1 else "")
+                log(f"{counters[i]}: {trained.steps} steps in {trained.seconds:.0f} s{resumed}, "
+                    f"final loss {trained.final_loss:.4f}{by}")
         del pipeline
+        failures = distributed.gather([(process.process_index, failure and f"{failed_concept}: {failure}")])
+        if failure is not None:
+            raise failure
+        for number, message in enumerate(failures, start=1):
+            if message:  # every process says why the library stopped: the launcher may end the failed one first
+                raise UserError(f"{message} (on process {number} of {len(failures)}; the finished adapters are kept)")
 
-        if distributed.is_main():
+        if main:
             concepts = _stacked_concepts(adapters)
             if _concepts(merged_path) == concepts:
                 log(f"merged: {merged_path} is up to date")

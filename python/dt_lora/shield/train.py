@@ -277,13 +277,13 @@ def _train_single(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, 
     if recipe.train.split_encoders and family(pipeline) != SDXL:
         warning = (warning + "; " if warning else "") + (f"train.split_encoders applies to SDXL's two text encoders; "
                                                         f"this {label(family(pipeline))} base has one, so it is ignored")
-    if warning and accelerator.is_main_process:
+    if warning and distributed.is_main():
         print(f"[dt-lora] warning: {warning}", file=sys.stderr, flush=True)
     fingerprint = unet_fingerprint(unet)
     checkpoint = Checkpoint(work, run_identity(recipe, fingerprint, data_key(
-        recipe, fingerprint, generation=generation_dtype(pipeline, recipe)), accelerator.num_processes))
+        recipe, fingerprint, generation=generation_dtype(pipeline, recipe)), distributed.processes()))
     resume = checkpoint.read()
-    seen = set(distributed.gather([(accelerator.process_index, resume.step if resume else 0)]))
+    seen = set(distributed.gather([(distributed.state().process_index, resume.step if resume else 0)]))
     if len(seen) > 1:  # e.g. a work folder on one machine's local disk: the processes would not agree on a step
         raise CheckpointError(f"{checkpoint.path}: the processes see different checkpoints (steps "
                               f"{sorted(seen)}); the work folder (--out's folder) must be shared by all machines")
@@ -291,7 +291,7 @@ def _train_single(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, 
     if recipe.lora.text_local:
         encoded = encode_direction_prompts(pipeline, recipe)
         directions = shield_directions(pipeline, recipe, encoded)
-        if accelerator.is_main_process:
+        if distributed.is_main():
             line, warnings = describe_key_words(recipe, lone_word_responses(pipeline, recipe, directions,
                                                                              encoded[0].embeds))
             print(f"[dt-lora] {line}", file=sys.stderr, flush=True)
@@ -306,7 +306,7 @@ def _train_single(recipe: Recipe, out: Path, work: Path, accelerator, pipeline, 
     if resume is not None and resume.step == recipe.train.steps:
         data = None  # trained to the end before the adapter could be written: nothing to train on
     else:
-        data = _training_data(pipeline, recipe, cache_dir, fingerprint, progress and accelerator.is_main_process)
+        data = _training_data(pipeline, recipe, cache_dir, fingerprint, progress and distributed.is_main())
 
     unet.requires_grad_(False)
     if getattr(unet, "peft_config", None) and ADAPTER_NAME in unet.peft_config:
@@ -373,7 +373,7 @@ def _train(recipe: Recipe, out: Path, checkpoint: Checkpoint, resume: ResumeStat
     start_step = resume.step if resume else 0
 
     def save_checkpoint(step: int, loss: float) -> None:
-        if accelerator.is_main_process:
+        if distributed.is_main():
             checkpoint.write(step, get_peft_model_state_dict(ctx.base_unet, adapter_name=ADAPTER_NAME),
                              optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, loss)
 
@@ -383,22 +383,22 @@ def _train(recipe: Recipe, out: Path, checkpoint: Checkpoint, resume: ResumeStat
                                            start_step, end, resume.loss if resume else math.nan, progress)
         if completed < recipe.train.steps:  # stopped early on purpose: leave a checkpoint to resume from
             save_checkpoint(completed, loss_value)
-            accelerator.wait_for_everyone()
+            distributed.wait()
             return TrainResult(None, completed, time.perf_counter() - started, loss_value, start_step)
 
         seconds = time.perf_counter() - started
-        if accelerator.is_main_process:
+        if distributed.is_main():
             adapter = AdapterFile.from_training(
                 get_peft_model_state_dict(ctx.base_unet, adapter_name=ADAPTER_NAME), recipe=recipe,
                 base=describe(recipe.base), base_fingerprint=fingerprint, version=__version__, seconds=seconds,
-                processes=accelerator.num_processes, family=family(pipeline),
+                processes=distributed.processes(), family=family(pipeline),
                 text_encoders=guard.parts if guard else None, guard_seconds=guard.seconds if guard else 0.0,
                 recipe_fingerprint=recipe_fingerprint)
             _write_trained(adapter, out, checkpoint, lambda: save_checkpoint(recipe.train.steps, loss_value))
-        accelerator.wait_for_everyone()  # every process returns once the adapter is on disk
+        distributed.wait()  # every process returns once the adapter is on disk
         return TrainResult(out, recipe.train.steps, seconds, loss_value, start_step)
     except TrainingDiverged as error:
-        if accelerator.is_main_process:
+        if distributed.is_main():
             checkpoint.remove()
         raise _diverged(error, recipe, checkpoint) from None
 
@@ -420,15 +420,19 @@ def _prepare(recipe: Recipe, checkpoint: Checkpoint, resume: ResumeState | None,
     optimizer = make_optimizer(recipe.train.optimizer, lora_parameters, recipe.train.learning_rate)
     if resume is not None:
         checkpoint.restore(resume, unet, optimizer)
-        if accelerator.is_main_process and progress:
+        if distributed.is_main() and progress:
             print(f"[dt-lora] resuming {recipe.name} from step {resume.step} ({checkpoint.folder})")
-    if accelerator.num_processes > 1 and accelerator.is_main_process:
+    if distributed.processes() > 1 and distributed.is_main():
         # data-parallel: every process draws its own batch and the gradients are averaged
-        print(f"[dt-lora] {accelerator.num_processes} processes × batch {recipe.train.batch_size} = effective "
-              f"batch {accelerator.num_processes * recipe.train.batch_size}; learning rate "
+        print(f"[dt-lora] {distributed.processes()} processes × batch {recipe.train.batch_size} = effective "
+              f"batch {distributed.processes() * recipe.train.batch_size}; learning rate "
               f"{recipe.train.learning_rate:g} as the recipe sets it (not scaled)", flush=True)
 
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    if distributed.processes() > 1:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+    else:  # also a process training alone in a launched group (distributed.alone): no DistributedDataParallel
+        unet = accelerator.prepare_model(unet, evaluation_mode=True)
+        optimizer = accelerator.prepare_optimizer(optimizer)
     base_unet = accelerator.unwrap_model(unet)
     ctx = StepContext(
         recipe=recipe, unet=unet, base_unet=base_unet,
@@ -451,10 +455,10 @@ def _run_steps(ctx: StepContext, unet, optimizer, accelerator, pipeline, checkpo
     unet.train()
     smoothed, completed = None, start_step
     bar = tqdm(range(start_step, end), initial=start_step, total=recipe.train.steps,
-               desc=f"train {recipe.name}", disable=not (progress and accelerator.is_main_process))
+               desc=f"train {recipe.name}", disable=not (progress and distributed.is_main()))
     try:
         for step in bar:
-            generator = step_generator(recipe, step, accelerator.process_index)
+            generator = step_generator(recipe, step, distributed.state().process_index)
             lr = _lr_at(step, recipe)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -478,7 +482,7 @@ def _run_steps(ctx: StepContext, unet, optimizer, accelerator, pipeline, checkpo
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             if completed % recipe.train.checkpoint_every == 0 and completed < recipe.train.steps:
                 save_checkpoint(completed, loss_value)
-            if recipe.train.sample_every and completed % recipe.train.sample_every == 0 and accelerator.is_main_process:
+            if recipe.train.sample_every and completed % recipe.train.sample_every == 0 and distributed.is_main():
                 unet.eval()
                 _write_samples(pipeline, recipe, checkpoint.folder / "samples" / f"step-{completed:06d}.png")
                 unet.train()
