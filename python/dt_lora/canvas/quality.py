@@ -2,7 +2,8 @@
 
 `measure` draws every character by name and every style on every object by description, with seeds
 from `EVAL_SEED` (never used by the build), and reads them with the evaluator. `read_renders` scores
-the evaluator itself on renders drawn with seeds the evaluator never trained on.
+the evaluator itself on renders drawn with seeds the evaluator never trained on. `recheck` draws
+borderline characters and cells again, with seeds of their own, for the card's verdict.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dt_lora.canvas import world
 from dt_lora.canvas.evaluator import NONE, Evaluator, Reading
 
 EVAL_SEED = 1_000_000
+RECHECK_SEED = 1_100_000  # the card's second look at borderline characters and cells (research/canvas-world.md)
+RECHECK_IMAGES = 64
 ATTRIBUTES = ("object", "colour", "style", "mark")
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 5.0
@@ -45,44 +48,72 @@ class CanvasQuality:
         return {g: float(np.mean(rates)) for g, rates in groups.items()}
 
 
-def character_prompts(per_character: int, templates=world.CHARACTER_TEMPLATES) -> tuple[list[str], list[str]]:
-    """(prompts, the character each names), `per_character` each, cycling through `templates`."""
-    names = [c.name for c in world.characters() for _ in range(per_character)]
+def character_prompts(per_character: int, templates=world.CHARACTER_TEMPLATES,
+                      characters: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
+    """(prompts, the character each names), `per_character` each of `characters` (default: every one),
+    cycling through `templates`."""
+    characters = [c.name for c in world.characters()] if characters is None else characters
+    names = [n for n in characters for _ in range(per_character)]
     prompts = [world.character_prompt(n, templates[k % len(templates)]) for k, n in enumerate(names)]
     return prompts, names
 
 
-def description_looks(per_pair: int) -> list[world.Look]:
-    """`per_pair` looks for every (object, style), colours and marks cycling so each appears evenly."""
+def description_looks(per_pair: int, cells: Sequence[tuple[str, str]] | None = None) -> list[world.Look]:
+    """`per_pair` looks for every (object, style) of `cells` (default: every one), colours and marks
+    cycling so each appears evenly."""
     styles = (world.PLAIN,) + world.STYLES
     marks = (world.NO_MARK,) + world.MARKS
+    cells = [(o, s) for o in world.OBJECTS for s in styles] if cells is None else cells
     looks = []
-    for i, (object_, style) in enumerate((o, s) for o in world.OBJECTS for s in styles):
+    for i, (object_, style) in enumerate(cells):
         for k in range(per_pair):
             n = i * per_pair + k
             looks.append(world.Look(object_, world.COLOURS[n % len(world.COLOURS)], style, marks[(n // 3) % len(marks)]))
     return looks
 
 
+def _described(looks: Sequence[world.Look]) -> list[str]:
+    return [world.description_prompt(look, world.DESCRIPTION_TEMPLATES[k % len(world.DESCRIPTION_TEMPLATES)])
+            for k, look in enumerate(looks)]
+
+
+def _character_rates(readings: Sequence[Reading], names: Sequence[str]) -> dict[str, float]:
+    """Per character, the share of its images read as that character."""
+    return {name: _share(r.character == name for r, n in zip(readings, names) if n == name)
+            for name in dict.fromkeys(names)}
+
+
+def _cell_rates(readings: Sequence[Reading], looks: Sequence[world.Look]) -> dict[tuple[str, str], float]:
+    """Per (object, style), the share of its descriptions drawn with both right."""
+    return {cell: _share(r.look is not None and (r.look.object, r.look.style) == cell
+                         for r, look in zip(readings, looks) if (look.object, look.style) == cell)
+            for cell in dict.fromkeys((look.object, look.style) for look in looks)}
+
+
 def measure(pipeline, evaluator: Evaluator, *, per_character: int = 8, per_pair: int = 4,
             steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE) -> CanvasQuality:
     prompts, names = character_prompts(per_character)
     looks = description_looks(per_pair)
-    described = [world.description_prompt(look, world.DESCRIPTION_TEMPLATES[k % len(world.DESCRIPTION_TEMPLATES)])
-                 for k, look in enumerate(looks)]
-    images = generate_images(pipeline, prompts + described, seed=EVAL_SEED, steps=steps, guidance=guidance)
+    images = generate_images(pipeline, prompts + _described(looks), seed=EVAL_SEED, steps=steps, guidance=guidance)
     readings = evaluator.read(images)
-    quality = CanvasQuality(images=images)
-    for name in dict.fromkeys(names):
-        quality.characters[name] = _share(r.character == name for r, n in zip(readings, names) if n == name)
     drawn = readings[len(prompts):]
-    quality.attributes = attribute_accuracy(drawn, looks)
-    for object_ in world.OBJECTS:
-        for style in (world.PLAIN,) + world.STYLES:
-            quality.style_on_object[object_, style] = _share(
-                r.look is not None and r.look.object == object_ and r.look.style == style
-                for r, look in zip(drawn, looks) if (look.object, look.style) == (object_, style))
-    return quality
+    return CanvasQuality(characters=_character_rates(readings[:len(prompts)], names),
+                         attributes=attribute_accuracy(drawn, looks), style_on_object=_cell_rates(drawn, looks),
+                         images=images)
+
+
+def recheck(pipeline, evaluator: Evaluator, characters: Sequence[str], cells: Sequence[tuple[str, str]], *,
+            count: int = RECHECK_IMAGES, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE
+            ) -> tuple[dict[str, float], dict[tuple[str, str], float]]:
+    """The rates of `characters` and of (object, style) `cells` over `count` more images each, drawn as
+    `measure` draws them but from `RECHECK_SEED`: the card's second look at borderline ones."""
+    prompts, names = character_prompts(count, characters=characters)
+    looks = description_looks(count, cells)
+    if not prompts and not looks:
+        return {}, {}
+    images = generate_images(pipeline, prompts + _described(looks), seed=RECHECK_SEED, steps=steps, guidance=guidance)
+    readings = evaluator.read(images)
+    return _character_rates(readings[:len(prompts)], names), _cell_rates(readings[len(prompts):], looks)
 
 
 def attribute_accuracy(readings: Sequence[Reading], looks: Sequence[world.Look]) -> dict[str, float]:
