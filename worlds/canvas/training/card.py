@@ -73,6 +73,8 @@ def write_card(out: Path, per_character: int = 8, per_pair: int = 4) -> dict:
     first_images = quality.images[: len(quality.characters) * per_character : per_character]
     Image.fromarray(image_grid(first_images, world.GROUP_SIZE)).save(out / "samples.png")
 
+    below = "" if verdict["meets the bar"] else "Below it: " + "; ".join(
+        f"{kind} {', '.join(keys)}" for kind, keys in verdict["missed"].items() if keys) + "."
     group_rows = "\n".join(
         f"| {g} | {', '.join(c.name for c in world.characters() if c.group == g)} | {r:.3f} |" for g, r in groups.items())
     styles = (world.PLAIN,) + world.STYLES
@@ -113,8 +115,8 @@ both right:
 Every character, every group and every (object, style) right in at least {BAR:.2f} of its images. The
 images above decide the clear cases; one between {CLEAR_MISS:.2f} and {BAR:.2f} is drawn {RECHECK_IMAGES} more times,
 seeds from {RECHECK_SEED:,}, and those decide ({len(verdict["second look"]["characters"])} characters and
-{len(verdict["second look"]["cells"])} cells were). **{"Met." if verdict["meets the bar"] else "Not met"}**
-{"" if verdict["meets the bar"] else "Below it: " + "; ".join(f"{k} {', '.join(v)}" for k, v in verdict["missed"].items() if v) + "."}
+{len(verdict["second look"]["cells"])} cells were). **{"Met." if verdict["meets the bar"] else "Not met."}**
+{below}
 
 ## Samples
 
