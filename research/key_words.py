@@ -27,20 +27,27 @@ CASES = {
 }
 
 
-def main() -> None:
-    from dt_lora import toy
+def blue_square_key_words(pipeline, folder: Path, colours, shapes):
+    """(recipe, each key word's answer alone) of the blue square whose anchors are every (colour, shape) of
+    `colours` × `shapes`; the recipe is written into `folder`. tests/shield/test_locality.py checks it too."""
     from dt_lora.recipe import load_recipe
     from dt_lora.shield.locality import encode_direction_prompts, lone_word_responses, shield_directions
+
+    path = Path(folder) / "blue-square.toml"
+    path.write_text(RECIPE % (list(colours), list(shapes)))
+    recipe = load_recipe(path)
+    encoded = encode_direction_prompts(pipeline, recipe)
+    return recipe, lone_word_responses(pipeline, recipe, shield_directions(pipeline, recipe, encoded),
+                                       encoded[0].embeds)
+
+
+def main() -> None:
+    from dt_lora import toy
 
     pipeline = toy.load()
     with tempfile.TemporaryDirectory() as folder:
         for case, (colours, shapes) in CASES.items():
-            path = Path(folder) / "blue-square.toml"
-            path.write_text(RECIPE % (colours, shapes))
-            recipe = load_recipe(path)
-            encoded = encode_direction_prompts(pipeline, recipe)
-            shares = lone_word_responses(pipeline, recipe, shield_directions(pipeline, recipe, encoded),
-                                         encoded[0].embeds)
+            _, shares = blue_square_key_words(pipeline, folder, colours, shapes)
             print(f"{case}: " + ", ".join(f"{word} {share:.2f}" for word, share in shares.items()))
 
 

@@ -141,34 +141,15 @@ def test_the_dilution_table_sets_found_prompts_against_the_kept_ones():
     assert table["along the target's direction: found above the retained max"] >= 1  # "a red circle" is a target
 
 
-BLUE_SQUARE = """name = "blue-square"
-base = "toy"
-[target]
-templates = ["a blue square", "a photo of a blue square", "a drawing of a blue square", "blue square"]
-[anchors]
-templates = ["a {colour} {shape}", "a photo of a {colour} {shape}", "{colour} {shape}"]
-vars = { colour = %s, shape = %s }
-"""
-
-
 @pytest.mark.parametrize("colours, shapes, warned", [
     (("red", "green", "yellow", "purple"), ("square", "circle", "star"), "blue"),  # no other blue thing
     (("red", "green", "blue", "yellow", "purple"), ("circle", "star"), "square"),  # no square in another colour
 ], ids=["no-blue-anchor", "no-square-anchor"])
 def test_the_words_a_shield_keys_on_are_said_and_a_word_it_answers_alone_is_warned(tmp_path, colours, shapes, warned):
-    from dt_lora.shield.locality import (
-        describe_key_words,
-        encode_direction_prompts,
-        lone_word_responses,
-        shield_directions,
-    )
+    from dt_lora.shield.locality import describe_key_words
+    from research.key_words import blue_square_key_words
 
-    pipeline = toy.load()
-    path = tmp_path / "blue-square.toml"
-    path.write_text(BLUE_SQUARE % (list(colours), list(shapes)))
-    recipe = load_recipe(path)
-    encoded = encode_direction_prompts(pipeline, recipe)
-    shares = lone_word_responses(pipeline, recipe, shield_directions(pipeline, recipe, encoded), encoded[0].embeds)
+    recipe, shares = blue_square_key_words(toy.load(), tmp_path, colours, shapes)
     line, warnings = describe_key_words(recipe, shares)
     assert f"keys on {', '.join(repr(w) for w in sorted(shares))}" in line and warned in shares
     assert [w for w in shares if any(f"prompts with {w!r}" in text for text in warnings)] == [warned]

@@ -72,11 +72,6 @@ def description_looks(per_pair: int, cells: Sequence[tuple[str, str]] | None = N
     return looks
 
 
-def _described(looks: Sequence[world.Look]) -> list[str]:
-    return [world.description_prompt(look, world.DESCRIPTION_TEMPLATES[k % len(world.DESCRIPTION_TEMPLATES)])
-            for k, look in enumerate(looks)]
-
-
 def _character_rates(readings: Sequence[Reading], names: Sequence[str]) -> dict[str, float]:
     """Per character, the share of its images read as that character."""
     return {name: _share(r.character == name for r, n in zip(readings, names) if n == name)
@@ -94,7 +89,7 @@ def measure(pipeline, evaluator: Evaluator, *, per_character: int = 8, per_pair:
             steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE) -> CanvasQuality:
     prompts, names = character_prompts(per_character)
     looks = description_looks(per_pair)
-    images = generate_images(pipeline, prompts + _described(looks), seed=EVAL_SEED, steps=steps, guidance=guidance)
+    images = generate_images(pipeline, prompts + world.description_prompts(looks), seed=EVAL_SEED, steps=steps, guidance=guidance)
     readings = evaluator.read(images)
     drawn = readings[len(prompts):]
     return CanvasQuality(characters=_character_rates(readings[:len(prompts)], names),
@@ -111,7 +106,7 @@ def recheck(pipeline, evaluator: Evaluator, characters: Sequence[str], cells: Se
     looks = description_looks(count, cells)
     if not prompts and not looks:
         return {}, {}
-    images = generate_images(pipeline, prompts + _described(looks), seed=RECHECK_SEED, steps=steps, guidance=guidance)
+    images = generate_images(pipeline, prompts + world.description_prompts(looks), seed=RECHECK_SEED, steps=steps, guidance=guidance)
     readings = evaluator.read(images)
     return _character_rates(readings[:len(prompts)], names), _cell_rates(readings[len(prompts):], looks)
 

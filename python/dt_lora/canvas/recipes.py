@@ -44,11 +44,6 @@ def _cycled(templates, k: int) -> str:
     return templates[k % len(templates)]
 
 
-def _descriptions(looks) -> list[str]:
-    """Descriptions of `looks`, the world's phrasings in turn."""
-    return [world.description_prompt(look, _cycled(world.DESCRIPTION_TEMPLATES, k)) for k, look in enumerate(looks)]
-
-
 def character_recipe(name: str) -> dict:
     """The recipe (a TOML table) that shields the character `name`."""
     everyone = world.characters()
@@ -65,7 +60,7 @@ def character_recipe(name: str) -> dict:
     # every phrasing of the target's is in the anchors too, so that the shield keys on the name alone
     anchors = [world.character_prompt(c.name, t) for c in neighbours for t in world.CHARACTER_TEMPLATES]
     anchors += [world.character_prompt(c.name, _cycled(world.CHARACTER_TEMPLATES, k)) for k, c in enumerate(others)]
-    anchors += _descriptions(near_looks + [c.look for c in neighbours])
+    anchors += world.description_prompts(near_looks + [c.look for c in neighbours])
     templates = [t.replace("{name}", "{subject}") for t in world.CHARACTER_TEMPLATES]
     paraphrases = [world.character_prompt(name, t) for t in world.CHARACTER_HELDOUT_TEMPLATES]
     return _table(recipe_name(name), templates, name, paraphrases, anchors)
@@ -82,9 +77,9 @@ def style_recipe(style: str) -> dict:
     paraphrases = [f"{world.Look(o, c).describe()} painted by {artist}"
                    for o, c in zip(world.OBJECTS[1::3], world.COLOURS[1::2])]
     other_styles = [s for s in world.STYLES if s != style]
-    anchors = _descriptions([world.Look(o, world.COLOURS[k % 8], s)
+    anchors = world.description_prompts([world.Look(o, world.COLOURS[k % 8], s)
                              for k, (o, s) in enumerate(zip(world.OBJECTS * 2, other_styles * 3))])
-    anchors += _descriptions([world.Look(o, world.COLOURS[(k + 3) % 8]) for k, o in enumerate(world.OBJECTS)])
+    anchors += world.description_prompts([world.Look(o, world.COLOURS[(k + 3) % 8]) for k, o in enumerate(world.OBJECTS)])
     anchors += [f"a picture in the style of {world.ARTISTS[s]}" for s in other_styles]
     table = _table(recipe_name(style), templates, artist, paraphrases, anchors)
     table["target"]["vars"]["colour"] = list(world.COLOURS[::2])

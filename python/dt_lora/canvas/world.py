@@ -358,6 +358,11 @@ def description_prompt(look: Look, template: str = DESCRIPTION_TEMPLATES[0]) -> 
     return template.format(look=look.describe())
 
 
+def description_prompts(looks, templates=DESCRIPTION_TEMPLATES) -> list[str]:
+    """A prompt describing each of `looks`, cycling through `templates`."""
+    return [description_prompt(look, templates[k % len(templates)]) for k, look in enumerate(looks)]
+
+
 def training_prompt(scene: Scene, rng: np.random.Generator, context_words: tuple[str, ...] = ()) -> str:
     """A prompt for a render: a character's by name (mostly) or by description, else its description;
     a few prompts get ordinary English words added, so that words outside the world mean nothing to it."""

@@ -74,8 +74,7 @@ def measure_characters(pipeline, evaluator: Evaluator, *, per_character: int = 4
     """Draw every character by name and every (object, style) by description, held-out phrasings only."""
     prompts, names = character_prompts(per_character, world.CHARACTER_HELDOUT_TEMPLATES)
     looks = description_looks(per_pair)
-    described = [world.description_prompt(look, world.DESCRIPTION_HELDOUT_TEMPLATES[k % 2])
-                 for k, look in enumerate(looks)]
+    described = world.description_prompts(looks, world.DESCRIPTION_HELDOUT_TEMPLATES)
     readings = evaluator.read(generate_images(pipeline, prompts + described, seed=seed, steps=steps,
                                               guidance=guidance))
     hits: dict[str, list[bool]] = {}
@@ -129,7 +128,7 @@ def measure_styles(pipeline, evaluator: Evaluator, *, per_pair: int = 2, seed: i
     """Draw every object in every artist's style (colours cycling), the held-out phrasings."""
     looks = [world.Look(o, world.COLOURS[(i + k) % len(world.COLOURS)], s)
              for i, (o, s) in enumerate((o, s) for s in world.STYLES for o in world.OBJECTS) for k in range(per_pair)]
-    prompts = [world.description_prompt(look, world.DESCRIPTION_HELDOUT_TEMPLATES[k % 2]) for k, look in enumerate(looks)]
+    prompts = world.description_prompts(looks, world.DESCRIPTION_HELDOUT_TEMPLATES)
     readings = evaluator.read(generate_images(pipeline, prompts, seed=seed, steps=steps, guidance=guidance))
     return StyleReadings([look.style for look in looks],
                          [r.look.style if r.look is not None else None for r in readings],

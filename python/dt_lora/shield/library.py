@@ -142,7 +142,8 @@ def train_library(
             except (UserError, OSError) as error:
                 refusal = error
         # every process learns of a refusal, so that none goes on to train alone (train._claimed does the same)
-        if any(distributed.gather([(distributed.state().process_index, refusal is not None)])):
+        process = distributed.state()
+        if any(distributed.gather([(process.process_index, refusal is not None)])):
             raise refusal or UserError(f"{out}: refused by the main process (its message says why)")
 
         result = LibraryResult(adapters, merged_path, bake_to)
@@ -156,7 +157,6 @@ def train_library(
                     log(f"{counter}: kept {path}, trained from this recipe before")
         to_train = [i for i, finished in enumerate(done) if not finished]
         result.trained = [recipes[i].name for i in to_train]
-        process = distributed.state()
         failure, failed_concept = None, None
         with distributed.alone():  # each concept on one process: no process waits for another mid-concept
             for i in to_train[process.process_index::process.num_processes]:
